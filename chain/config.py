@@ -1,0 +1,268 @@
+"""The typed chain configuration: YAML in, frozen dataclasses out.
+
+Unknown keys, wrong types and out-of-range values are rejected as one line naming the file and
+the key. Relative data paths are resolved against the config file's folder. The same dataclasses
+are rebuilt from the run config a federation sends to its sites (:func:`link_from_mapping`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from .errors import ConfigError
+from .schema import Origin, build
+
+
+def _m(**meta: Any) -> Any:
+    return meta
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """How one link of the chain trains its student."""
+
+    arch: str = "test_resnet"
+    epochs: int = field(default=10, metadata=_m(min=1, max=10_000))
+    lr: float = field(default=0.05, metadata=_m(gt=0.0, max=10.0))
+    batch_size: int = field(default=32, metadata=_m(min=1, max=65_536))
+    optimizer: str = field(default="sgd", metadata=_m(choices=("sgd", "adam", "adamw")))
+    momentum: float = field(default=0.9, metadata=_m(min=0.0, lt=1.0))
+    weight_decay: float = field(default=5e-4, metadata=_m(min=0.0, max=1.0))
+    temperature: float = field(default=4.0, metadata=_m(gt=0.0, max=100.0))
+    alpha: float = field(default=0.5, metadata=_m(min=0.0, max=1.0))
+    init: str = field(default="predecessor", metadata=_m(choices=("scratch", "predecessor")))
+    distill: str = field(default="kl", metadata=_m(choices=("kl", "mse")))
+    weights: str | None = field(default=None, metadata=_m(path=True))
+
+
+@dataclass(frozen=True)
+class ChainSettings:
+    """Which sites form the chain, in what order, how often, and what travels between links."""
+
+    order: tuple[str, ...] = ("A", "B", "C")
+    cycles: int = field(default=1, metadata=_m(min=1, max=1000))
+    mode: str = field(default="weights", metadata=_m(choices=("weights", "logits")))
+
+
+@dataclass(frozen=True)
+class SyntheticSettings:
+    """The built-in synthetic dataset (deterministic, class-dependent structure plus noise)."""
+
+    samples: int = field(default=900, metadata=_m(min=8, max=1_000_000))
+    noise: float = field(default=1.8, metadata=_m(min=0.0, max=10.0))
+    seed: int = 1234
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What the images are and where each site's data comes from."""
+
+    classes: tuple[str, ...] = ("class_0", "class_1", "class_2", "class_3")
+    image_size: int = field(default=32, metadata=_m(min=8, max=4096))
+    channels: int = field(default=1, metadata=_m(choices=(1, 3)))
+    val_fraction: float = field(default=0.2, metadata=_m(gt=0.0, lt=0.9))
+    augment: bool = True
+    dataset: str | None = field(default=None, metadata=_m(path=True))
+    test: str | None = field(default=None, metadata=_m(path=True))
+    test_fraction: float = field(default=0.2, metadata=_m(gt=0.0, lt=0.9))
+    sites: dict[str, str] = field(default_factory=dict)
+    unlabelled: dict[str, str] = field(default_factory=dict)
+    proxy: str | None = field(default=None, metadata=_m(path=True))
+    synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Where and how the work runs."""
+
+    device: str = field(default="auto", metadata=_m(choices=("auto", "cpu", "cuda")))
+    threads: int = field(default=0, metadata=_m(min=0, max=1024))
+    output_dir: str = "runs/chain"
+
+
+@dataclass(frozen=True)
+class BaselineSettings:
+    """Baselines trained in the same run as the chain, on the same held-out test split."""
+
+    sites: bool = True
+    pooled: bool = True
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """A whole in-process chain experiment."""
+
+    seed: int = 0
+    chain: ChainSettings = field(default_factory=ChainSettings)
+    link: LinkSettings = field(default_factory=LinkSettings)
+    links: tuple[LinkSettings, ...] = ()
+    data: DataSettings = field(default_factory=DataSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    source: str = field(default="<defaults>", compare=False, metadata=_m(internal=True))
+
+    @property
+    def n_links(self) -> int:
+        return len(self.chain.order) * self.chain.cycles
+
+    def link_settings(self, index: int) -> LinkSettings:
+        """Settings of link ``index`` (0-based): the per-link entry, else the default."""
+        return self.links[index] if index < len(self.links) else self.link
+
+    def site_of(self, index: int) -> str:
+        return self.chain.order[index % len(self.chain.order)]
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ChainConfig:
+    """Load and validate a chain config file; ``overrides`` are ``dotted.key=value`` strings."""
+    raw, origin = read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_mapping(raw, origin)
+
+
+def read_yaml(path: str | Path) -> tuple[dict[str, Any], Origin]:
+    """Read a YAML mapping, turning a missing file or syntax error into one ConfigError line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found; pass an existing YAML file with -c")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{p}:{where}: YAML syntax error: {problem}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{p}: cannot read config file: {err}") from err
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(raw).__name__}")
+    return raw, Origin(str(p), p.resolve().parent)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` override (value parsed as YAML) to a raw mapping."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. link.epochs=3")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML") from err
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_mapping(raw: dict[str, Any], origin: Origin) -> ChainConfig:
+    """Validate a raw mapping into a :class:`ChainConfig`."""
+    raw = dict(raw)
+    links_raw = raw.pop("links", None)
+    base = build(ChainConfig, raw, "", origin)
+    links = _resolve_links(base, links_raw, origin)
+    cfg = dataclasses.replace(base, links=links, source=origin.source)
+    _check_consistency(cfg, origin)
+    return resolve_site_paths(cfg, origin.base_dir)
+
+
+def _resolve_links(base: ChainConfig, links_raw: Any, origin: Origin) -> tuple[LinkSettings, ...]:
+    if links_raw is None:
+        return ()
+    if not isinstance(links_raw, list):
+        raise ConfigError(f"{origin.source}: links: expected a list of per-link settings")
+    if len(links_raw) > base.n_links:
+        raise ConfigError(
+            f"{origin.source}: links: {len(links_raw)} entries but the chain has {base.n_links} links "
+            "(order × cycles); remove the extra entries"
+        )
+    default = dataclasses.asdict(base.link)
+    resolved = []
+    for i, entry in enumerate(links_raw):
+        if entry is not None and not isinstance(entry, dict):
+            raise ConfigError(f"{origin.source}: links[{i}]: expected a mapping of link settings")
+        merged = {**default, **(entry or {})}
+        resolved.append(build(LinkSettings, merged, f"links[{i}]", origin))
+    return tuple(resolved)
+
+
+def _check_consistency(cfg: ChainConfig, origin: Origin) -> None:
+    src = origin.source
+    order = cfg.chain.order
+    if not order:
+        raise ConfigError(f"{src}: chain.order: list at least one site")
+    if len(set(order)) != len(order):
+        raise ConfigError(f"{src}: chain.order: site names must be unique, got {list(order)}")
+    if len(cfg.data.classes) < 2 or len(set(cfg.data.classes)) != len(cfg.data.classes):
+        raise ConfigError(f"{src}: data.classes: list at least two distinct class names")
+    data = cfg.data
+    if data.dataset is None and not data.sites:
+        raise ConfigError(
+            f"{src}: data: set data.dataset (one dataset split across the sites, or 'synthetic') "
+            "or data.sites (a data path per site)"
+        )
+    if data.dataset is not None and data.sites:
+        raise ConfigError(f"{src}: data: set either data.dataset or data.sites, not both")
+    if data.sites:
+        missing = [s for s in order if s not in data.sites]
+        if missing:
+            raise ConfigError(f"{src}: data.sites: no data path for site(s) {', '.join(missing)}")
+        if data.test is None:
+            raise ConfigError(f"{src}: data.test: a held-out test set is required with data.sites")
+    for site in list(data.unlabelled):
+        if site not in order:
+            raise ConfigError(f"{src}: data.unlabelled.{site}: not a site of chain.order {list(order)}")
+    if cfg.chain.mode == "logits" and data.proxy is None:
+        raise ConfigError(f"{src}: data.proxy: logits mode needs a proxy set of unlabelled images")
+
+
+def resolve_site_paths(cfg: ChainConfig, base_dir: Path) -> ChainConfig:
+    """Resolve relative per-site paths (mappings are not resolved by the schema)."""
+
+    def fix(p: str) -> str:
+        q = Path(p).expanduser()
+        return p if p == "synthetic" or q.is_absolute() else str(base_dir / q)
+
+    data = dataclasses.replace(
+        cfg.data,
+        sites={k: fix(v) for k, v in cfg.data.sites.items()},
+        unlabelled={k: fix(v) for k, v in cfg.data.unlabelled.items()},
+    )
+    return dataclasses.replace(cfg, data=data)
+
+
+def link_to_mapping(settings: LinkSettings) -> dict[str, Any]:
+    """Flatten link settings for a message's ConfigRecord (site-local paths stay behind)."""
+    out = dataclasses.asdict(settings)
+    out.pop("weights")
+    return out
+
+
+def link_from_mapping(values: Mapping[str, Any], source: str = "run config") -> LinkSettings:
+    """Rebuild link settings from a ConfigRecord with the same validation as the YAML loader."""
+    return build(LinkSettings, dict(values), "link", Origin(source, Path.cwd()))
+
+
+def config_to_mapping(cfg: ChainConfig) -> dict[str, Any]:
+    """The effective config as plain data, to write next to a run's outputs."""
+    out = dataclasses.asdict(cfg)
+    out.pop("source")
+    return _plain(out)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

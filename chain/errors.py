@@ -1,0 +1,42 @@
+"""The weckd error tree.
+
+::
+
+    WeckdError                 anything weckd reports to a user as one line
+    ├── ConfigError            a config file, key or flag is wrong (CLI exit 2)
+    ├── SiteDataError          a site's data is missing, unreadable or inconsistent (exit 1)
+    ├── PayloadError           a relayed payload is malformed or of another version (exit 1)
+    ├── SecurityError          a payload or peer failed verification (exit 1)
+    └── LinkError              training or evaluating one link failed (exit 1)
+
+Every message says what failed, where (file, key, site, link) and how to fix it. Only the CLIs
+catch these and print them; anything else is a bug and keeps its traceback.
+"""
+
+
+class WeckdError(Exception):
+    """Base of every error weckd reports to a user as one line."""
+
+    exit_code = 1
+
+
+class ConfigError(WeckdError):
+    """A configuration file, key or command-line flag is invalid."""
+
+    exit_code = 2
+
+
+class SiteDataError(WeckdError):
+    """A site's data is missing, unreadable or does not match the federation's classes."""
+
+
+class PayloadError(WeckdError):
+    """A relayed payload is malformed, of another format version or does not fit the model."""
+
+
+class SecurityError(WeckdError):
+    """A payload, key or peer failed verification."""
+
+
+class LinkError(WeckdError):
+    """Training or evaluating one link of the chain failed."""

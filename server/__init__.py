@@ -1,0 +1,1 @@
+"""The weckd coordinator: Flower ServerApp, chain schedule, metrics and the weckd-server CLI."""
