@@ -154,16 +154,17 @@ def _labelled_from_files(files: list[Path], labels: list[int], spec: ImageSpec, 
             continue
         decoded.append(img)
         kept.append(y)
+    if not decoded:
+        found = f" ({skipped} unreadable)" if skipped else ""
+        raise SiteDataError(f"{where}: no readable labelled images{found}; check the data path and the class folders")
     if skipped:
         log.warning("%s: skipped %d unreadable image(s) of %d", where, skipped, len(files))
-    if not decoded:
-        raise SiteDataError(f"{where}: no readable labelled images; check the data path and the class folders")
     return ImageSet(torch.stack(decoded), torch.tensor(kept, dtype=torch.int64), skipped)
 
 
 def _decode_all(files: list[Path], spec: ImageSpec, where: Path) -> list[torch.Tensor]:
     decoded = [img for img in (_decode(f, spec) for f in files) if img is not None]
-    if len(decoded) < len(files):
+    if decoded and len(decoded) < len(files):
         log.warning("%s: skipped %d unreadable image(s) of %d", where, len(files) - len(decoded), len(files))
     return decoded
 
@@ -174,7 +175,7 @@ def _decode(path: Path, spec: ImageSpec) -> torch.Tensor | None:
             im = im.convert("L" if spec.channels == 1 else "RGB")
             if im.size != (spec.size, spec.size):
                 im = im.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = np.array(im, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError):
         return None
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

@@ -1,0 +1,112 @@
+"""What travels between the coordinator and the sites: message keys, the payload format and its codec.
+
+A payload is a header (format version, kind, model architecture, link index) plus named numpy
+arrays: a model's weights (weights mode) or its logits on the shared proxy set (logits mode). No
+pickle anywhere: the federation wraps these arrays into Flower ``ArrayRecord``s, and the decoder
+checks the header before any array is used. fp32 on the wire for now.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from .errors import PayloadError
+
+FORMAT = "weckd-payload"
+VERSION = 1
+KINDS = ("weights", "logits")
+LOGITS_KEY = "logits"
+
+# Message types (Flower's reserved names) and the record keys inside a message's content.
+MSG_QUERY = "query"
+MSG_TRAIN = "train"
+MSG_EVALUATE = "evaluate"
+KEY_CONFIG = "config"  # ConfigRecord: what the federation sends (link index, seed, mode, augment)
+KEY_LINK = "link-settings"  # ConfigRecord: the link's LinkSettings (chain.config.link_to_mapping)
+KEY_HEADER = "payload-header"  # ConfigRecord: the payload header
+KEY_ARRAYS = "payload-arrays"  # ArrayRecord: the payload's arrays
+KEY_MODEL_HEADER = "model-header"  # ConfigRecord: header of the final link's weights (logits mode)
+KEY_MODEL_ARRAYS = "model-arrays"  # ArrayRecord: the final link's weights (logits mode)
+KEY_INFO = "info"  # ConfigRecord: what a site says about itself (version, classes, proxy hash)
+KEY_METRICS = "metrics"  # MetricRecord: counts, accuracies, loss parts, seconds
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A decoded-or-to-be-encoded payload: header fields plus named arrays."""
+
+    kind: str
+    arch: str
+    link: int
+    arrays: dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays.values()))
+
+    def header(self) -> dict[str, str | int]:
+        return {"format": FORMAT, "version": VERSION, "kind": self.kind, "arch": self.arch, "link": self.link}
+
+
+def encode_state(state: Mapping[str, torch.Tensor], arch: str, link: int) -> Payload:
+    """A state_dict as a weights payload (floating tensors as fp32, others unchanged)."""
+    arrays = {}
+    for name, tensor in state.items():
+        t = tensor.detach().cpu()
+        if t.is_floating_point():
+            t = t.float()
+        arrays[name] = np.ascontiguousarray(t.numpy())
+    return Payload("weights", arch, link, arrays)
+
+
+def encode_logits(logits: torch.Tensor, arch: str, link: int) -> Payload:
+    """Logits on the proxy set (N × classes) as a logits payload."""
+    return Payload("logits", arch, link, {LOGITS_KEY: np.ascontiguousarray(logits.detach().cpu().float().numpy())})
+
+
+def check_header(header: Mapping[str, object], *, kind: str, link: int | None = None,
+                 arch: str | None = None, where: str = "payload") -> Payload:
+    """Validate a received header; return an array-less Payload with its fields."""
+    if header.get("format") != FORMAT:
+        raise PayloadError(f"{where}: not a weckd payload (format {header.get('format')!r}); "
+                           "is the peer running weckd?")
+    version = header.get("version")
+    if version != VERSION:
+        raise PayloadError(f"{where}: payload v{version}, expected v{VERSION}; upgrade weckd on both sides")
+    if header.get("kind") != kind:
+        raise PayloadError(f"{where}: payload kind {header.get('kind')!r}, expected {kind!r}; "
+                           "do both sides use the same chain.mode?")
+    got_link = header.get("link")
+    if not isinstance(got_link, int) or (link is not None and got_link != link):
+        raise PayloadError(f"{where}: payload is for link {got_link}, expected link {link}; "
+                           "a stale or replayed message? restart the run")
+    got_arch = header.get("arch")
+    if not isinstance(got_arch, str) or (arch is not None and got_arch != arch):
+        raise PayloadError(f"{where}: payload architecture {got_arch!r}, expected {arch!r}")
+    return Payload(kind, got_arch, got_link, {})
+
+
+def decode_state(header: Mapping[str, object], arrays: Mapping[str, np.ndarray], *, link: int | None = None,
+                 arch: str | None = None, where: str = "payload") -> tuple[str, dict[str, torch.Tensor]]:
+    """A weights payload back to (arch, state_dict); the header is checked first."""
+    meta = check_header(header, kind="weights", link=link, arch=arch, where=where)
+    if not arrays:
+        raise PayloadError(f"{where}: weights payload carries no arrays")
+    state = {name: torch.from_numpy(np.array(a, copy=True)) for name, a in arrays.items()}
+    return meta.arch, state
+
+
+def decode_logits(header: Mapping[str, object], arrays: Mapping[str, np.ndarray], *, n_classes: int,
+                  n_proxy: int, link: int | None = None, where: str = "payload") -> tuple[str, torch.Tensor]:
+    """A logits payload back to (arch, N × classes tensor), checking its shape against the proxy set."""
+    meta = check_header(header, kind="logits", link=link, where=where)
+    if set(arrays) != {LOGITS_KEY}:
+        raise PayloadError(f"{where}: logits payload must hold exactly one array {LOGITS_KEY!r}, got {sorted(arrays)}")
+    logits = np.asarray(arrays[LOGITS_KEY])
+    if logits.shape != (n_proxy, n_classes) or logits.dtype != np.float32:
+        raise PayloadError(f"{where}: logits of shape {logits.shape} {logits.dtype}, expected ({n_proxy}, "
+                           f"{n_classes}) float32; do all sites hold the same proxy set and classes?")
+    return meta.arch, torch.from_numpy(np.array(logits, copy=True))

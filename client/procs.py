@@ -1,0 +1,113 @@
+"""Child processes for ``weckd-server`` and ``weckd-client``: start in their own process group, wait for
+ports, stop the whole group (SIGTERM, then SIGKILL after a timeout: ``flower-supernode`` sometimes
+hangs in interpreter shutdown, and ``flwr-clientapp``/``flwr-serverapp`` children can outlive a run).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Sequence
+
+from weckd.chain.errors import WeckdError
+
+log = logging.getLogger(__name__)
+
+
+def flower_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a Flower component: its own FLWR_HOME, telemetry and update checks off."""
+    home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env.update({"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
+    env.update(extra or {})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:
+    """Wait until ``host:port`` accepts connections; fail early if ``proc`` exits."""
+    start = time.monotonic()
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    while time.monotonic() - start < timeout:
+        if proc is not None and proc.poll() is not None:
+            raise WeckdError(f"{what or 'process'} exited with code {proc.returncode} before listening on "
+                             f"{host}:{port}; see its log")
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.1)
+    raise WeckdError(f"{what or 'process'}: nothing listening on {host}:{port} after {timeout:.0f}s; "
+                     "is the port taken? see its log")
+
+
+@dataclass
+class Group:
+    """Processes started together and stopped together, newest first."""
+
+    log_dir: Path
+    stop_timeout: float = 10.0
+    procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self, name: str, cmd: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        out = (self.log_dir / f"{name}.log").open("ab")
+        try:
+            proc = subprocess.Popen(list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            out.close()
+        log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
+        self.procs.append((name, proc))
+        return proc
+
+    def exited(self) -> tuple[str, int] | None:
+        """(name, exit code) of the first process that has exited, if any."""
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                return name, int(proc.returncode)
+        return None
+
+    def stop_all(self) -> None:
+        for name, proc in reversed(self.procs):
+            stop(name, proc, self.stop_timeout)
+        self.procs.clear()
+
+
+def stop(name: str, proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM the process group, SIGKILL it after ``timeout``; always reap."""
+    if proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop within %.0fs; killing it", name, timeout)
+    _signal_group(proc.pid, signal.SIGKILL)  # leftover children in the group
+    proc.wait()
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM into KeyboardInterrupt so the CLI's cleanup path runs for both."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)

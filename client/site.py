@@ -1,0 +1,132 @@
+"""A site's local config and data: ``site-A.yaml`` in, the site's train/validation split out.
+
+Everything here stays at the site: data paths, the auth private key, device and threads. Only
+counts, class names and the proxy set's content hash are ever reported to the coordinator.
+
+Data comes either from a dataset split across the federation (``data.dataset`` plus
+``split: {order: [A, B, C], part: A}``, the demo's and the tests' way: every site loads only its
+own fraction, exactly as ``weckd chain`` splits it) or from the site's own data path
+(``data.sites: {A: /data/otoscopy}``).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weckd.chain.config import DataSettings, read_yaml
+from weckd.chain.data import ImageSet, ImageSpec, SiteData, make_site, read_labelled
+from weckd.chain.errors import ConfigError
+from weckd.chain.prepare import _unlabelled, image_spec, load_proxy, site_fraction
+from weckd.chain.schema import Origin, build
+
+log = logging.getLogger(__name__)
+
+
+def _m(**meta: Any) -> Any:
+    return meta
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """This site's part of a dataset split across the federation (as ``weckd chain`` splits it)."""
+
+    order: tuple[str, ...] = ("A", "B", "C")
+    part: str = ""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SiteRuntime:
+    device: str = field(default="auto", metadata=_m(choices=("auto", "cpu", "cuda")))
+    threads: int = field(default=0, metadata=_m(min=0, max=1024))
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """``site-A.yaml``: who the site is, where its data is, how it reaches the coordinator."""
+
+    site: str
+    superlink: str = "127.0.0.1:9092"
+    ca: str = field(default="certs/ca.crt", metadata=_m(path=True))
+    auth_key: str = field(default="keys/site.key", metadata=_m(path=True))
+    data: DataSettings = field(default_factory=DataSettings)
+    split: SplitSettings | None = None
+    runtime: SiteRuntime = field(default_factory=SiteRuntime)
+    clientappio_port: int = field(default=9094, metadata=_m(min=1, max=65535))
+    state_dir: str = field(default="state", metadata=_m(path=True))
+    max_wait: float = field(default=60.0, metadata=_m(gt=0.0, max=86_400.0))
+    source: str = field(default="<defaults>", compare=False, metadata=_m(internal=True))
+
+
+@dataclass(frozen=True)
+class LocalData:
+    """What a site trains and evaluates on, plus the proxy set (logits mode) and its content hash."""
+
+    spec: ImageSpec
+    site: SiteData
+    proxy: ImageSet | None
+    proxy_sha256: str
+
+
+def load_site_config(path: str | Path, site: str | None = None) -> SiteConfig:
+    """Load ``site-A.yaml``; ``site`` (from ``--site``) must match the file's ``site:``."""
+    raw, origin = read_yaml(path)
+    cfg = build(SiteConfig, raw, "", origin)
+    cfg = SiteConfig(**{**cfg.__dict__, "source": origin.source,
+                        "data": resolve_site_paths_data(cfg.data, origin)})
+    if site is not None and site != cfg.site:
+        raise ConfigError(f"{origin.source}: site: the file is for site {cfg.site!r}, but --site is {site!r}")
+    _check_data(cfg, origin)
+    return cfg
+
+
+def resolve_site_paths_data(data: DataSettings, origin: Origin) -> DataSettings:
+    def fix(p: str) -> str:
+        q = Path(p).expanduser()
+        return p if p == "synthetic" or q.is_absolute() else str(origin.base_dir / q)
+
+    return DataSettings(**{**data.__dict__, "sites": {k: fix(v) for k, v in data.sites.items()},
+                           "unlabelled": {k: fix(v) for k, v in data.unlabelled.items()}})
+
+
+def _check_data(cfg: SiteConfig, origin: Origin) -> None:
+    data, src = cfg.data, origin.source
+    if data.dataset is not None:
+        if cfg.split is None:
+            raise ConfigError(f"{src}: split: data.dataset is shared, so give this site's part "
+                              f"(split: {{order: [A, B, C], part: {cfg.site}}})")
+        if cfg.split.part not in cfg.split.order:
+            raise ConfigError(f"{src}: split.part: {cfg.split.part!r} is not one of split.order {list(cfg.split.order)}")
+    elif cfg.site not in data.sites:
+        raise ConfigError(f"{src}: data: set data.dataset with split, or data.sites.{cfg.site} (this site's data path)")
+
+
+def load_local_data(cfg: SiteConfig, need_proxy: bool | None = None) -> LocalData:
+    """Read and split the site's data (raises SiteDataError with the path on bad data)."""
+    spec = image_spec(cfg.data)
+    if cfg.data.dataset is not None:
+        assert cfg.split is not None  # checked by load_site_config
+        site = site_fraction(cfg.data, cfg.split.order, cfg.split.part, cfg.split.seed)
+        site = SiteData(cfg.site, site.train, site.val, site.unlabelled)
+    else:
+        labelled = read_labelled(cfg.data.sites[cfg.site], spec)
+        seed = cfg.split.seed if cfg.split is not None else 0
+        site = make_site(cfg.site, labelled, cfg.data.val_fraction, seed, _unlabelled(cfg.data, cfg.site, spec))
+    want_proxy = cfg.data.proxy is not None if need_proxy is None else need_proxy
+    proxy = load_proxy(cfg.data, spec) if want_proxy else None
+    log.info("site %s: %d train, %d validation images%s", cfg.site, len(site.train), len(site.val),
+             f", {len(proxy)} proxy images" if proxy is not None else "")
+    return LocalData(spec, site, proxy, content_hash(proxy.images) if proxy is not None else "")
+
+
+def content_hash(images: torch.Tensor) -> str:
+    """SHA-256 of the decoded proxy images (same images, same order → same hash at every site)."""
+    h = hashlib.sha256()
+    h.update(str(tuple(images.shape)).encode())
+    h.update(images.contiguous().numpy().tobytes())
+    return h.hexdigest()

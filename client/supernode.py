@@ -1,0 +1,27 @@
+"""``flower-supernode`` in this process, with the Fleet poll capped (see ``weckd.client.fastflower``).
+
+``python -m weckd.client.supernode <flower-supernode arguments>`` (started by ``weckd-client``).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from .fastflower import cap_supernode_sleep, check_internals, fast_pull
+
+POLL_ENV = "WECKD_FLEET_POLL_S"
+
+
+def main() -> int:
+    check_internals()
+    cap_supernode_sleep(float(os.environ.get(POLL_ENV, "0.2")))
+    fast_pull()
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv[0] = "flower-supernode"
+    flower_supernode()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""What a federated run leaves in the coordinator's output dir: results.json, the final model and its card."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weckd.chain import __version__
+from weckd.chain.artifacts import ModelCard, save_model, write_json, write_yaml
+from weckd.chain.config import config_to_mapping
+from weckd.chain.payload import decode_state
+
+from .schedule import ChainOutcome, LinkRecord
+from .settings import Federation
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+
+
+def mean_eval(record: LinkRecord) -> float | None:
+    """Sample-weighted accuracy of a link's model over the sites that evaluated it."""
+    evs = record.evaluations.values()
+    n = sum(e["n"] for e in evs)
+    return sum(e["accuracy"] * e["n"] for e in evs) / n if n else None
+
+
+def _link_json(r: LinkRecord) -> dict[str, Any]:
+    m = r.metrics
+    n_classes = len(m["val-recall"])
+    conf = [list(m["val-confusion"][i * n_classes:(i + 1) * n_classes]) for i in range(n_classes)]
+    return {
+        "link": r.index + 1, "site": r.site, "arch": r.arch, "init": r.init,
+        "val": {"accuracy": m["val-accuracy"], "recall": list(m["val-recall"]), "confusion": conf, "n": m["val-n"]},
+        "epochs": [{"epoch": i + 1, "loss": lo, "ce": ce, "kd": kd, "seconds": s} for i, (lo, ce, kd, s) in
+                   enumerate(zip(m["epoch-loss"], m["epoch-ce"], m["epoch-kd"], m["epoch-seconds"]))],
+        "samples": {k[len("samples-"):]: v for k, v in m.items() if k.startswith("samples-")},
+        "train_seconds": m["seconds"], "round_trip_seconds": r.round_trip_s,
+        "bytes_to_site": r.bytes_to_site, "bytes_from_site": r.bytes_from_site,
+        "evaluations": r.evaluations, "eval_accuracy": mean_eval(r),
+    }
+
+
+def results(fed: Federation, outcome: ChainOutcome, seconds: float) -> dict[str, Any]:
+    cfg = fed.chain
+    links = [_link_json(r) for r in outcome.links]
+    first, last = links[0]["eval_accuracy"], links[-1]["eval_accuracy"]
+    summary: dict[str, Any] = {"link1_eval_accuracy": first, "last_eval_accuracy": last,
+                               "gain_over_link1": (last - first) if first is not None and last is not None else None,
+                               "seconds": seconds}
+    return {"weckd_version": __version__, "seed": cfg.seed, "mode": cfg.chain.mode, "classes": list(cfg.data.classes),
+            "order": list(cfg.chain.order), "cycles": cfg.chain.cycles, "evaluate": fed.settings.evaluate,
+            "sites": {s: {"counts": i["counts"]} for s, i in outcome.sites.items()},
+            "links": links, "summary": summary}
+
+
+def write_outputs(out: Path, fed: Federation, outcome: ChainOutcome, seconds: float) -> None:
+    """results.json, config.effective.yaml and model/ (safetensors + model card) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = fed.chain
+    if outcome.final_payload is not None:
+        header, arrays = outcome.final_payload
+        arch, state = decode_state(dict(header), {k: np.asarray(a.numpy()) for k, a in arrays.items()},
+                                   link=cfg.n_links - 1, where="final model")
+        provenance = {"seed": cfg.seed, "mode": cfg.chain.mode, "order": list(cfg.chain.order),
+                      "cycles": cfg.chain.cycles, "federated": True,
+                      "links": [{"link": r.index + 1, "site": r.site, "arch": r.arch, "init": r.init}
+                                for r in outcome.links],
+                      "val_accuracy": outcome.links[-1].metrics["val-accuracy"]}
+        card = ModelCard(arch, list(cfg.data.classes), cfg.data.image_size, cfg.data.channels, provenance)
+        save_model(out / "model", state, card)
+    write_yaml(out / "config.effective.yaml", config_to_mapping(cfg))
+    write_json(out / RESULTS_FILE, results(fed, outcome, seconds))
+    log.info("results written to %s", out)

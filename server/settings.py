@@ -1,0 +1,115 @@
+"""The coordinator's config: a chain config plus a ``federation:`` section.
+
+``federation.yaml`` holds everything ``weckd chain`` reads (seed, chain, link, links, data) and the
+federation's own settings: where the Fleet API listens, the TLS files, each site's registered auth
+public key, timeouts and TTLs. Relative paths resolve against the YAML's folder. Only the chain
+settings travel to the sites; paths and keys stay with the coordinator.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from weckd.chain.config import ChainConfig, apply_override, config_from_mapping, read_yaml
+from weckd.chain.errors import ConfigError
+from weckd.chain.schema import Origin, build
+
+
+def _m(**meta: Any) -> Any:
+    return meta
+
+
+@dataclass(frozen=True)
+class SiteAuth:
+    """A site the coordinator admits: its SuperNode auth public key (OpenSSH, EC P-384)."""
+
+    auth_key: str = field(metadata=_m(path=True))
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    """How the coordinator runs the federation (never sent to the sites)."""
+
+    fleet_address: str = "127.0.0.1:9092"
+    control_port: int = field(default=9093, metadata=_m(min=1, max=65535))
+    state_dir: str = field(default="state", metadata=_m(path=True))
+    output_dir: str = field(default="runs/federation", metadata=_m(path=True))
+    ca: str = field(default="certs/ca.crt", metadata=_m(path=True))
+    cert: str = field(default="certs/server.pem", metadata=_m(path=True))
+    key: str = field(default="certs/server.key", metadata=_m(path=True))
+    discovery_timeout: float = field(default=120.0, metadata=_m(gt=0.0, max=86_400.0))
+    link_timeout: float = field(default=3600.0, metadata=_m(gt=0.0, max=7 * 86_400.0))
+    message_ttl: float = field(default=3600.0, metadata=_m(gt=0.0, max=7 * 86_400.0))
+    poll_interval: float = field(default=0.1, metadata=_m(gt=0.0, max=10.0))
+    evaluate: str = field(default="all", metadata=_m(choices=("all", "next", "none")))
+    shutdown_timeout: float = field(default=10.0, metadata=_m(gt=0.0, max=600.0))
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The whole coordinator config: the chain, the federation settings and the admitted sites."""
+
+    chain: ChainConfig
+    settings: FederationSettings
+    sites: dict[str, SiteAuth]
+    source: str
+
+
+def load_federation(path: str | Path, overrides: tuple[str, ...] = ()) -> Federation:
+    """Load and validate ``federation.yaml``; every problem is one ConfigError line."""
+    raw, origin = read_yaml(path)
+    for item in overrides:
+        apply_override(raw, item)
+    fed_raw = raw.pop("federation", None)
+    if fed_raw is None:
+        raise ConfigError(f"{origin.source}: federation: missing section; add fleet_address, sites, ca, cert, key")
+    if not isinstance(fed_raw, dict):
+        raise ConfigError(f"{origin.source}: federation: expected a mapping")
+    fed_raw = dict(fed_raw)
+    sites_raw = fed_raw.pop("sites", None)
+    settings = build(FederationSettings, fed_raw, "federation", origin)
+    chain = config_from_mapping(raw, origin)
+    sites = _sites(sites_raw, chain, origin)
+    _check_address(settings.fleet_address, origin)
+    return Federation(chain, settings, sites, origin.source)
+
+
+def _sites(raw: Any, chain: ChainConfig, origin: Origin) -> dict[str, SiteAuth]:
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{origin.source}: federation.sites: list every site of chain.order with its auth_key, "
+                          "e.g. sites: {{A: {{auth_key: keys/site-A.pub}}}}")
+    sites = {str(name): build(SiteAuth, value, f"federation.sites.{name}", origin) for name, value in raw.items()}
+    missing = [s for s in chain.chain.order if s not in sites]
+    if missing:
+        raise ConfigError(f"{origin.source}: federation.sites: no auth_key for site(s) {', '.join(missing)} "
+                          "of chain.order; add them (weckd certs site --site NAME)")
+    extra = [s for s in sites if s not in chain.chain.order]
+    if extra:
+        raise ConfigError(f"{origin.source}: federation.sites: {', '.join(extra)} not in chain.order "
+                          f"{list(chain.chain.order)}; remove them or add them to the chain")
+    return sites
+
+
+def _check_address(address: str, origin: Origin) -> None:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{origin.source}: federation.fleet_address: {address!r} is not HOST:PORT, "
+                          "e.g. 0.0.0.0:9092")
+
+
+def check_files(fed: Federation) -> None:
+    """Every TLS file and site key the coordinator needs exists (checked before starting anything)."""
+    s = fed.settings
+    needed = [("federation.ca", s.ca), ("federation.cert", s.cert), ("federation.key", s.key)]
+    needed += [(f"federation.sites.{n}.auth_key", a.auth_key) for n, a in fed.sites.items()]
+    for key, path in needed:
+        if not Path(path).is_file():
+            raise ConfigError(f"{fed.source}: {key}: {path}: file not found; create it with 'weckd certs'")
+
+
+def with_settings(fed: Federation, **changes: Any) -> Federation:
+    """A copy with some federation settings replaced (command-line overrides)."""
+    return dataclasses.replace(fed, settings=dataclasses.replace(fed.settings, **changes))
+

@@ -1,0 +1,121 @@
+"""The coordinator's Flower pieces: the SuperLink process, the ``flwr`` CLI connection, site
+registration, the config-only app bundle, and submitting and following a run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from weckd.chain import __version__
+from weckd.chain.errors import WeckdError
+from weckd.client.procs import Group, flower_env, wait_port
+
+from .settings import Federation
+
+log = logging.getLogger(__name__)
+
+CONNECTION = "weckd"
+RUN_CONFIG_KEYS = ("federation-config", "output-dir", "progress-file", "wire-log")
+CLI_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Paths:
+    state: Path
+    cli_home: Path
+    app_dir: Path
+    logs: Path
+
+    @classmethod
+    def under(cls, state: Path) -> "Paths":
+        return cls(state, state / "flwr-cli", state / "app", state / "logs")
+
+
+def start_superlink(fed: Federation, group: Group, paths: Paths, start_timeout: float = 60.0) -> None:
+    """Fleet API (gRPC + TLS + SuperNode auth) on the configured address; Control/Runtime on 127.0.0.1."""
+    s = fed.settings
+    cmd = [str(Path(sys.executable).with_name("flower-superlink")),
+           "--ssl-ca-certfile", s.ca, "--ssl-certfile", s.cert, "--ssl-keyfile", s.key,
+           "--enable-supernode-auth", "--fleet-api-address", s.fleet_address,
+           "--host", "127.0.0.1", "--port", str(s.control_port),
+           "--database", str(paths.state / "superlink.db"), "--disable-runtime-dependency-installation"]
+    proc = group.start("superlink", cmd, flower_env(paths.state / "flwr-superlink"))
+    host, _, port = s.fleet_address.rpartition(":")
+    wait_port(host, int(port), start_timeout, proc, "flower-superlink (fleet API)")
+    wait_port("127.0.0.1", s.control_port, start_timeout, proc, "flower-superlink (control API)")
+    log.info("SuperLink up: fleet %s (TLS, SuperNode auth), control 127.0.0.1:%d", s.fleet_address, s.control_port)
+
+
+def write_cli_config(fed: Federation, paths: Paths) -> None:
+    paths.cli_home.mkdir(parents=True, exist_ok=True)
+    (paths.cli_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{fed.settings.control_port}"\nroot-certificates = "{fed.settings.ca}"\n',
+        encoding="utf-8")
+
+
+def flwr(paths: Paths, args: list[str], check: bool = True) -> dict[str, Any]:
+    """Run one ``flwr`` CLI command with JSON output (bounded by a timeout)."""
+    exe = str(Path(sys.executable).with_name("flwr"))
+    try:
+        r = subprocess.run([exe, *args, "--format", "json"], env=flower_env(paths.cli_home), capture_output=True,
+                           text=True, timeout=CLI_TIMEOUT, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as err:
+        raise WeckdError(f"flwr {args[0]} did not answer within {CLI_TIMEOUT:.0f}s; is the SuperLink up?") from err
+    try:
+        out = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        out = {"success": False, "error-message": (r.stdout + r.stderr).strip()[-500:]}
+    if check and not out.get("success", False):
+        raise WeckdError(f"flwr {' '.join(args[:2])} failed: {out.get('error-message', out)}")
+    return out
+
+
+def register_sites(fed: Federation, paths: Paths) -> None:
+    """Register every site's auth public key under the site's name (already registered: kept)."""
+    for name, site in fed.sites.items():
+        out = flwr(paths, ["supernode", "register", site.auth_key, CONNECTION, "--name", name], check=False)
+        if out.get("success"):
+            log.info("site %s registered (node id %s)", name, out.get("node-id"))
+            continue
+        message = str(out.get("error-message", out))
+        if "already" in message.lower() or "code: 23" in message:
+            log.info("site %s already registered", name)
+            continue
+        raise WeckdError(f"registering site {name} ({site.auth_key}) failed: {message}")
+
+
+def write_app_dir(paths: Paths) -> None:
+    """A config-only app bundle whose components point at the installed weckd."""
+    paths.app_dir.mkdir(parents=True, exist_ok=True)
+    keys = "\n".join(f'{k} = ""' for k in RUN_CONFIG_KEYS)
+    (paths.app_dir / "pyproject.toml").write_text(
+        f'[project]\nname = "weckd-chain"\nversion = "{__version__}"\n\n'
+        '[tool.flwr.app]\npublisher = "weckd"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "weckd.server.app:app"\nclientapp = "weckd.client.app:app"\n\n'
+        f"[tool.flwr.app.config]\n{keys}\n", encoding="utf-8")
+
+
+def submit(paths: Paths, run_config: dict[str, str]) -> int:
+    """Submit the run; return its id."""
+    rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    out = flwr(paths, ["run", str(paths.app_dir), CONNECTION, "--run-config", rc])
+    return int(out["run-id"])
+
+
+def run_status(paths: Paths, run_id: int) -> tuple[str, str]:
+    """(status, details) of a run, e.g. ('finished:completed', '')."""
+    out = flwr(paths, ["ls", CONNECTION, "--run-id", str(run_id)], check=False)
+    runs = out.get("runs") or []
+    if not runs:
+        return "unknown", str(out.get("error-message", ""))
+    return str(runs[0].get("status", "unknown")), str(runs[0].get("status-details", runs[0].get("details", "")))
+
+
+def stop_run(paths: Paths, run_id: int) -> None:
+    flwr(paths, ["stop", str(run_id), CONNECTION], check=False)

@@ -1,0 +1,57 @@
+"""Message traffic as the coordinator sees it: relay byte counts and an optional wire log.
+
+The wire log (one JSON line per message sent or received: every record, every array's name, shape,
+dtype and size, every config/metric key) is how the tests prove that only weights, logits and
+aggregate metrics cross the coordinator. It is switched on by the ``wire-log`` run-config key.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Message, RecordDict
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of every array in a message's content."""
+    return int(sum(arr.numpy().nbytes for rec in content.array_records.values() for arr in rec.values()))
+
+
+def describe(content: RecordDict) -> dict[str, Any]:
+    """Every record of a message's content: arrays by name/shape/dtype/bytes, other records by key."""
+    out: dict[str, Any] = {"arrays": {}, "configs": {}, "metrics": {}}
+    for key, rec in content.array_records.items():
+        out["arrays"][key] = [{"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype),
+                               "bytes": int(arr.numpy().nbytes)} for name, arr in rec.items()]
+    for key, crec in content.config_records.items():
+        out["configs"][key] = {k: _value_shape(v) for k, v in crec.items()}
+    for key, mrec in content.metric_records.items():
+        out["metrics"][key] = {k: _value_shape(v) for k, v in mrec.items()}
+    return out
+
+
+def _value_shape(value: Any) -> dict[str, Any]:
+    if isinstance(value, (list, tuple)):
+        return {"type": "list", "len": len(value)}
+    if isinstance(value, (bytes, bytearray)):
+        return {"type": "bytes", "len": len(value)}
+    if isinstance(value, str):
+        return {"type": "str", "len": len(value)}
+    return {"type": type(value).__name__}
+
+
+class WireLog:
+    """Appends one JSON line per message to ``path``; a no-op without a path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path) if path else None
+
+    def record(self, direction: str, site: str, message: Message) -> None:
+        if self.path is None or message.has_error():
+            return
+        line = {"t": time.time(), "direction": direction, "site": site,
+                "type": message.metadata.message_type, **describe(message.content)}
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(line) + "\n")

@@ -1,0 +1,106 @@
+"""The config loader: typed values, and one line naming file and key for every mistake."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from weckd.chain.config import load_config
+from weckd.chain.errors import ConfigError
+
+from .helpers import TINY_CHAIN, deep_merge, write_yaml
+
+
+def _load(tmp_path: Path, extra: dict, overrides: tuple[str, ...] = ()):
+    path = write_yaml(tmp_path / "c.yaml", deep_merge(TINY_CHAIN, extra))
+    return load_config(path, overrides)
+
+
+def test_valid_config_builds_frozen_typed_settings(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, {"link": {"lr": 1}})
+    assert cfg.link.lr == 1.0 and isinstance(cfg.link.lr, float)
+    assert cfg.chain.order == ("A", "B")
+    assert cfg.n_links == 2
+    with pytest.raises(AttributeError):
+        cfg.link.lr = 2.0  # type: ignore[misc]
+
+
+def test_unknown_key_suggests_the_close_match(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"c\.yaml: link: unknown key 'temprature'; did you mean 'temperature'\?"):
+        _load(tmp_path, {"link": {"temprature": 3}})
+
+
+def test_wrong_type_names_file_and_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"c\.yaml: link\.epochs: expected an integer, got a string 'ten'"):
+        _load(tmp_path, {"link": {"epochs": "ten"}})
+
+
+def test_boolean_is_not_an_integer(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"link\.epochs: expected an integer"):
+        _load(tmp_path, {"link": {"epochs": True}})
+
+
+def test_out_of_range_value_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"link\.alpha: 1\.5 is above the maximum 1\.0"):
+        _load(tmp_path, {"link": {"alpha": 1.5}})
+
+
+def test_choice_typo_suggests_the_close_choice(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"chain\.mode: 'logit' is not one of weights, logits; did you mean 'logits'\?"):
+        _load(tmp_path, {"chain": {"mode": "logit"}})
+
+
+def test_missing_file_is_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found") as info:
+        load_config(tmp_path / "nope.yaml")
+    assert "\n" not in str(info.value)
+
+
+def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("link:\n  epochs: [1, 2\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: line \d+ column \d+: YAML syntax error"):
+        load_config(path)
+
+
+def test_per_link_overrides_merge_with_defaults(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, {"links": [{"arch": "test_efficientnet"}, {"epochs": 2}]})
+    assert cfg.link_settings(0).arch == "test_efficientnet"
+    assert cfg.link_settings(0).epochs == 1
+    assert cfg.link_settings(1).arch == "test_resnet" and cfg.link_settings(1).epochs == 2
+
+
+def test_more_link_entries_than_links_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="3 entries but the chain has 2 links"):
+        _load(tmp_path, {"links": [{}, {}, {}]})
+
+
+def test_cycles_repeat_the_order(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, {"chain": {"cycles": 2}})
+    assert [cfg.site_of(k) for k in range(cfg.n_links)] == ["A", "B", "A", "B"]
+
+
+def test_set_override_wins_over_yaml(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, {}, ("link.epochs=7", "chain.mode=weights"))
+    assert cfg.link.epochs == 7
+
+
+def test_set_override_is_validated_like_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"link\.lr: -1\.0 must be greater than 0\.0"):
+        _load(tmp_path, {}, ("link.lr=-1",))
+
+
+def test_relative_data_paths_resolve_against_the_config_folder(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, {"data": {"dataset": "data/set.npz"}})
+    assert cfg.data.dataset == str(tmp_path / "data" / "set.npz")
+
+
+def test_logits_mode_needs_a_proxy_set(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.proxy: logits mode needs a proxy set"):
+        _load(tmp_path, {"chain": {"mode": "logits"}})
+
+
+def test_per_site_data_needs_a_path_for_every_site(tmp_path: Path) -> None:
+    extra = {"data": {"dataset": None, "sites": {"A": "a"}, "test": "t"}}
+    with pytest.raises(ConfigError, match=r"data\.sites: no data path for site\(s\) B"):
+        _load(tmp_path, extra)
