@@ -3,6 +3,7 @@
 This package never imports Flower or the server/client packages: everything here runs and is
 tested without a federation.
 """
+
 from importlib.metadata import PackageNotFoundError, version
 
 try:

@@ -1,6 +1,7 @@
 """Files a run leaves behind: the model (safetensors + JSON model card), results and the
 effective config, written into a staging folder and moved into place only when complete.
 """
+
 from __future__ import annotations
 
 import contextlib

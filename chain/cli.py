@@ -3,6 +3,7 @@
 Subcommands are found through the ``weckd.commands`` entry-point group, so the coordinator and
 site packages add theirs (``demo``, ``certs``…) without this package importing them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,12 @@ def run_command(body: Callable[[], int]) -> int:
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        force=True,
+    )
 
 
 def chain_command(argv: Sequence[str]) -> int:
@@ -66,8 +71,13 @@ def chain_command(argv: Sequence[str]) -> int:
     parser.add_argument("-o", "--out", help="output folder (default: runtime.output_dir)")
     parser.add_argument("--seed", type=int, help="override the config's seed")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="override runtime.device")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override any config key, e.g. --set link.epochs=3 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set link.epochs=3 (repeatable)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -89,8 +99,9 @@ def _chain(args: argparse.Namespace) -> int:
         write_json(stage / "results.json", results_json(run))
         write_json(stage / "timings.json", timings_json(run))
         write_yaml(stage / "config.effective.yaml", config_to_mapping(cfg))
-        card = ModelCard(run.final.arch, list(cfg.data.classes), cfg.data.image_size, cfg.data.channels,
-                         provenance(run))
+        card = ModelCard(
+            run.final.arch, list(cfg.data.classes), cfg.data.image_size, cfg.data.channels, provenance(run)
+        )
         save_model(stage / "model", run.final.result.state, card)
     print(format_table(run))
     print(f"outputs: {out}")

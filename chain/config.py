@@ -4,6 +4,7 @@ Unknown keys, wrong types and out-of-range values are rejected as one line namin
 the key. Relative data paths are resolved against the config file's folder. The same dataclasses
 are rebuilt from the run config a federation sends to its sites (:func:`link_from_mapping`).
 """
+
 from __future__ import annotations
 
 import dataclasses

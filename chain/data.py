@@ -4,6 +4,7 @@ and the tensor pipeline (normalise, augment).
 Images are decoded once into uint8 tensors (N, C, H, W) at the configured size and channel count;
 everything after that is tensor work. Only counts ever leave this module's callers.
 """
+
 from __future__ import annotations
 
 import csv
@@ -171,11 +172,11 @@ def _decode_all(files: list[Path], spec: ImageSpec, where: Path) -> list[torch.T
 
 def _decode(path: Path, spec: ImageSpec) -> torch.Tensor | None:
     try:
-        with Image.open(path) as im:
-            im = im.convert("L" if spec.channels == 1 else "RGB")
-            if im.size != (spec.size, spec.size):
-                im = im.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
-            arr = np.array(im, dtype=np.uint8)
+        with Image.open(path) as opened:
+            im = opened.convert("L" if spec.channels == 1 else "RGB")
+        if im.size != (spec.size, spec.size):
+            im = im.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
+        arr = np.array(im, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError):
         return None
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
@@ -223,7 +224,8 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     """Deterministically split indices into (rest, held) with ``fraction`` of each class held."""
     rng = np.random.default_rng(seed)
     y = labels.numpy()
-    rest, held = [], []
+    rest: list[int] = []
+    held: list[int] = []
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
@@ -250,7 +252,9 @@ def split_parts(labels: torch.Tensor, k: int, seed: int) -> list[np.ndarray]:
     return [np.sort(np.array(p, dtype=np.int64)) for p in parts]
 
 
-def make_site(name: str, data: ImageSet, val_fraction: float, seed: int, unlabelled: ImageSet | None = None) -> SiteData:
+def make_site(
+    name: str, data: ImageSet, val_fraction: float, seed: int, unlabelled: ImageSet | None = None
+) -> SiteData:
     """A site from its labelled data: a deterministic stratified train/validation split."""
     if len(data) == 0:
         raise SiteDataError(f"site {name}: no labelled images; a site needs local training data")

@@ -5,6 +5,7 @@ its predecessor: a live teacher model (weights mode) or the predecessor's logits
 set of unlabelled images (logits mode). Where the architectures match and ``init: predecessor``,
 the student starts from the predecessor's weights.
 """
+
 from __future__ import annotations
 
 import logging
@@ -87,73 +88,122 @@ def train_link(
     torch.manual_seed(seed)
     student = create_model(settings.arch, len(spec.classes), spec.channels, settings.weights)
     init = _warm_start(student, settings, teacher, label)
-    student.to(device)
-    teacher_model = _teacher_model(teacher, spec, device, settings, label)
-    distil_proxy = teacher is not None and teacher.proxy_logits is not None
-    if distil_proxy and proxy is None:
+    if teacher is not None and teacher.proxy_logits is not None and proxy is None:
         raise LinkError(f"{label}: logits mode needs the proxy set at this site")
-    optimizer = _optimizer(settings, student)
-    steps_per_epoch = _n_batches(len(site.train), settings.batch_size)
-    total_steps = steps_per_epoch * settings.epochs
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
-    gen = torch.Generator().manual_seed(seed)
-    extra = site.unlabelled if teacher_model is not None else None
-    extra_iter = _cycle(len(extra), settings.batch_size, gen) if extra is not None and len(extra) else None
-    proxy_iter = _cycle(len(proxy), settings.batch_size, gen) if distil_proxy and proxy is not None else None
-    bar = Progress(total_steps, label)
-    history: list[EpochStats] = []
-    start = time.perf_counter()
-    seen = 0
-    for epoch in range(1, settings.epochs + 1):
-        t0 = time.perf_counter()
-        sums = np.zeros(3)
-        student.train()
-        for idx in _batches(len(site.train), settings.batch_size, gen):
-            x = to_input(site.train.images[idx], device)
-            if augment_images:
-                x = augment(x, gen)
-            y = site.train.labels[idx].to(device)
-            logits = student(x)
-            with torch.no_grad():
-                t_logits = teacher_model(x) if teacher_model is not None else None
-            parts = kd_loss(logits, y, t_logits, settings.alpha, settings.temperature, settings.distill)
-            total, kd = parts.total, parts.kd
-            if extra_iter is not None and extra is not None and teacher_model is not None:
-                ux = to_input(extra.images[next(extra_iter)], device)
-                with torch.no_grad():
-                    u_t = teacher_model(ux)
-                u_kd = kd_term(student(ux), u_t, settings.temperature, settings.distill)
-                total = total + (1.0 - settings.alpha) * u_kd
-                kd = (kd + u_kd) / 2
-            if proxy_iter is not None and proxy is not None and teacher is not None:
-                pidx = next(proxy_iter)
-                p_t = teacher.proxy_logits[pidx].to(device)  # type: ignore[index]
-                p_kd = kd_term(student(to_input(proxy.images[pidx], device)), p_t, settings.temperature, settings.distill)
-                total = settings.alpha * parts.ce + (1.0 - settings.alpha) * p_kd
-                kd = p_kd
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            optimizer.step()
-            schedule.step()
-            if not torch.isfinite(total):
-                raise LinkError(f"{label}: loss became {total.item()} at epoch {epoch}; lower link.lr")
-            sums += (total.item() * len(idx), parts.ce.item() * len(idx), kd.item() * len(idx))
-            seen += len(idx)
-            bar.update(1, f"ep {epoch}/{settings.epochs} loss {total.item():.3f}")
-        stats = _epoch_stats(epoch, sums, len(site.train), time.perf_counter() - t0)
-        history.append(stats)
-        if not bar.on_terminal:
-            log.info("%s epoch %d/%d loss=%.4f ce=%.4f kd=%.4f %.0f img/s", label, epoch,
-                     settings.epochs, stats.loss, stats.ce, stats.kd, stats.images_per_s)
-        if on_epoch is not None:
-            on_epoch(stats)
-    bar.close()
-    seconds = time.perf_counter() - start
+    loop = _Loop(
+        settings,
+        site,
+        student.to(device),
+        _teacher_model(teacher, spec, device, settings, label),
+        teacher,
+        proxy,
+        device,
+        augment_images,
+        torch.Generator().manual_seed(seed),
+        label,
+    )
+    history = loop.run(on_epoch)
     val = evaluate(student, site.val, len(spec.classes), device)
     own_proxy = predict_logits(student, proxy.images, device) if proxy is not None else None
-    samples = {"train": len(site.train), "val": len(site.val), "unlabelled": len(extra) if extra is not None else 0}
-    return LinkResult(settings.arch, state_of(student), val, history, samples, init, seconds,
-                      seen / seconds if seconds > 0 else 0.0, own_proxy)
+    samples = {"train": len(site.train), "val": len(site.val), "unlabelled": len(loop.extra) if loop.extra else 0}
+    rate = loop.seen / loop.seconds if loop.seconds > 0 else 0.0
+    return LinkResult(settings.arch, state_of(student), val, history, samples, init, loop.seconds, rate, own_proxy)
+
+
+class _Loop:
+    """The optimisation loop of one link: batches, the loss with its parts, epochs, progress."""
+
+    def __init__(
+        self,
+        settings: LinkSettings,
+        site: SiteData,
+        student: torch.nn.Module,
+        teacher_model: torch.nn.Module | None,
+        teacher: Teacher | None,
+        proxy: ImageSet | None,
+        device: torch.device,
+        augment_images: bool,
+        gen: torch.Generator,
+        label: str,
+    ) -> None:
+        self.s, self.site, self.student, self.teacher_model = settings, site, student, teacher_model
+        self.device, self.augment, self.gen, self.label = device, augment_images, gen, label
+        self.optimizer = _optimizer(settings, student)
+        total = _n_batches(len(site.train), settings.batch_size) * settings.epochs
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(total, 1))
+        self.bar = Progress(total, label)
+        self.extra = site.unlabelled if teacher_model is not None and site.unlabelled is not None else None
+        self.extra_iter = _cycle(len(self.extra), settings.batch_size, gen) if self.extra else None
+        self.proxy_logits = teacher.proxy_logits if teacher is not None else None
+        self.proxy = proxy if self.proxy_logits is not None else None
+        self.proxy_iter = _cycle(len(self.proxy), settings.batch_size, gen) if self.proxy else None
+        self.seen = 0
+        self.seconds = 0.0
+
+    def run(self, on_epoch: EpochHook | None) -> list[EpochStats]:
+        history = []
+        start = time.perf_counter()
+        for epoch in range(1, self.s.epochs + 1):
+            stats = self._epoch(epoch)
+            history.append(stats)
+            if not self.bar.on_terminal:
+                log.info(
+                    "%s epoch %d/%d loss=%.4f ce=%.4f kd=%.4f %.0f img/s",
+                    self.label,
+                    epoch,
+                    self.s.epochs,
+                    stats.loss,
+                    stats.ce,
+                    stats.kd,
+                    stats.images_per_s,
+                )
+            if on_epoch is not None:
+                on_epoch(stats)
+        self.bar.close()
+        self.seconds = time.perf_counter() - start
+        return history
+
+    def _epoch(self, epoch: int) -> EpochStats:
+        t0 = time.perf_counter()
+        sums = np.zeros(3)
+        self.student.train()
+        for idx in _batches(len(self.site.train), self.s.batch_size, self.gen):
+            total, ce, kd = self._loss(idx)
+            self.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            self.optimizer.step()
+            self.schedule.step()
+            if not torch.isfinite(total):
+                raise LinkError(f"{self.label}: loss became {total.item()} at epoch {epoch}; lower link.lr")
+            sums += (total.item() * len(idx), ce.item() * len(idx), kd.item() * len(idx))
+            self.seen += len(idx)
+            self.bar.update(1, f"ep {epoch}/{self.s.epochs} loss {total.item():.3f}")
+        return _epoch_stats(epoch, sums, len(self.site.train), time.perf_counter() - t0)
+
+    def _loss(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Total, CE and KD of one step: labelled batch, plus unlabelled or proxy distillation."""
+        s = self.s
+        x = to_input(self.site.train.images[idx], self.device)
+        if self.augment:
+            x = augment(x, self.gen)
+        logits = self.student(x)
+        with torch.no_grad():
+            t_logits = self.teacher_model(x) if self.teacher_model is not None else None
+        parts = kd_loss(
+            logits, self.site.train.labels[idx].to(self.device), t_logits, s.alpha, s.temperature, s.distill
+        )
+        if self.extra_iter is not None and self.extra is not None and self.teacher_model is not None:
+            ux = to_input(self.extra.images[next(self.extra_iter)], self.device)
+            with torch.no_grad():
+                u_teacher = self.teacher_model(ux)
+            u_kd = kd_term(self.student(ux), u_teacher, s.temperature, s.distill)
+            return parts.total + (1.0 - s.alpha) * u_kd, parts.ce, (parts.kd + u_kd) / 2
+        if self.proxy_iter is not None and self.proxy is not None and self.proxy_logits is not None:
+            pidx = next(self.proxy_iter)
+            p_student = self.student(to_input(self.proxy.images[pidx], self.device))
+            p_kd = kd_term(p_student, self.proxy_logits[pidx].to(self.device), s.temperature, s.distill)
+            return s.alpha * parts.ce + (1.0 - s.alpha) * p_kd, parts.ce, p_kd
+        return parts.total, parts.ce, parts.kd
 
 
 def _warm_start(student: torch.nn.Module, settings: LinkSettings, teacher: Teacher | None, label: str) -> str:
@@ -163,8 +213,12 @@ def _warm_start(student: torch.nn.Module, settings: LinkSettings, teacher: Teach
         log.warning("%s: init=predecessor but only logits travel in logits mode: starting from scratch", label)
         return "scratch"
     if teacher.arch != settings.arch:
-        log.warning("%s: init=predecessor but architectures differ (%s → %s): starting from scratch",
-                    label, teacher.arch, settings.arch)
+        log.warning(
+            "%s: init=predecessor but architectures differ (%s → %s): starting from scratch",
+            label,
+            teacher.arch,
+            settings.arch,
+        )
         return "scratch"
     load_state(student, teacher.state, label)
     return "predecessor"
@@ -186,8 +240,13 @@ def _teacher_model(
 def _optimizer(settings: LinkSettings, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = model.parameters()
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
-                               weight_decay=settings.weight_decay, nesterov=settings.momentum > 0)
+        return torch.optim.SGD(
+            params,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+            nesterov=settings.momentum > 0,
+        )
     if settings.optimizer == "adam":
         return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
     return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
@@ -219,7 +278,9 @@ def _epoch_stats(epoch: int, sums: np.ndarray, n: int, seconds: float) -> EpochS
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 256) -> torch.Tensor:
+def predict_logits(
+    model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 256
+) -> torch.Tensor:
     """Logits for uint8 images, in eval mode, on the CPU."""
     model.eval()
     outs = [model(to_input(images[i : i + batch], device)).float().cpu() for i in range(0, len(images), batch)]
@@ -244,7 +305,9 @@ def score(pred: torch.Tensor, labels: torch.Tensor, n_classes: int) -> Evaluatio
     return Evaluation(accuracy, recall, cm.tolist(), int(cm.sum()))
 
 
-def model_from_state(arch: str, state: dict[str, torch.Tensor], spec: ImageSpec, device: torch.device) -> torch.nn.Module:
+def model_from_state(
+    arch: str, state: dict[str, torch.Tensor], spec: ImageSpec, device: torch.device
+) -> torch.nn.Module:
     """Rebuild a trained model from its relayed or saved state."""
     model = create_model(arch, len(spec.classes), spec.channels)
     load_state(model, state, arch)

@@ -4,6 +4,7 @@
 ``distill='mse'`` the mean squared error between student and teacher logits in place of the KL term.
 The teacher side is a tensor of logits: from a live teacher model or precomputed on a proxy set.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple

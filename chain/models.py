@@ -3,6 +3,7 @@
 Nothing is fetched from a hub at run time: hospitals are often offline, and a download would be a
 hidden dependency of the result.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -42,13 +43,14 @@ def load_backbone(model: torch.nn.Module, path: Path) -> None:
         raise ConfigError(f"link.weights: {path}: weights file not found")
     try:
         if path.suffix == ".safetensors":
-            state = load_file(str(path))
+            state: dict[str, torch.Tensor] = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = dict(torch.load(path, map_location="cpu", weights_only=True))
     except Exception as err:  # any decoder failure is a bad file, reported as such
         raise ConfigError(f"link.weights: {path}: cannot read weights: {err}") from err
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+    nested = state.get("state_dict")
+    if isinstance(nested, dict):
+        state = nested
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     dropped = sorted(set(state) - set(usable))
@@ -71,7 +73,10 @@ def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], where: st
     extra = sorted(set(state) - set(own))
     if missing or extra:
         name = (missing or extra)[0]
-        raise PayloadError(f"{where}: weights do not fit the architecture ({len(missing)} missing, {len(extra)} unexpected, e.g. {name!r})")
+        raise PayloadError(
+            f"{where}: weights do not fit the architecture "
+            f"({len(missing)} missing, {len(extra)} unexpected, e.g. {name!r})"
+        )
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
             raise PayloadError(f"{where}: tensor {k!r} has shape {tuple(state[k].shape)}, expected {tuple(v.shape)}")

@@ -4,6 +4,7 @@ Either one dataset is split into K disjoint stratified site fractions (experimen
 that each load only their own fraction), or every site has its own data path. The same functions
 serve the in-process chain and a federated site, so both see exactly the same images.
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,8 +53,7 @@ def prepare(data: DataSettings, order: Sequence[str], seed: int, need_proxy: boo
         assert data.test is not None  # checked by the config loader
         test = read_labelled(data.test, spec, split="test")
     sites = {
-        name: make_site(name, labelled[name], data.val_fraction, seed, _unlabelled(data, name, spec))
-        for name in order
+        name: make_site(name, labelled[name], data.val_fraction, seed, _unlabelled(data, name, spec)) for name in order
     }
     proxy = load_proxy(data, spec) if need_proxy else None
     return Prepared(spec, sites, test, proxy)

@@ -1,4 +1,5 @@
 """Progress for long work: a bar when stderr is a terminal, one log line per epoch otherwise."""
+
 from __future__ import annotations
 
 import logging

@@ -5,6 +5,7 @@ bounds), ``gt`` (exclusive lower bound), ``lt`` (exclusive upper bound) and ``pa
 path resolved against the config file's folder). Every problem becomes one ``ConfigError`` line
 naming the file and the dotted key.
 """
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,10 +1,11 @@
 """The built-in synthetic dataset: deterministic images with class-dependent structure plus noise.
 
 Each class is a grating whose orientation (0° or 90°, so a horizontal flip keeps the class) and
-spatial frequency depend on the class, shown in a Gaussian window at a random place, with random phase, contrast and orientation jitter, distractor
-blobs and pixel noise. A small CNN learns it well above chance, but not to 100% from a few hundred
-images, which is the regime the chain is for.
+spatial frequency depend on the class, shown in a Gaussian window at a random place, with random
+phase, contrast and orientation jitter, distractor blobs and pixel noise. A small CNN learns it
+well above chance, but not to 100% from a few hundred images, which is the regime the chain is for.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,7 @@ def make_unlabelled(n: int, n_classes: int, size: int, channels: int, noise: flo
     return images
 
 
-def _one_image(
-    rng: np.random.Generator, c: int, k: int, xx: np.ndarray, yy: np.ndarray, noise: float
-) -> np.ndarray:
+def _one_image(rng: np.random.Generator, c: int, k: int, xx: np.ndarray, yy: np.ndarray, noise: float) -> np.ndarray:
     theta = math.pi / 2 * (c % 2) + rng.normal(0.0, 0.2)
     freq = 1.5 + 0.8 * (c // 2) + rng.normal(0.0, 0.15)
     phase = rng.uniform(0.0, 2 * math.pi)
@@ -50,4 +49,3 @@ def _one_image(
         img += rng.normal(0.0, 0.6) * np.exp(-((xx - bx) ** 2 + (yy - by) ** 2) / (2 * bw**2))
     img += rng.normal(0.0, noise, size=img.shape)
     return img.astype(np.float32)
-

@@ -1,4 +1,5 @@
 """Shared fixtures: paths to the repository, the shared real dataset and small configs."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Small builders for unit tests: tiny YAML configs and image folders on disk."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """`weckd chain`: learning on the synthetic config, determinism, outputs and the bad-input matrix."""
+
 from __future__ import annotations
 
 import json
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from weckd.chain.artifacts import load_model_files
 from weckd.chain.cli import main
 from weckd.chain.data import ImageSpec, read_labelled
@@ -46,7 +46,10 @@ def test_outputs_hold_results_config_and_a_loadable_model(tmp_path: Path, capsys
     data = read_labelled("synthetic", spec, synthetic_args=(40, 1.8, 99))
     results = json.loads((out / "results.json").read_text())
     assert len(results["links"]) == 2 and [b["name"] for b in results["baselines"]] == [
-        "site A alone", "site B alone", "pooled"]
+        "site A alone",
+        "site B alone",
+        "pooled",
+    ]
     assert evaluate(model, data, 4, torch.device("cpu")).n == 40
 
 
@@ -55,7 +58,9 @@ def test_same_seed_gives_identical_results_json(tmp_path: Path, capsys) -> None:
     for name in ("a", "b"):
         assert _run(capsys, "chain", "-c", str(cfg), "-o", str(tmp_path / name))[0] == 0
     assert (tmp_path / "a/results.json").read_bytes() == (tmp_path / "b/results.json").read_bytes()
-    assert (tmp_path / "a/model/model.safetensors").read_bytes() == (tmp_path / "b/model/model.safetensors").read_bytes()
+    assert (tmp_path / "a/model/model.safetensors").read_bytes() == (
+        tmp_path / "b/model/model.safetensors"
+    ).read_bytes()
 
 
 def _bad_config(tmp_path: Path, kind: str) -> tuple[Path, int, str]:
@@ -83,13 +88,28 @@ def _bad_config(tmp_path: Path, kind: str) -> tuple[Path, int, str]:
         (tmp_path / "empty").mkdir()
     site_b = str(tmp_path / "empty") if kind == "empty site" else str(images)
     data = {"dataset": None, "sites": {"A": str(images), "B": site_b}, "test": str(images)}
-    message = {"class mismatch": "class 'c9' is not in the configured classes",
-               "corrupt only": "no readable labelled images", "empty site": "no readable labelled images"}[kind]
+    message = {
+        "class mismatch": "class 'c9' is not in the configured classes",
+        "corrupt only": "no readable labelled images",
+        "empty site": "no readable labelled images",
+    }[kind]
     return write_yaml(path, deep_merge(TINY_CHAIN, {"data": data})), 1, message
 
 
-@pytest.mark.parametrize("kind", ["missing config", "yaml syntax", "unknown key", "wrong type", "unknown timm name",
-                                  "missing data dir", "class mismatch", "corrupt only", "empty site"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "missing config",
+        "yaml syntax",
+        "unknown key",
+        "wrong type",
+        "unknown timm name",
+        "missing data dir",
+        "class mismatch",
+        "corrupt only",
+        "empty site",
+    ],
+)
 def test_bad_input_is_one_line_with_exit_code_and_no_output(kind: str, tmp_path: Path, capsys) -> None:
     cfg, expected_code, message = _bad_config(tmp_path, kind)
     out = tmp_path / "run"
@@ -106,8 +126,12 @@ def test_bad_input_is_one_line_with_exit_code_and_no_output(kind: str, tmp_path:
 def test_corrupt_image_among_good_ones_is_skipped_with_one_warning(tmp_path: Path, capsys) -> None:
     images = make_image_folder(tmp_path / "imgs", {"c0": 6, "c1": 6}, size=32)
     (images / "c0" / "bad.png").write_bytes(b"garbage")
-    data = {"dataset": None, "classes": ["c0", "c1"], "sites": {"A": str(images), "B": str(images)},
-            "test": str(images)}
+    data = {
+        "dataset": None,
+        "classes": ["c0", "c1"],
+        "sites": {"A": str(images), "B": str(images)},
+        "test": str(images),
+    }
     cfg = write_yaml(tmp_path / "c.yaml", deep_merge(TINY_CHAIN, {"data": data}))
     code, _, err = _run(capsys, "chain", "-c", str(cfg), "-o", str(tmp_path / "run"))
     assert code == 0

@@ -1,10 +1,10 @@
 """The config loader: typed values, and one line naming file and key for every mistake."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
 from weckd.chain.config import load_config
 from weckd.chain.errors import ConfigError
 
@@ -46,7 +46,9 @@ def test_out_of_range_value_is_rejected(tmp_path: Path) -> None:
 
 
 def test_choice_typo_suggests_the_close_choice(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"chain\.mode: 'logit' is not one of weights, logits; did you mean 'logits'\?"):
+    with pytest.raises(
+        ConfigError, match=r"chain\.mode: 'logit' is not one of weights, logits; did you mean 'logits'\?"
+    ):
         _load(tmp_path, {"chain": {"mode": "logit"}})
 
 

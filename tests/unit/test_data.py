@@ -1,4 +1,5 @@
 """Site data: readers, splits, conversions and bad-input handling."""
+
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from weckd.chain.data import (
     ImageSpec,
     augment,
@@ -58,8 +58,12 @@ def test_corrupt_image_is_skipped_counted_and_warned_once(tmp_path: Path, caplog
 
 def test_csv_manifest_paths_are_relative_to_the_csv(tmp_path: Path) -> None:
     make_image_folder(tmp_path / "imgs", {"benign": 2, "malignant": 1})
-    rows = ["path,label", "imgs/benign/img000.png,benign", "imgs/benign/img001.png,benign",
-            "imgs/malignant/img000.png,malignant"]
+    rows = [
+        "path,label",
+        "imgs/benign/img000.png,benign",
+        "imgs/benign/img001.png,benign",
+        "imgs/malignant/img000.png,malignant",
+    ]
     (tmp_path / "m.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     data = read_labelled(str(tmp_path / "m.csv"), SPEC)
     assert data.labels.tolist() == [0, 0, 1]

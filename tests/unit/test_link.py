@@ -1,11 +1,11 @@
 """One link: warm start, teachers in both modes, unlabelled images, metrics."""
+
 from __future__ import annotations
 
 import logging
 
 import pytest
 import torch
-
 from weckd.chain.config import LinkSettings
 from weckd.chain.data import ImageSpec, make_site, read_labelled, read_unlabelled
 from weckd.chain.link import Teacher, score, train_link
@@ -38,8 +38,11 @@ def test_predecessor_weights_warm_start_the_student(site) -> None:
     teacher = Teacher(first.arch, first.state)
     warm = train_link(_settings(epochs=1, lr=1e-9), site, SPEC, seed=2, device=CPU, teacher=teacher)
     assert warm.init == "predecessor"
-    diff = max((warm.state[k].float() - first.state[k].float()).abs().max().item()
-               for k in first.state if first.state[k].is_floating_point() and "running" not in k)
+    diff = max(
+        (warm.state[k].float() - first.state[k].float()).abs().max().item()
+        for k in first.state
+        if first.state[k].is_floating_point() and "running" not in k
+    )
     assert diff < 1e-3
     assert warm.epochs[0].kd > 0
 
@@ -47,8 +50,14 @@ def test_predecessor_weights_warm_start_the_student(site) -> None:
 def test_other_architecture_warns_and_starts_from_scratch(site, caplog: pytest.LogCaptureFixture) -> None:
     first = train_link(_settings(), site, SPEC, seed=1, device=CPU)
     with caplog.at_level(logging.WARNING):
-        second = train_link(_settings(arch="test_efficientnet"), site, SPEC, seed=2, device=CPU,
-                            teacher=Teacher(first.arch, first.state))
+        second = train_link(
+            _settings(arch="test_efficientnet"),
+            site,
+            SPEC,
+            seed=2,
+            device=CPU,
+            teacher=Teacher(first.arch, first.state),
+        )
     assert second.init == "scratch" and second.arch == "test_efficientnet"
     assert "architectures differ" in caplog.text
     assert second.epochs[0].kd > 0  # still distils across architectures
@@ -58,8 +67,15 @@ def test_logits_mode_distils_on_proxy_and_returns_own_proxy_logits(site) -> None
     proxy = read_unlabelled("synthetic", SPEC, synthetic_args=(40, 1.0, 4))
     first = train_link(_settings(init="scratch"), site, SPEC, seed=1, device=CPU, proxy=proxy)
     assert first.proxy_logits is not None and first.proxy_logits.shape == (40, 4)
-    second = train_link(_settings(init="scratch", arch="test_efficientnet"), site, SPEC, seed=2, device=CPU,
-                        teacher=Teacher(first.arch, None, first.proxy_logits), proxy=proxy)
+    second = train_link(
+        _settings(init="scratch", arch="test_efficientnet"),
+        site,
+        SPEC,
+        seed=2,
+        device=CPU,
+        teacher=Teacher(first.arch, None, first.proxy_logits),
+        proxy=proxy,
+    )
     assert second.epochs[0].kd > 0
     assert second.proxy_logits is not None and second.proxy_logits.shape == (40, 4)
 

@@ -1,11 +1,11 @@
 """KD loss maths against hand-computed values."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from weckd.chain.losses import kd_loss, kd_term
 
 

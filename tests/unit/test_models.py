@@ -1,4 +1,5 @@
 """Models by timm name, local weights files, and strict state loading."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
-
 from weckd.chain.errors import ConfigError, PayloadError
 from weckd.chain.models import check_arch, create_model, load_state, state_of
 
