@@ -9,6 +9,7 @@
 
 Private keys are written 0600; nothing is overwritten without ``--force``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,24 +52,38 @@ def _write(path: Path, data: bytes, private: bool, force: bool) -> None:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def make_ca(out: Path, name: str = "weckd federation CA", force: bool = False) -> Path:
     """Create the federation CA in ``out``; return the certificate's path."""
     key = ec.generate_private_key(ec.SECP384R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    usage = x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5))
-            .not_valid_after(_now() + dt.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(usage, critical=True)
-            .sign(key, hashes.SHA256()))
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        key_cert_sign=True,
+        crl_sign=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(usage, critical=True)
+        .sign(key, hashes.SHA256())
+    )
     for path in (out / CA_CERT, out / CA_KEY):
         if path.exists() and not force:
             raise ConfigError(f"{path}: already exists; pass --force to overwrite it")
@@ -82,15 +97,22 @@ def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey
         cert = x509.load_pem_x509_certificate((ca_dir / CA_CERT).read_bytes())
         key = serialization.load_pem_private_key((ca_dir / CA_KEY).read_bytes(), password=None)
     except (OSError, ValueError) as err:
-        raise SecurityError(f"{ca_dir}: cannot read {CA_CERT}/{CA_KEY}: {err}; create them with "
-                            "'weckd certs ca --out DIR'") from err
+        raise SecurityError(
+            f"{ca_dir}: cannot read {CA_CERT}/{CA_KEY}: {err}; create them with 'weckd certs ca --out DIR'"
+        ) from err
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise SecurityError(f"{ca_dir / CA_KEY}: expected an EC private key")
     return cert, key
 
 
-def make_server_cert(ca_dir: Path, names: Sequence[str] = (), ips: Sequence[str] = (), out: Path | None = None,
-                     days: int = 825, force: bool = False) -> Path:
+def make_server_cert(
+    ca_dir: Path,
+    names: Sequence[str] = (),
+    ips: Sequence[str] = (),
+    out: Path | None = None,
+    days: int = 825,
+    force: bool = False,
+) -> Path:
     """Issue the coordinator's TLS certificate; SANs = names + ips + localhost + 127.0.0.1."""
     out = out or ca_dir
     ca_cert, ca_key = _load_ca(ca_dir)
@@ -101,16 +123,19 @@ def make_server_cert(ca_dir: Path, names: Sequence[str] = (), ips: Sequence[str]
         raise ConfigError(f"--ip: {err}; give an IPv4 or IPv6 address, host names go to --name") from err
     key = ec.generate_private_key(ec.SECP384R1())
     sans = [x509.DNSName(n) for n in dns] + [x509.IPAddress(a) for a in addrs]
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])]))
-            .issuer_name(ca_cert.subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(_now() - dt.timedelta(minutes=5))
-            .not_valid_after(_now() + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[0])]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(_now() - dt.timedelta(minutes=5))
+        .not_valid_after(_now() + dt.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
     for path in (out / SERVER_CERT, out / SERVER_KEY):
         if path.exists() and not force:
             raise ConfigError(f"{path}: already exists; pass --force to overwrite it")
@@ -128,11 +153,20 @@ def make_site_key(site: str, out: Path, force: bool = False) -> tuple[Path, Path
     for path in (private, public):
         if path.exists() and not force:
             raise ConfigError(f"{path}: already exists; pass --force to overwrite it")
-    _write(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                      serialization.NoEncryption()), private=True, force=force)
-    _write(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                 serialization.PublicFormat.OpenSSH) + b"\n",
-           private=False, force=force)
+    _write(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+        private=True,
+        force=force,
+    )
+    _write(
+        public,
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n",
+        private=False,
+        force=force,
+    )
     return private, public
 
 
@@ -163,8 +197,9 @@ def _certs(args: argparse.Namespace) -> int:
     if args.what == "ca":
         path = make_ca(Path(args.out), force=args.force)
     elif args.what == "server":
-        path = make_server_cert(Path(args.ca_dir), args.name, args.ip, Path(args.out) if args.out else None,
-                                force=args.force)
+        path = make_server_cert(
+            Path(args.ca_dir), args.name, args.ip, Path(args.out) if args.out else None, force=args.force
+        )
     else:
         path = make_site_key(args.site, Path(args.out), force=args.force)[1]
     print(f"wrote {path}")

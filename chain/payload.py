@@ -5,6 +5,7 @@ arrays: a model's weights (weights mode) or its logits on the shared proxy set (
 pickle anywhere: the federation wraps these arrays into Flower ``ArrayRecord``s, and the decoder
 checks the header before any array is used. fp32 on the wire for now.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,7 +49,10 @@ class Payload:
         return int(sum(a.nbytes for a in self.arrays.values()))
 
     def header(self) -> dict[str, str | int]:
-        return {"format": FORMAT, "version": VERSION, "kind": self.kind, "arch": self.arch, "link": self.link}
+        # 0-d tensors (BatchNorm's num_batches_tracked) travel as shape (1,): the header names them
+        scalars = ",".join(name for name, a in self.arrays.items() if a.ndim == 0)
+        return {"format": FORMAT, "version": VERSION, "kind": self.kind, "arch": self.arch, "link": self.link,
+                "scalars": scalars}
 
 
 def encode_state(state: Mapping[str, torch.Tensor], arch: str, link: int) -> Payload:
@@ -58,7 +62,7 @@ def encode_state(state: Mapping[str, torch.Tensor], arch: str, link: int) -> Pay
         t = tensor.detach().cpu()
         if t.is_floating_point():
             t = t.float()
-        arrays[name] = np.ascontiguousarray(t.numpy())
+        arrays[name] = np.array(t.contiguous().numpy(), copy=True)  # keeps 0-d tensors 0-d
     return Payload("weights", arch, link, arrays)
 
 
@@ -67,46 +71,74 @@ def encode_logits(logits: torch.Tensor, arch: str, link: int) -> Payload:
     return Payload("logits", arch, link, {LOGITS_KEY: np.ascontiguousarray(logits.detach().cpu().float().numpy())})
 
 
-def check_header(header: Mapping[str, object], *, kind: str, link: int | None = None,
-                 arch: str | None = None, where: str = "payload") -> Payload:
+def check_header(
+    header: Mapping[str, object], *, kind: str, link: int | None = None, arch: str | None = None, where: str = "payload"
+) -> Payload:
     """Validate a received header; return an array-less Payload with its fields."""
     if header.get("format") != FORMAT:
-        raise PayloadError(f"{where}: not a weckd payload (format {header.get('format')!r}); "
-                           "is the peer running weckd?")
+        raise PayloadError(
+            f"{where}: not a weckd payload (format {header.get('format')!r}); is the peer running weckd?"
+        )
     version = header.get("version")
     if version != VERSION:
         raise PayloadError(f"{where}: payload v{version}, expected v{VERSION}; upgrade weckd on both sides")
     if header.get("kind") != kind:
-        raise PayloadError(f"{where}: payload kind {header.get('kind')!r}, expected {kind!r}; "
-                           "do both sides use the same chain.mode?")
+        raise PayloadError(
+            f"{where}: payload kind {header.get('kind')!r}, expected {kind!r}; do both sides use the same chain.mode?"
+        )
     got_link = header.get("link")
     if not isinstance(got_link, int) or (link is not None and got_link != link):
-        raise PayloadError(f"{where}: payload is for link {got_link}, expected link {link}; "
-                           "a stale or replayed message? restart the run")
+        raise PayloadError(
+            f"{where}: payload is for link {got_link}, expected link {link}; "
+            "a stale or replayed message? restart the run"
+        )
     got_arch = header.get("arch")
     if not isinstance(got_arch, str) or (arch is not None and got_arch != arch):
         raise PayloadError(f"{where}: payload architecture {got_arch!r}, expected {arch!r}")
     return Payload(kind, got_arch, got_link, {})
 
 
-def decode_state(header: Mapping[str, object], arrays: Mapping[str, np.ndarray], *, link: int | None = None,
-                 arch: str | None = None, where: str = "payload") -> tuple[str, dict[str, torch.Tensor]]:
+def decode_state(
+    header: Mapping[str, object],
+    arrays: Mapping[str, np.ndarray],
+    *,
+    link: int | None = None,
+    arch: str | None = None,
+    where: str = "payload",
+) -> tuple[str, dict[str, torch.Tensor]]:
     """A weights payload back to (arch, state_dict); the header is checked first."""
     meta = check_header(header, kind="weights", link=link, arch=arch, where=where)
     if not arrays:
         raise PayloadError(f"{where}: weights payload carries no arrays")
-    state = {name: torch.from_numpy(np.array(a, copy=True)) for name, a in arrays.items()}
+    scalars = {n for n in str(header.get("scalars", "")).split(",") if n}
+    state = {}
+    for name, a in arrays.items():
+        arr = np.array(a, copy=True)
+        if name in scalars:
+            if arr.size != 1:
+                raise PayloadError(f"{where}: {name!r} is declared a scalar but holds {arr.size} values")
+            arr = arr.reshape(())
+        state[name] = torch.from_numpy(arr)
     return meta.arch, state
 
 
-def decode_logits(header: Mapping[str, object], arrays: Mapping[str, np.ndarray], *, n_classes: int,
-                  n_proxy: int, link: int | None = None, where: str = "payload") -> tuple[str, torch.Tensor]:
+def decode_logits(
+    header: Mapping[str, object],
+    arrays: Mapping[str, np.ndarray],
+    *,
+    n_classes: int,
+    n_proxy: int,
+    link: int | None = None,
+    where: str = "payload",
+) -> tuple[str, torch.Tensor]:
     """A logits payload back to (arch, N × classes tensor), checking its shape against the proxy set."""
     meta = check_header(header, kind="logits", link=link, where=where)
     if set(arrays) != {LOGITS_KEY}:
         raise PayloadError(f"{where}: logits payload must hold exactly one array {LOGITS_KEY!r}, got {sorted(arrays)}")
     logits = np.asarray(arrays[LOGITS_KEY])
     if logits.shape != (n_proxy, n_classes) or logits.dtype != np.float32:
-        raise PayloadError(f"{where}: logits of shape {logits.shape} {logits.dtype}, expected ({n_proxy}, "
-                           f"{n_classes}) float32; do all sites hold the same proxy set and classes?")
+        raise PayloadError(
+            f"{where}: logits of shape {logits.shape} {logits.dtype}, expected ({n_proxy}, "
+            f"{n_classes}) float32; do all sites hold the same proxy set and classes?"
+        )
     return meta.arch, torch.from_numpy(np.array(logits, copy=True))

@@ -44,6 +44,11 @@ def site_data(context: Context) -> tuple[SiteConfig, LocalData]:
     path = str(context.node_config.get(NODE_CONFIG, ""))
     if not path:
         raise LinkError("SuperNode node config lacks 'site-config'; start the site with weckd-client")
+    return warm_site_data(path)
+
+
+def warm_site_data(path: str) -> tuple[SiteConfig, LocalData]:
+    """Read (once) and cache the site config and data at ``path``."""
     if path not in _DATA:
         cfg = load_site_config(path)
         _DATA[path] = (cfg, load_local_data(cfg))

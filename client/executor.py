@@ -100,12 +100,16 @@ def serve(address: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weckd.client.executor")
     parser.add_argument("--clientappio", required=True, help="the SuperNode's ClientAppIo address")
+    parser.add_argument("--site-config", help="read and cache this site's data before serving")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     fast_pull()
     t0 = time.perf_counter()
-    import weckd.client.app  # noqa: F401  (torch and the ClientApp, imported once)
+    from weckd.client.app import warm_site_data  # torch and the ClientApp, imported once
+
+    if args.site_config:
+        warm_site_data(args.site_config)
 
     log.info("executor ready (pid %d, warm-up %.1fs)", os.getpid(), time.perf_counter() - t0)
     serve(args.clientappio)

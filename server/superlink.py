@@ -7,6 +7,7 @@ import json
 import logging
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,8 +79,12 @@ def flwr(paths: Paths, args: list[str], check: bool = True) -> dict[str, Any]:
 
 def register_sites(fed: Federation, paths: Paths) -> None:
     """Register every site's auth public key under the site's name (already registered: kept)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:  # one flwr CLI process each: ~1.5 s of imports
+        outs = dict(zip(fed.sites, pool.map(lambda item: flwr(paths, ["supernode", "register", item[1].auth_key,
+                                                                       CONNECTION, "--name", item[0]], check=False),
+                                            fed.sites.items())))
     for name, site in fed.sites.items():
-        out = flwr(paths, ["supernode", "register", site.auth_key, CONNECTION, "--name", name], check=False)
+        out = outs[name]
         if out.get("success"):
             log.info("site %s registered (node id %s)", name, out.get("node-id"))
             continue

@@ -1,0 +1,99 @@
+"""``weckd-client --site A -c site-A.yaml``: serve one hospital site in the federation.
+
+Validates the config and reads the local data first (a clear one-line error before connecting),
+then starts the SuperNode (gRPC + TLS with the pinned CA, the site's auth key, ``--isolation
+process``, Fleet poll capped) and the site's warm ClientApp executor, and supervises both until
+Ctrl-C/SIGTERM or until one of them exits.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from weckd.chain.cli import run_command, setup_logging
+from weckd.chain.errors import ConfigError, WeckdError
+
+from .fastflower import check_internals
+from .procs import Group, flower_env, raise_on_sigterm, wait_port
+from .site import SiteConfig, load_local_data, load_site_config
+
+log = logging.getLogger(__name__)
+
+SUPERVISE_POLL_S = 0.5
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve one site of the WeCKD federation."""
+    parser = argparse.ArgumentParser(prog="weckd-client", description=main.__doc__)
+    parser.add_argument("--site", required=True, help="this site's name (as registered at the coordinator)")
+    parser.add_argument("-c", "--config", required=True, help="site YAML")
+    parser.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)  # tests: must be refused
+    parser.add_argument("--check", action="store_true", help="validate config and data, then exit")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return run_command(lambda: _serve(args))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    cfg = load_site_config(args.config, args.site)
+    for key, path in (("ca", cfg.ca), ("auth_key", cfg.auth_key)):
+        if not args.insecure and not Path(path).is_file():
+            raise ConfigError(f"{cfg.source}: {key}: {path}: file not found; copy it from the coordinator "
+                              "or create it with 'weckd certs'")
+    load_local_data(cfg)  # fail on bad data before connecting
+    if args.check:
+        log.info("site %s: config and data OK", cfg.site)
+        return 0
+    check_internals()
+    state = Path(cfg.state_dir).resolve()
+    group = Group(state / "logs", 10.0)
+    raise_on_sigterm()
+    try:
+        _start(cfg, group, state, args.insecure)
+        return _supervise(group, cfg)
+    finally:
+        group.stop_all()
+        log.info("site %s stopped", cfg.site)
+
+
+def _supernode_cmd(cfg: SiteConfig, insecure: bool) -> list[str]:
+    source = str(Path(cfg.source).resolve())
+    cmd = [sys.executable, "-m", "weckd.client.supernode", "--grpc-rere", "--superlink", cfg.superlink,
+           "--node-config", f"site-id={cfg.site!r} site-config={source!r}",
+           "--isolation", "process", "--host", "127.0.0.1", "--port", str(cfg.clientappio_port),
+           "--max-wait-time", str(cfg.max_wait)]
+    if insecure:
+        return [*cmd, "--insecure"]
+    return [*cmd, "--root-certificates", cfg.ca, "--auth-supernode-private-key", cfg.auth_key]
+
+
+def _start(cfg: SiteConfig, group: Group, state: Path, insecure: bool) -> None:
+    env = flower_env(state / "flwr-supernode")
+    node = group.start(f"supernode-{cfg.site}", _supernode_cmd(cfg, insecure), env)
+    wait_port("127.0.0.1", cfg.clientappio_port, 60.0, node, f"SuperNode of site {cfg.site}")
+    group.start(f"executor-{cfg.site}", [sys.executable, "-m", "weckd.client.executor", "--clientappio",
+                                         f"127.0.0.1:{cfg.clientappio_port}",
+                                         "--site-config", str(Path(cfg.source).resolve())], env)
+    log.info("site %s: SuperNode connecting to %s (TLS%s), executor warm", cfg.site, cfg.superlink,
+             " OFF" if insecure else ", pinned CA, auth key")
+
+
+def _supervise(group: Group, cfg: SiteConfig) -> int:
+    while True:
+        died = group.exited()
+        if died is not None:
+            name, code = died
+            raise WeckdError(f"site {cfg.site}: {name} exited with code {code}; see "
+                             f"{group.log_dir / (name + '.log')} (refused by the coordinator? wrong CA or "
+                             "unregistered auth key?)")
+        time.sleep(SUPERVISE_POLL_S)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""``weckd-server -c federation.yaml``: run the chain as the federation's coordinator.
+
+Starts the SuperLink, registers the sites' auth keys, submits the WeCKD run, follows it (one
+progress line per event), and exits 0 when the run completed, 1 with the reason otherwise, 2 on a
+config error (before anything starts), 130 on Ctrl-C/SIGTERM (after stopping every child).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from weckd.chain.cli import run_command, setup_logging
+from weckd.chain.errors import LinkError, WeckdError
+from weckd.client.fastflower import check_internals
+from weckd.client.procs import Group, raise_on_sigterm
+
+from .report import RESULTS_FILE
+from .settings import Federation, check_files, load_federation
+from .superlink import Paths, register_sites, run_status, start_superlink, stop_run, submit, write_app_dir, \
+    write_cli_config
+
+log = logging.getLogger(__name__)
+
+FOLLOW_POLL_S = 1.0
+READY_FILE = "ready"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the WeCKD chain as the federation's coordinator."""
+    parser = argparse.ArgumentParser(prog="weckd-server", description=main.__doc__)
+    parser.add_argument("-c", "--config", required=True, help="federation YAML")
+    parser.add_argument("-o", "--out", help="output folder (default: federation.output_dir)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set link.epochs=3 (repeatable)")
+    parser.add_argument("--wire-log", default="", help=argparse.SUPPRESS)  # tests: record every message
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return run_command(lambda: _serve(args))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    fed = load_federation(args.config, tuple(args.set))
+    check_files(fed)
+    check_internals()
+    out = Path(args.out or fed.settings.output_dir).resolve()
+    paths = Paths.under(Path(fed.settings.state_dir).resolve())
+    paths.state.mkdir(parents=True, exist_ok=True)
+    group = Group(paths.logs, fed.settings.shutdown_timeout)
+    ready = paths.state / READY_FILE
+    ready.unlink(missing_ok=True)
+    raise_on_sigterm()
+    try:
+        start_superlink(fed, group, paths)
+        write_cli_config(fed, paths)
+        register_sites(fed, paths)
+        write_app_dir(paths)
+        ready.write_text(f"{time.time()}\n", encoding="utf-8")  # sites may connect now (tests, demo)
+        return _run(fed, paths, group, out, args.wire_log)
+    finally:
+        group.stop_all()
+        log.info("SuperLink stopped")
+
+
+def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str) -> int:
+    progress = paths.state / f"progress-{int(time.time() * 1000)}.jsonl"
+    (out / RESULTS_FILE).unlink(missing_ok=True)
+    run_id = submit(paths, {"federation-config": str(Path(fed.source).resolve()), "output-dir": str(out),
+                            "progress-file": str(progress), "wire-log": wire_log})
+    log.info("run %d submitted; waiting for sites %s", run_id, ", ".join(fed.chain.chain.order))
+    try:
+        status, details = _follow(fed, paths, group, run_id, progress)
+    except BaseException:
+        stop_run(paths, run_id)
+        raise
+    if status == "finished:completed" and (out / RESULTS_FILE).is_file():
+        log.info("run %d completed; outputs in %s", run_id, out)
+        return 0
+    reason = _failure_reason(progress) or details or status
+    raise LinkError(f"run {run_id} {status}: {reason}; logs in {paths.logs}")
+
+
+def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: Path) -> tuple[str, str]:
+    """Poll the run's status and show its progress lines until it finishes (bounded by a deadline)."""
+    s = fed.settings
+    deadline = time.monotonic() + s.discovery_timeout + s.link_timeout * (fed.chain.n_links + 2)
+    seen = 0
+    status, details = "pending", ""
+    while time.monotonic() < deadline:
+        seen = _show_progress(progress, seen)
+        died = group.exited()
+        if died is not None:
+            raise WeckdError(f"{died[0]} exited with code {died[1]}; see {paths.logs / (died[0] + '.log')}")
+        status, details = run_status(paths, run_id)
+        if status.startswith("finished"):
+            _show_progress(progress, seen)
+            return status, details
+        time.sleep(FOLLOW_POLL_S)
+    stop_run(paths, run_id)
+    return "timed out", f"run did not finish within {deadline:.0f}s"
+
+
+def _events(progress: Path) -> list[dict[str, Any]]:
+    if not progress.is_file():
+        return []
+    return [json.loads(line) for line in progress.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _show_progress(progress: Path, seen: int) -> int:
+    events = _events(progress)
+    for e in events[seen:]:
+        kind = e.get("event")
+        if kind == "link-start":
+            log.info("link %d/%d: training at site %s", e["link"], e["links"], e["site"])
+        elif kind == "link-done":
+            evals = " ".join(f"{s}={a:.3f}" for s, a in e.get("evaluations", {}).items())
+            log.info("link %d/%d site %s done: val acc %.3f, %.1fs%s", e["link"], e["links"], e["site"],
+                     e["val_accuracy"], e["seconds"], f", evaluated {evals}" if evals else "")
+        elif kind == "sites-online":
+            log.info("all sites online: %s", ", ".join(e["sites"]))
+        elif kind == "failed":
+            log.error("run failed: %s", e.get("reason"))
+    return len(events)
+
+
+def _failure_reason(progress: Path) -> str:
+    failed = [e for e in _events(progress) if e.get("event") == "failed"]
+    return str(failed[-1].get("reason", "")) if failed else ""
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
