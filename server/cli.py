@@ -25,7 +25,8 @@ from .superlink import Paths, register_sites, run_status, start_superlink, stop_
 
 log = logging.getLogger(__name__)
 
-FOLLOW_POLL_S = 1.0
+FOLLOW_POLL_S = 0.25
+STATUS_EVERY_S = 15.0
 READY_FILE = "ready"
 
 
@@ -86,23 +87,30 @@ def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str) 
 
 
 def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: Path) -> tuple[str, str]:
-    """Poll the run's status and show its progress lines until it finishes (bounded by a deadline)."""
+    """Show the run's progress lines until it finishes (bounded by a deadline).
+
+    Progress comes from the ServerApp's progress file; ``flwr ls`` (a ~1.5 s CLI process that would
+    compete with training for CPU) is asked only every ``STATUS_EVERY_S`` or once the app reports an end.
+    """
     s = fed.settings
     deadline = time.monotonic() + s.discovery_timeout + s.link_timeout * (fed.chain.n_links + 2)
-    seen = 0
+    seen, next_status = 0, time.monotonic() + STATUS_EVERY_S
     status, details = "pending", ""
     while time.monotonic() < deadline:
         seen = _show_progress(progress, seen)
         died = group.exited()
         if died is not None:
             raise WeckdError(f"{died[0]} exited with code {died[1]}; see {paths.logs / (died[0] + '.log')}")
-        status, details = run_status(paths, run_id)
-        if status.startswith("finished"):
-            _show_progress(progress, seen)
-            return status, details
+        ended = any(e.get("event") in ("completed", "failed") for e in _events(progress))
+        if ended or time.monotonic() >= next_status:
+            status, details = run_status(paths, run_id)
+            next_status = time.monotonic() + STATUS_EVERY_S
+            if status.startswith("finished"):
+                _show_progress(progress, seen)
+                return status, details
         time.sleep(FOLLOW_POLL_S)
     stop_run(paths, run_id)
-    return "timed out", f"run did not finish within {deadline:.0f}s"
+    return "timed out", "run did not finish before the deadline (discovery_timeout + link_timeout × (links + 2))"
 
 
 def _events(progress: Path) -> list[dict[str, Any]]:

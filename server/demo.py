@@ -70,6 +70,14 @@ class LocalFederation:
             time.sleep(0.2)
         return int(self.server.returncode)
 
+    def exit_code(self, name: str, timeout: float) -> int | None:
+        """Exit code of process ``name`` once it exits, None if it still runs after ``timeout``."""
+        proc = dict(self.group.procs)[name]
+        try:
+            return int(proc.wait(timeout))
+        except subprocess.TimeoutExpired:
+            return None
+
     def stop(self) -> None:
         self.group.stop_all()
 

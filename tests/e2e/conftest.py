@@ -1,0 +1,99 @@
+"""Real federations for the end-to-end tests: weckd-server and weckd-client processes on loopback with
+TLS and SuperNode auth. Each federation runs once per session and every process is stopped in a
+``finally``, whatever the tests do.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+
+from weckd.chain.certs import make_ca, make_site_key
+from weckd.server.demo import LocalFederation
+from weckd.server.scaffold import Scaffold, chain_settings, make_scaffold, write_site_config
+
+RUN_TIMEOUT = 300.0
+EPOCHS = 4
+
+
+@dataclass
+class FederatedRun:
+    scaffold: Scaffold
+    server_rc: int
+    results: dict[str, Any]
+    wire: list[dict[str, Any]]
+    refused: dict[str, int | None] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def out(self) -> Path:
+        return self.scaffold.root / "out"
+
+
+def _read_wire(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _refused_sites(fed: LocalFederation) -> dict[str, list[str]]:
+    """Three SuperNodes the coordinator must refuse: wrong CA, unregistered key, plaintext."""
+    s = fed.scaffold
+    fleet = yaml.safe_load(s.federation.read_text())["federation"]["fleet_address"]
+    make_ca(s.root / "other-ca")
+    make_site_key("Z", s.root / "rogue-keys")
+    configs = {
+        "wrong-ca": write_site_config(s.root, "A", s.chain, fleet, 1, name="A-wrong-ca", ca="other-ca/ca.crt"),
+        "unregistered": write_site_config(s.root, "A", s.chain, fleet, 1, name="A-unregistered",
+                                          auth_key="rogue-keys/site-Z"),
+        "insecure": write_site_config(s.root, "A", s.chain, fleet, 1, name="A-insecure"),
+    }
+    for name, cfg in configs.items():
+        fed.start_site("A", cfg, *(["--insecure"] if name == "insecure" else []), name=name)
+    return {name: [] for name in configs}
+
+
+def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any] | None = None,
+                   refused: bool = False) -> FederatedRun:
+    scaffold = make_scaffold(root, chain, federation)
+    wire = root / "wire.jsonl"
+    fed = LocalFederation(scaffold, stop_timeout=10.0)
+    start = time.monotonic()
+    try:
+        fed.start_server("--wire-log", str(wire))
+        fed.wait_ready()
+        for site in scaffold.sites:
+            fed.start_site(site)
+        names = _refused_sites(fed) if refused else {}
+        rc = fed.wait_server(RUN_TIMEOUT)
+        seconds = time.monotonic() - start
+        codes = {n: fed.exit_code(f"weckd-client-{n}", 60.0) for n in names}
+    finally:
+        fed.stop()
+    results = json.loads((scaffold.root / "out" / "results.json").read_text()) if rc == 0 else {}
+    return FederatedRun(scaffold, rc, results, _read_wire(wire), codes, seconds)
+
+
+@pytest.fixture(scope="session")
+def weights_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedRun]:
+    """Weights mode, 3 sites, evaluate all, wire log on, and three SuperNodes that must be refused."""
+    chain = chain_settings({"link": {"epochs": EPOCHS}})
+    yield run_federation(tmp_path_factory.mktemp("weights"), chain, refused=True)
+
+
+@pytest.fixture(scope="session")
+def logits_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedRun]:
+    """Logits mode over a synthetic proxy set with two architectures in the chain, on half the data of
+    ``weights_run`` (its delivered test_resnet weights show that payloads do not grow with the data)."""
+    chain = chain_settings({
+        "chain": {"mode": "logits"},
+        "link": {"epochs": 3},
+        "links": [{"arch": "test_resnet"}, {"arch": "test_efficientnet"}, {"arch": "test_resnet"}],
+        "data": {"proxy": "synthetic", "synthetic": {"samples": 600}},
+    })
+    yield run_federation(tmp_path_factory.mktemp("logits"), chain)

@@ -1,0 +1,58 @@
+"""Weights mode across three real sites over gRPC + TLS + SuperNode auth: the chain learns, the model
+is delivered, impostors are refused, and the federation reproduces the in-process chain exactly."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from weckd.chain.artifacts import image_spec_of_card, load_model_files
+from weckd.chain.link import model_from_state
+from weckd.chain.runner import run_chain
+from weckd.server.settings import load_federation
+
+from .conftest import FederatedRun
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_link_completes(weights_run: FederatedRun) -> None:
+    assert weights_run.server_rc == 0
+    links = weights_run.results["links"]
+    assert [(r["link"], r["site"]) for r in links] == [(1, "A"), (2, "B"), (3, "C")]
+    assert all(len(r["epochs"]) == 4 for r in links)
+    assert [r["init"] for r in links] == ["scratch", "predecessor", "predecessor"]
+
+
+def test_last_link_beats_link_one_on_every_sites_validation_data(weights_run: FederatedRun) -> None:
+    summary = weights_run.results["summary"]
+    assert summary["last_eval_accuracy"] > summary["link1_eval_accuracy"]
+    assert summary["last_eval_accuracy"] > 0.4  # four classes: chance is 0.25
+
+
+def test_delivered_model_loads_and_predicts(weights_run: FederatedRun) -> None:
+    card, state = load_model_files(weights_run.out / "model")
+    spec = image_spec_of_card(card)
+    model = model_from_state(card["arch"], state, spec, torch.device("cpu"))
+    logits = model(torch.zeros(5, spec.channels, spec.size, spec.size))
+    assert logits.shape == (5, len(card["classes"]))
+    assert card["provenance"]["federated"] is True
+
+
+@pytest.mark.parametrize("impostor", ["wrong-ca", "unregistered", "insecure"])
+def test_impostor_supernode_is_refused_while_the_run_completes(weights_run: FederatedRun, impostor: str) -> None:
+    assert weights_run.server_rc == 0
+    assert weights_run.refused[impostor] == 1  # weckd-client exits 1: its SuperNode was refused
+
+
+def test_federation_matches_the_in_process_chain(weights_run: FederatedRun) -> None:
+    fed = load_federation(weights_run.scaffold.federation)
+    cfg = dataclasses.replace(fed.chain, runtime=dataclasses.replace(fed.chain.runtime, threads=1, device="cpu"),
+                              baselines=dataclasses.replace(fed.chain.baselines, sites=False, pooled=False))
+    local = run_chain(cfg)
+    for row, remote in zip(local.links, weights_run.results["links"], strict=True):
+        assert remote["val"]["accuracy"] == pytest.approx(row.result.val.accuracy, abs=1e-5)
+        assert remote["samples"]["train"] == row.result.samples["train"]
+        for mine, theirs in zip(row.result.epochs, remote["epochs"], strict=True):
+            assert (theirs["loss"], theirs["ce"], theirs["kd"]) == pytest.approx((mine.loss, mine.ce, mine.kd), abs=1e-5)

@@ -1,0 +1,63 @@
+"""Raw images never leave a site: every message the coordinator sends or receives carries only
+weights, logits and aggregate metrics, and a weights payload does not grow with a site's data."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from .conftest import FederatedRun
+
+pytestmark = pytest.mark.slow
+
+ARRAY_RECORDS = {"payload-arrays", "model-arrays"}
+CONFIG_RECORDS = {"config", "link-settings", "payload-header", "model-header", "info"}
+METRIC_RECORDS = {"metrics"}
+IMAGE_SIZE = 32
+
+
+def _arrays(msg: dict[str, Any]) -> list[dict[str, Any]]:
+    return [a for rec in msg["arrays"].values() for a in rec]
+
+
+def _payload_bytes(run: FederatedRun, link: int) -> int:
+    replies = [m for m in run.wire if m["direction"] == "received" and m["type"] == "train"]
+    return sum(a["bytes"] for a in replies[link]["arrays"]["payload-arrays"])
+
+
+@pytest.mark.parametrize("fixture", ["weights_run", "logits_run"])
+def test_messages_carry_only_known_records(request: pytest.FixtureRequest, fixture: str) -> None:
+    run: FederatedRun = request.getfixturevalue(fixture)
+    assert run.wire, "the wire log is empty"
+    for msg in run.wire:
+        assert set(msg["arrays"]) <= ARRAY_RECORDS
+        assert set(msg["configs"]) <= CONFIG_RECORDS
+        assert set(msg["metrics"]) <= METRIC_RECORDS
+        strings = [v for rec in msg["configs"].values() for v in rec.values() if v["type"] in ("str", "bytes")]
+        assert all(v["len"] < 200 for v in strings)  # names, versions, hashes: nothing image-sized
+
+
+@pytest.mark.parametrize("fixture", ["weights_run", "logits_run"])
+def test_no_array_is_shaped_like_images(request: pytest.FixtureRequest, fixture: str) -> None:
+    run: FederatedRun = request.getfixturevalue(fixture)
+    for msg in run.wire:
+        for a in _arrays(msg):
+            assert not (len(a["shape"]) == 4 and a["shape"][-2:] == [IMAGE_SIZE, IMAGE_SIZE]), a
+            assert a["dtype"] != "uint8", a
+
+
+def test_metrics_are_aggregates_only(weights_run: FederatedRun) -> None:
+    for msg in weights_run.wire:
+        for rec in msg["metrics"].values():
+            for key, v in rec.items():
+                assert v["type"] != "list" or v["len"] <= 64, key  # per-epoch / per-class lists, not per-image
+
+
+def test_weights_payload_does_not_grow_with_site_data(weights_run: FederatedRun, logits_run: FederatedRun) -> None:
+    """The same architecture's weights weigh the same whether a site holds 240 or 120 training images."""
+    big = weights_run.results["sites"]["A"]["counts"]["train"]
+    small = logits_run.results["sites"]["A"]["counts"]["train"]
+    assert big >= 2 * small - 2
+    replies = [m for m in logits_run.wire if m["direction"] == "received" and m["type"] == "train"]
+    delivered = sum(a["bytes"] for a in replies[-1]["arrays"]["model-arrays"])
+    assert delivered == _payload_bytes(weights_run, 0) > 0
