@@ -19,6 +19,7 @@ from .config import ChainConfig, config_to_mapping, load_config
 from .errors import ConfigError, WeckdError
 from .models import check_arch
 from .prepare import prepare
+from .report import write_report
 from .runner import format_table, provenance, results_json, run_chain, timings_json
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,7 @@ def _chain(args: argparse.Namespace) -> int:
             run.final.arch, list(cfg.data.classes), cfg.data.image_size, cfg.data.channels, provenance(run)
         )
         save_model(stage / "model", run.final.result.state, card)
+        write_report(stage)
     print(format_table(run))
     print(f"outputs: {out}")
     return 0

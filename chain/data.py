@@ -170,6 +170,11 @@ def _decode_all(files: list[Path], spec: ImageSpec, where: Path) -> list[torch.T
     return decoded
 
 
+def read_image(path: Path, spec: ImageSpec) -> torch.Tensor | None:
+    """One image as uint8 (C, S, S), decoded exactly as for training; None when unreadable."""
+    return _decode(path, spec)
+
+
 def _decode(path: Path, spec: ImageSpec) -> torch.Tensor | None:
     try:
         with Image.open(path) as opened:

@@ -37,7 +37,9 @@ def test_outputs_hold_results_config_and_a_loadable_model(tmp_path: Path, capsys
     cfg = write_yaml(tmp_path / "c.yaml", TINY_CHAIN)
     out = tmp_path / "run"
     assert _run(capsys, "chain", "-c", str(cfg), "-o", str(out))[0] == 0
-    assert {p.name for p in out.iterdir()} == {"results.json", "timings.json", "config.effective.yaml", "model"}
+    run_files = {"results.json", "timings.json", "config.effective.yaml", "model"}
+    report = {"report.md", "report.html", "accuracy_per_link.png", "loss_curves.png", "confusion_matrix.png"}
+    assert {p.name for p in out.iterdir()} == run_files | report
     card, state = load_model_files(out / "model")
     assert card["classes"] == ["c0", "c1", "c2", "c3"] and card["input"]["size"] == 32
     assert [link["site"] for link in card["provenance"]["links"]] == ["A", "B"]
