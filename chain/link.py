@@ -83,11 +83,19 @@ def train_link(
     augment_images: bool = True,
     label: str = "link",
     on_epoch: EpochHook | None = None,
+    initial_state: dict[str, torch.Tensor] | None = None,
 ) -> LinkResult:
-    """Train one student on ``site`` (plus distillation from ``teacher``) and evaluate it."""
+    """Train one student on ``site`` (plus distillation from ``teacher``) and evaluate it.
+
+    ``initial_state`` starts the student from given weights without a teacher (FedAvg rounds).
+    """
     torch.manual_seed(seed)
     student = create_model(settings.arch, len(spec.classes), spec.channels, settings.weights)
-    init = _warm_start(student, settings, teacher, label)
+    if initial_state is not None:
+        load_state(student, initial_state, label)
+        init = "given"
+    else:
+        init = _warm_start(student, settings, teacher, label)
     if teacher is not None and teacher.proxy_logits is not None and proxy is None:
         raise LinkError(f"{label}: logits mode needs the proxy set at this site")
     loop = _Loop(

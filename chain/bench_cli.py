@@ -1,0 +1,102 @@
+"""``weckd bench protocol`` and ``weckd bench perf``: benchmarks whose outputs go under docs/benchmarks/."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .artifacts import staged_dir, write_json
+from .bench import METHODS, markdown_table, plot_summary, run_protocol, summarise
+from .cli import check_archs, run_command, setup_logging
+from .config import load_config
+from .errors import ConfigError
+from .models import pick_device
+from .perf import trainer_throughput
+
+
+def bench_command(argv: Sequence[str]) -> int:
+    """Benchmarks: the paper's protocol over seeds, and performance ratios."""
+    parser = argparse.ArgumentParser(prog="weckd bench", description=bench_command.__doc__)
+    sub = parser.add_subparsers(dest="what", required=True)
+    proto = sub.add_parser("protocol", help="chain vs baselines, mean ± std over seeds")
+    proto.add_argument("-c", "--config", required=True)
+    proto.add_argument("-o", "--out", required=True, help="output folder (table.md, results.json, plot.png)")
+    proto.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, …)")
+    proto.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    proto.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    perf = sub.add_parser("perf", help="trainer throughput vs a bare PyTorch loop")
+    perf.add_argument("-o", "--out", required=True)
+    perf.add_argument("--arch", action="append", help="timm architectures (default: test_resnet, resnet18)")
+    perf.add_argument("--size", type=int, default=64)
+    perf.add_argument("--batch", type=int, default=32)
+    perf.add_argument("--images", type=int, default=320)
+    perf.add_argument("--epochs", type=int, default=2)
+    perf.add_argument("--reps", type=int, default=3)
+    perf.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = parser.parse_args(argv)
+    setup_logging()
+    body = _protocol if args.what == "protocol" else _perf
+    return run_command(lambda: body(args))
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on."""
+    info: dict[str, object] = {
+        "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(), "platform": platform.platform(), "processor": platform.processor(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _protocol(args: argparse.Namespace) -> int:
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    cfg = load_config(args.config, args.set)
+    check_archs(cfg)
+    cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=cfg.runtime.threads or 2))
+    torch.set_num_threads(cfg.runtime.threads)
+    results = run_protocol(cfg, list(range(args.seeds)), methods)
+    summary = summarise(results)
+    title = f"{Path(args.config).stem}: {len(cfg.chain.order)} sites, {args.seeds} seeds"
+    with staged_dir(Path(args.out)) as stage:
+        write_json(stage / "results.json", {
+            "config": args.config, "overrides": args.set, "machine": machine(), "summary": summary,
+            "per_seed": [{"seed": r.seed, "test_accuracy": r.test_accuracy} for r in results],
+        })
+        (stage / "table.md").write_text(markdown_table(summary, title), encoding="utf-8")
+        plot_summary(summary, stage / "plot.png", title)
+    print(markdown_table(summary, title))
+    return 0
+
+
+def _perf(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    rows: list[dict[str, Any]] = []
+    for arch in args.arch or ["test_resnet", "resnet18"]:
+        result = trainer_throughput(arch, args.size, args.batch, args.images, args.epochs, args.reps, device)
+        rows.append({**dataclasses.asdict(result), "ratio": result.ratio})
+    lines = ["| arch | size | batch | threads | trainer img/s (median) | bare loop img/s (median) | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t, b = sorted(r["trainer"])[len(r["trainer"]) // 2], sorted(r["bare"])[len(r["bare"]) // 2]
+        lines.append(f"| {r['arch']} | {r['image_size']} | {r['batch_size']} | {r['threads']} | {t:.1f} | {b:.1f} "
+                     f"| {r['ratio']:.3f} |")
+    table = "\n".join(lines) + "\n"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "trainer.json", {"device": str(device), "machine": machine(), "rows": rows})
+    (out / "trainer.md").write_text(table, encoding="utf-8")
+    print(table)
+    print(json.dumps(machine()))
+    return 0

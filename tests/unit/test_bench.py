@@ -1,0 +1,39 @@
+"""The protocol benchmark's pieces: FedAvg averaging, per-method runs and the summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from weckd.chain.bench import METHODS, average_states, markdown_table, run_protocol, summarise, with_links
+from weckd.chain.config import load_config
+
+from .helpers import TINY_CHAIN, deep_merge, write_yaml
+
+
+def test_average_states_weights_floats_by_samples_and_keeps_integer_buffers() -> None:
+    a = {"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([4.0, 0.0]), "n": torch.tensor(9)}
+    avg = average_states([a, b], [1, 3])
+    assert torch.allclose(avg["w"], torch.tensor([3.0, 1.0]))
+    assert int(avg["n"]) == 3
+
+
+def test_with_links_changes_default_and_every_override(tmp_path: Path) -> None:
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", deep_merge(TINY_CHAIN, {"links": [{"epochs": 2}]})))
+    changed = with_links(cfg, alpha=1.0)
+    assert changed.link.alpha == 1.0 and changed.links[0].alpha == 1.0 and changed.links[0].epochs == 2
+
+
+def test_protocol_scores_every_method_for_every_seed(tmp_path: Path) -> None:
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", TINY_CHAIN))
+    results = run_protocol(cfg, [0, 1])
+    assert [r.seed for r in results] == [0, 1]
+    for r in results:
+        assert set(r.test_accuracy) == set(METHODS)
+        assert all(0.0 <= v <= 1.0 for v in r.test_accuracy.values())
+    summary = summarise(results)
+    assert summary["pooled"]["n"] == 2
+    assert summary["link1"]["mean"] == pytest.approx(sum(r.test_accuracy["link1"] for r in results) / 2)
+    assert "WeCKD chain, warm start + KD" in markdown_table(summary, "tiny")
