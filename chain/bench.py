@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 
-from .config import ChainConfig, LinkSettings
+from .config import ChainConfig, LinkSettings, load_config
 from .data import SiteData
+from .errors import ConfigError
 from .link import evaluate, model_from_state, predict_logits, score, train_link
 from .models import pick_device
 from .prepare import Prepared, prepare
@@ -194,3 +195,58 @@ def plot_summary(summary: dict[str, dict[str, float]], path: Path, title: str) -
     fig.savefig(path)
     plt.close(fig)
 
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named set of config overrides (``key=value``) for the ablation."""
+
+    name: str
+    overrides: tuple[str, ...]
+
+
+def parse_variant(text: str) -> Variant:
+    """``NAME:key=value,key=value`` (an empty override list is the config as it is)."""
+    name, _, rest = text.partition(":")
+    overrides = tuple(item.strip() for item in rest.split(",") if item.strip())
+    if not name.strip() or any("=" not in o for o in overrides):
+        raise ConfigError(f"--variant {text!r}: expected NAME:key=value,key=value")
+    return Variant(name.strip(), overrides)
+
+
+def run_ablation(path: str, base: tuple[str, ...], seeds: list[int], variants: list[Variant]) -> dict[str, Any]:
+    """Last-link test accuracy of every variant per seed, with link 1 and pooled as references."""
+    per_seed: list[dict[str, float]] = []
+    for seed in seeds:
+        cfg = load_config(path, (*base, f"seed={seed}"))
+        data = prepare(cfg.data, cfg.chain.order, seed, cfg.chain.mode == "logits")
+        ref = run_chain(dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, sites=False)), data)
+        scores = {"link1": ref.links[0].test.accuracy,
+                  "pooled": next(r.test.accuracy for r in ref.baselines if r.kind == "pooled")}
+        for v in variants:
+            vcfg = load_config(path, (*base, f"seed={seed}", *v.overrides))
+            vcfg = dataclasses.replace(vcfg, baselines=dataclasses.replace(vcfg.baselines, sites=False, pooled=False))
+            scores[v.name] = run_chain(vcfg, data).final.test.accuracy
+        log.info("ablation seed %d: %s", seed, ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
+        per_seed.append(scores)
+    return {"seeds": seeds, "variants": {v.name: list(v.overrides) for v in variants}, "per_seed": per_seed}
+
+
+def ablation_table(result: dict[str, Any], title: str) -> str:
+    """Mean ± std per variant, its gain over link 1 and its gap to pooled (points)."""
+
+    def stats(key: str) -> tuple[float, float]:
+        values = [s[key] for s in result["per_seed"]]
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    link1, pooled = stats("link1")[0], stats("pooled")[0]
+    lines = [f"### {title}", "", "| variant | overrides | last-link test acc | vs link 1 | vs pooled |",
+             "|---|---|---|---|---|"]
+    for key, label in (("link1", "link 1 (reference)"), ("pooled", "pooled (reference)")):
+        mean, std = stats(key)
+        lines.append(f"| {label} | | {100 * mean:.1f} ± {100 * std:.1f} | | |")
+    for name, overrides in result["variants"].items():
+        mean, std = stats(name)
+        lines.append(f"| {name} | {', '.join(overrides) or '(config as is)'} | {100 * mean:.1f} ± {100 * std:.1f} "
+                     f"| {100 * (mean - link1):+.1f} | {100 * (mean - pooled):+.1f} |")
+    return "\n".join(lines) + "\n"

@@ -13,7 +13,16 @@ from typing import Any, Sequence
 import torch
 
 from .artifacts import staged_dir, write_json
-from .bench import METHODS, markdown_table, plot_summary, run_protocol, summarise
+from .bench import (
+    METHODS,
+    ablation_table,
+    markdown_table,
+    parse_variant,
+    plot_summary,
+    run_ablation,
+    run_protocol,
+    summarise,
+)
 from .cli import check_archs, run_command, setup_logging
 from .config import load_config
 from .errors import ConfigError
@@ -31,6 +40,13 @@ def bench_command(argv: Sequence[str]) -> int:
     proto.add_argument("--seeds", type=int, default=3, help="number of seeds (0, 1, …)")
     proto.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     proto.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    abl = sub.add_parser("ablation", help="last-link accuracy of config variants, mean ± std over seeds")
+    abl.add_argument("-c", "--config", required=True)
+    abl.add_argument("-o", "--out", required=True, help="output folder (table.md, results.json)")
+    abl.add_argument("--seeds", type=int, default=3)
+    abl.add_argument("--variant", action="append", required=True, metavar="NAME:KEY=VALUE,…",
+                     help="a named set of overrides, e.g. 'alpha0.8:link.alpha=0.8' (repeatable)")
+    abl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every variant")
     perf = sub.add_parser("perf", help="trainer throughput vs a bare PyTorch loop")
     perf.add_argument("-o", "--out", required=True)
     perf.add_argument("--arch", action="append", help="timm architectures (default: test_resnet, resnet18)")
@@ -42,7 +58,7 @@ def bench_command(argv: Sequence[str]) -> int:
     perf.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
     setup_logging()
-    body = _protocol if args.what == "protocol" else _perf
+    body = {"protocol": _protocol, "ablation": _ablation, "perf": _perf}[args.what]
     return run_command(lambda: body(args))
 
 
@@ -77,6 +93,22 @@ def _protocol(args: argparse.Namespace) -> int:
         (stage / "table.md").write_text(markdown_table(summary, title), encoding="utf-8")
         plot_summary(summary, stage / "plot.png", title)
     print(markdown_table(summary, title))
+    return 0
+
+
+def _ablation(args: argparse.Namespace) -> int:
+    variants = [parse_variant(v) for v in args.variant]
+    cfg = load_config(args.config, args.set)
+    check_archs(cfg)
+    torch.set_num_threads(cfg.runtime.threads or 2)
+    result = run_ablation(args.config, tuple(args.set), list(range(args.seeds)), variants)
+    title = f"{Path(args.config).stem}: ablation, {args.seeds} seeds"
+    table = ablation_table(result, title)
+    with staged_dir(Path(args.out)) as stage:
+        write_json(stage / "results.json", {"config": args.config, "overrides": args.set, "machine": machine(),
+                                            **result})
+        (stage / "table.md").write_text(table, encoding="utf-8")
+    print(table)
     return 0
 
 

@@ -47,6 +47,7 @@ class ChainSettings:
     order: tuple[str, ...] = ("A", "B", "C")
     cycles: int = field(default=1, metadata=_m(min=1, max=1000))
     mode: str = field(default="weights", metadata=_m(choices=("weights", "logits")))
+    lr_decay: float = field(default=1.0, metadata=_m(gt=0.0, max=1.0))
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,16 @@ class ChainConfig:
     def n_links(self) -> int:
         return len(self.chain.order) * self.chain.cycles
 
-    def link_settings(self, index: int) -> LinkSettings:
-        """Settings of link ``index`` (0-based): the per-link entry, else the default."""
-        return self.links[index] if index < len(self.links) else self.link
+    def link_settings(self, index: int, decay: bool = True) -> LinkSettings:
+        """Settings of link ``index`` (0-based): the per-link entry, else the default.
+
+        ``chain.lr_decay`` scales the learning rate of link k by ``lr_decay**k``: later links refine
+        a warm-started model and need smaller steps to keep what earlier sites taught.
+        """
+        base = self.links[index] if index < len(self.links) else self.link
+        if not decay or self.chain.lr_decay == 1.0 or index == 0:
+            return base
+        return dataclasses.replace(base, lr=base.lr * self.chain.lr_decay**index)
 
     def site_of(self, index: int) -> str:
         return self.chain.order[index % len(self.chain.order)]

@@ -118,7 +118,7 @@ def _baselines(cfg: ChainConfig, data: Prepared, device: torch.device, link1: Ro
             )
             rows.append(_row("site", f"site {name} alone", name, result, data, device))
     if cfg.baselines.pooled:
-        pooled_settings = dataclasses.replace(cfg.link_settings(cfg.n_links - 1), init="scratch")
+        pooled_settings = dataclasses.replace(cfg.link_settings(cfg.n_links - 1, decay=False), init="scratch")
         sites = list(data.sites.values())
         pooled = SiteData("pooled", concat([s.train for s in sites]), concat([s.val for s in sites]))
         result = train_link(

@@ -6,8 +6,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from weckd.chain.bench import METHODS, average_states, markdown_table, run_protocol, summarise, with_links
+from weckd.chain.bench import (
+    METHODS,
+    average_states,
+    markdown_table,
+    parse_variant,
+    run_protocol,
+    summarise,
+    with_links,
+)
 from weckd.chain.config import load_config
+from weckd.chain.errors import ConfigError
 
 from .helpers import TINY_CHAIN, deep_merge, write_yaml
 
@@ -37,3 +46,14 @@ def test_protocol_scores_every_method_for_every_seed(tmp_path: Path) -> None:
     assert summary["pooled"]["n"] == 2
     assert summary["link1"]["mean"] == pytest.approx(sum(r.test_accuracy["link1"] for r in results) / 2)
     assert "WeCKD chain, warm start + KD" in markdown_table(summary, "tiny")
+
+
+def test_variant_parses_name_and_overrides() -> None:
+    v = parse_variant("alpha 0.8:link.alpha=0.8, chain.lr_decay=0.5")
+    assert v.name == "alpha 0.8" and v.overrides == ("link.alpha=0.8", "chain.lr_decay=0.5")
+    assert parse_variant("as is:").overrides == ()
+
+
+def test_malformed_variant_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="expected NAME:key=value"):
+        parse_variant("alpha:link.alpha")

@@ -106,3 +106,9 @@ def test_per_site_data_needs_a_path_for_every_site(tmp_path: Path) -> None:
     extra = {"data": {"dataset": None, "sites": {"A": "a"}, "test": "t"}}
     with pytest.raises(ConfigError, match=r"data\.sites: no data path for site\(s\) B"):
         _load(tmp_path, extra)
+
+
+def test_lr_decay_scales_later_links_only(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, {"chain": {"lr_decay": 0.5}, "link": {"lr": 0.08}})
+    assert [cfg.link_settings(k).lr for k in range(2)] == [0.08, 0.04]
+    assert cfg.link_settings(1, decay=False).lr == 0.08
