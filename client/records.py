@@ -12,8 +12,9 @@ from weckd.chain.payload import KEY_ARRAYS, KEY_HEADER, Payload
 
 def payload_records(payload: Payload, header_key: str = KEY_HEADER, arrays_key: str = KEY_ARRAYS) -> dict[str, Any]:
     """A payload as a ConfigRecord (header) and an ArrayRecord (arrays) to put in a RecordDict."""
-    arrays = ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in payload.arrays.items()})
-    return {header_key: ConfigRecord(dict(payload.header())), arrays_key: arrays}
+    header, buffers = payload.pack()
+    arrays = ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in buffers.items()})
+    return {header_key: ConfigRecord(header), arrays_key: arrays}
 
 
 def read_payload(content: RecordDict, where: str, header_key: str = KEY_HEADER,

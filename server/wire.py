@@ -27,9 +27,19 @@ def describe(content: RecordDict) -> dict[str, Any]:
                                "bytes": int(arr.numpy().nbytes)} for name, arr in rec.items()]
     for key, crec in content.config_records.items():
         out["configs"][key] = {k: _value_shape(v) for k, v in crec.items()}
+        if "names" in crec and "dims" in crec:  # a payload header: the tensors its flat buffers hold
+            out.setdefault("tensors", {})[key] = _declared(dict(crec))
     for key, mrec in content.metric_records.items():
         out["metrics"][key] = {k: _value_shape(v) for k, v in mrec.items()}
     return out
+
+
+def _declared(header: dict[str, Any]) -> list[dict[str, Any]]:
+    tensors, d = [], 0
+    for name, dtype, nd in zip(header["names"], header["dtypes"], header["ndims"]):
+        tensors.append({"name": name, "dtype": dtype, "shape": list(header["dims"][d:d + nd])})
+        d += nd
+    return tensors
 
 
 def _value_shape(value: Any) -> dict[str, Any]:

@@ -17,7 +17,9 @@ IMAGE_SIZE = 32
 
 
 def _arrays(msg: dict[str, Any]) -> list[dict[str, Any]]:
-    return [a for rec in msg["arrays"].values() for a in rec]
+    """Every array on the wire, and every tensor a payload header declares its flat buffers hold."""
+    return [a for rec in msg["arrays"].values() for a in rec] + \
+        [t for rec in msg.get("tensors", {}).values() for t in rec]
 
 
 def _payload_bytes(run: FederatedRun, link: int) -> int:
@@ -35,8 +37,7 @@ def test_messages_carry_only_known_records(request: pytest.FixtureRequest, fixtu
         assert set(msg["metrics"]) <= METRIC_RECORDS
         strings = {k: v for rec in msg["configs"].values() for k, v in rec.items() if v["type"] in ("str", "bytes")}
         assert all(v["type"] == "str" for v in strings.values())  # no opaque bytes
-        # names, versions, hashes; "scalars" lists the model's 0-d tensor names: nothing image-sized
-        assert all(v["len"] < (8192 if k == "scalars" else 200) for k, v in strings.items()), strings
+        assert all(v["len"] < 200 for v in strings.values()), strings  # names, versions, hashes
 
 
 @pytest.mark.parametrize("fixture", ["weights_run", "logits_run"])
@@ -45,7 +46,23 @@ def test_no_array_is_shaped_like_images(request: pytest.FixtureRequest, fixture:
     for msg in run.wire:
         for a in _arrays(msg):
             assert not (len(a["shape"]) == 4 and a["shape"][-2:] == [IMAGE_SIZE, IMAGE_SIZE]), a
-            assert a["dtype"] != "uint8", a
+            assert a["dtype"] in ("float32", "int64"), a
+
+
+def test_payload_buffers_hold_exactly_the_declared_tensors(weights_run: FederatedRun) -> None:
+    for msg in weights_run.wire:
+        for key, tensors in msg.get("tensors", {}).items():
+            rec = msg["arrays"][key.replace("header", "arrays")]
+            declared = sum(4 * _numel(t["shape"]) if t["dtype"] == "float32" else 8 * _numel(t["shape"])
+                           for t in tensors)
+            assert declared == sum(a["bytes"] for a in rec) > 0
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def test_metrics_are_aggregates_only(weights_run: FederatedRun) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from weckd.chain.errors import PayloadError
 from weckd.chain.models import create_model, state_of
 from weckd.chain.payload import VERSION, decode_logits, decode_state, encode_logits, encode_state
@@ -17,18 +16,26 @@ def state() -> dict[str, torch.Tensor]:
 
 
 def test_weights_round_trip_is_exact(state: dict[str, torch.Tensor]) -> None:
-    payload = encode_state(state, "test_resnet", 2)
-    arch, back = decode_state(payload.header(), payload.arrays, link=2, arch="test_resnet")
+    header, buffers = encode_state(state, "test_resnet", 2).pack()
+    arch, back = decode_state(header, buffers, link=2, arch="test_resnet")
     assert arch == "test_resnet" and back.keys() == state.keys()
     for name, tensor in state.items():
         assert back[name].shape == tensor.shape and torch.equal(back[name].to(tensor.dtype), tensor)
 
 
-def test_zero_dim_tensors_survive_a_wire_that_makes_them_1d(state: dict[str, torch.Tensor]) -> None:
-    payload = encode_state(state, "test_resnet", 0)
-    flattened = {k: np.atleast_1d(a) for k, a in payload.arrays.items()}  # what Flower's Array does
-    _, back = decode_state(payload.header(), flattened)
-    assert all(back[k].shape == state[k].shape for k in state)
+def test_a_model_travels_as_one_flat_buffer_per_dtype(state: dict[str, torch.Tensor]) -> None:
+    header, buffers = encode_state(state, "test_resnet", 0).pack()
+    assert sorted(buffers) == ["float32", "int64"] and all(b.ndim == 1 for b in buffers.values())
+    _, back = decode_state(header, buffers)
+    assert all(back[k].shape == state[k].shape for k in state)  # 0-d num_batches_tracked included
+
+
+def test_damaged_buffer_is_refused(state: dict[str, torch.Tensor]) -> None:
+    header, buffers = encode_state(state, "test_resnet", 0).pack()
+    with pytest.raises(PayloadError, match="left over"):
+        decode_state(header, {**buffers, "float32": np.concatenate([buffers["float32"], np.zeros(3, np.float32)])})
+    with pytest.raises(PayloadError, match="too short"):
+        decode_state(header, {**buffers, "float32": buffers["float32"][:-1]})
 
 
 def test_weights_are_fp32_arrays_without_pickle(state: dict[str, torch.Tensor]) -> None:
@@ -38,10 +45,9 @@ def test_weights_are_fp32_arrays_without_pickle(state: dict[str, torch.Tensor]) 
 
 
 def test_other_version_is_refused_with_a_fix(state: dict[str, torch.Tensor]) -> None:
-    payload = encode_state(state, "test_resnet", 0)
-    header = {**payload.header(), "version": VERSION + 2}
+    header, buffers = encode_state(state, "test_resnet", 0).pack()
     with pytest.raises(PayloadError, match=rf"payload v{VERSION + 2}, expected v{VERSION}; upgrade weckd on both sides"):
-        decode_state(header, payload.arrays)
+        decode_state({**header, "version": VERSION + 2}, buffers)
 
 
 @pytest.mark.parametrize("field,value,match", [("link", 5, "for link 5, expected link 1"),
@@ -49,15 +55,15 @@ def test_other_version_is_refused_with_a_fix(state: dict[str, torch.Tensor]) -> 
                                                ("kind", "logits", "kind 'logits', expected 'weights'"),
                                                ("format", "other", "not a weckd payload")])
 def test_mismatched_header_is_refused(state: dict[str, torch.Tensor], field: str, value: object, match: str) -> None:
-    payload = encode_state(state, "test_resnet", 1)
+    header, buffers = encode_state(state, "test_resnet", 1).pack()
     with pytest.raises(PayloadError, match=match):
-        decode_state({**payload.header(), field: value}, payload.arrays, link=1, arch="test_resnet")
+        decode_state({**header, field: value}, buffers, link=1, arch="test_resnet")
 
 
 def test_logits_round_trip_and_shape_check() -> None:
     logits = torch.randn(10, 4)
-    payload = encode_logits(logits, "test_resnet", 0)
-    arch, back = decode_logits(payload.header(), payload.arrays, n_classes=4, n_proxy=10, link=0)
+    header, buffers = encode_logits(logits, "test_resnet", 0).pack()
+    arch, back = decode_logits(header, buffers, n_classes=4, n_proxy=10, link=0)
     assert arch == "test_resnet" and torch.equal(back, logits)
     with pytest.raises(PayloadError, match="same proxy set"):
-        decode_logits(payload.header(), payload.arrays, n_classes=4, n_proxy=12)
+        decode_logits(header, buffers, n_classes=4, n_proxy=12)
