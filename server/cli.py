@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,6 +19,7 @@ from weckd.chain.errors import LinkError, WeckdError
 from weckd.client.fastflower import check_internals
 from weckd.client.procs import Group, raise_on_sigterm
 
+from .metrics import ServerMetrics, format_seconds
 from .report import RESULTS_FILE
 from .settings import Federation, check_files, load_federation
 from .superlink import Paths, register_sites, run_status, start_superlink, stop_run, submit, write_app_dir, \
@@ -56,26 +58,31 @@ def _serve(args: argparse.Namespace) -> int:
     ready = paths.state / READY_FILE
     ready.unlink(missing_ok=True)
     raise_on_sigterm()
+    metrics = ServerMetrics(fed.chain.n_links, list(fed.chain.chain.order), fed.settings.link_timeout)
+    s = fed.settings
+    metrics.serve(s.metrics_address, s.metrics_port if s.metrics else 0)
     try:
         start_superlink(fed, group, paths)
         write_cli_config(fed, paths)
         register_sites(fed, paths)
         write_app_dir(paths)
         ready.write_text(f"{time.time()}\n", encoding="utf-8")  # sites may connect now (tests, demo)
-        return _run(fed, paths, group, out, args.wire_log)
+        return _run(fed, paths, group, out, args.wire_log, metrics)
     finally:
         group.stop_all()
         log.info("SuperLink stopped")
+        metrics.close(fed.settings.metrics_linger)
 
 
-def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str) -> int:
+def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, metrics: ServerMetrics) -> int:
     progress = paths.state / f"progress-{int(time.time() * 1000)}.jsonl"
     (out / RESULTS_FILE).unlink(missing_ok=True)
     run_id = submit(paths, {"federation-config": str(Path(fed.source).resolve()), "output-dir": str(out),
                             "progress-file": str(progress), "wire-log": wire_log})
     log.info("run %d submitted; waiting for sites %s", run_id, ", ".join(fed.chain.chain.order))
+    metrics.set_run(run_id, fed.chain.chain.mode)
     try:
-        status, details = _follow(fed, paths, group, run_id, progress)
+        status, details = _follow(fed, paths, group, run_id, progress, metrics)
     except BaseException:
         stop_run(paths, run_id)
         raise
@@ -83,10 +90,13 @@ def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str) 
         log.info("run %d completed; outputs in %s", run_id, out)
         return 0
     reason = _failure_reason(progress) or details or status
+    if not _failure_reason(progress):
+        metrics.fail(f"{status}: {reason}")
     raise LinkError(f"run {run_id} {status}: {reason}; logs in {paths.logs}")
 
 
-def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: Path) -> tuple[str, str]:
+def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: Path, metrics: ServerMetrics
+            ) -> tuple[str, str]:
     """Show the run's progress lines until it finishes (bounded by a deadline).
 
     Progress comes from the ServerApp's progress file; ``flwr ls`` (a ~1.5 s CLI process that would
@@ -97,7 +107,8 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
     seen, next_status = 0, time.monotonic() + STATUS_EVERY_S
     status, details = "pending", ""
     while time.monotonic() < deadline:
-        seen = _show_progress(progress, seen)
+        seen = _show_progress(progress, seen, metrics)
+        _status_line(metrics)
         died = group.exited()
         if died is not None:
             raise WeckdError(f"{died[0]} exited with code {died[1]}; see {paths.logs / (died[0] + '.log')}")
@@ -106,7 +117,7 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
             status, details = run_status(paths, run_id)
             next_status = time.monotonic() + STATUS_EVERY_S
             if status.startswith("finished"):
-                _show_progress(progress, seen)
+                _show_progress(progress, seen, metrics)
                 return status, details
         time.sleep(FOLLOW_POLL_S)
     stop_run(paths, run_id)
@@ -119,16 +130,32 @@ def _events(progress: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in progress.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _show_progress(progress: Path, seen: int) -> int:
+def _status_line(metrics: ServerMetrics) -> None:
+    """On a terminal, one live line: link k/K, site, elapsed, ETA (log lines otherwise)."""
+    c = metrics.clock
+    if not sys.stderr.isatty() or not c.links:
+        return
+    link = f"link {c.done + 1}/{c.links}" if c.link_start is not None else f"{c.done}/{c.links} links done"
+    site = f" site {c.site}" if c.link_start is not None else ""
+    sys.stderr.write(f"\r{link}{site}  elapsed {format_seconds(c.elapsed())}  eta {format_seconds(c.eta())}\033[K")
+    sys.stderr.flush()
+
+
+def _show_progress(progress: Path, seen: int, metrics: ServerMetrics) -> int:
     events = _events(progress)
+    if events[seen:] and sys.stderr.isatty():
+        sys.stderr.write("\r\033[K")  # clear the live status line before the event lines
     for e in events[seen:]:
+        metrics.observe(e)
         kind = e.get("event")
+        c = metrics.clock
+        when = f"elapsed {format_seconds(c.elapsed())}, eta {format_seconds(c.eta())}"
         if kind == "link-start":
-            log.info("link %d/%d: training at site %s", e["link"], e["links"], e["site"])
+            log.info("link %d/%d: training at site %s (%s)", e["link"], e["links"], e["site"], when)
         elif kind == "link-done":
             evals = " ".join(f"{s}={a:.3f}" for s, a in e.get("evaluations", {}).items())
-            log.info("link %d/%d site %s done: val acc %.3f, %.1fs%s", e["link"], e["links"], e["site"],
-                     e["val_accuracy"], e["seconds"], f", evaluated {evals}" if evals else "")
+            log.info("link %d/%d site %s done: val acc %.3f, %.1fs%s (%s)", e["link"], e["links"], e["site"],
+                     e["val_accuracy"], e["seconds"], f", evaluated {evals}" if evals else "", when)
         elif kind == "sites-online":
             log.info("all sites online: %s", ", ".join(e["sites"]))
         elif kind == "failed":

@@ -64,7 +64,8 @@ def make_scaffold(root: Path, chain: dict[str, Any], federation: dict[str, Any] 
     fed = {"fleet_address": fleet, "control_port": free_port(), "state_dir": "state/server",
            "output_dir": "out", "ca": "certs/ca.crt", "cert": "certs/server.pem", "key": "certs/server.key",
            "discovery_timeout": 60.0, "link_timeout": 600.0, "message_ttl": 900.0, "evaluate": "all",
-           "shutdown_timeout": 5.0, "sites": {s: {"auth_key": f"keys/site-{s}.pub"} for s in order}}
+           "shutdown_timeout": 5.0, "metrics_address": "127.0.0.1", "metrics_port": free_port(),
+           "sites": {s: {"auth_key": f"keys/site-{s}.pub"} for s in order}}
     fed.update(federation or {})
     path = root / "federation.yaml"
     path.write_text(yaml.safe_dump({**chain, "federation": fed}, sort_keys=False), encoding="utf-8")
@@ -82,6 +83,7 @@ def write_site_config(root: Path, site: str, chain: dict[str, Any], superlink: s
     cfg = {"site": site, "superlink": superlink, "ca": ca, "auth_key": auth_key or f"keys/site-{site}",
            "data": data, "split": {"order": list(order), "part": site, "seed": chain.get("seed", 0)},
            "runtime": {"device": "cpu", "threads": threads}, "clientappio_port": free_port(),
+           "metrics_address": "127.0.0.1", "metrics_port": free_port(),
            "state_dir": f"state/site-{name or site}", "max_wait": 20.0}
     path = root / f"site-{name or site}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")

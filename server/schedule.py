@@ -110,10 +110,19 @@ def run_links(transport: Transport, fed: Federation, infos: dict[str, dict[str, 
         outcome.links.append(record)
         on_event({"event": "link-done", "link": k + 1, "links": cfg.n_links, "site": site,
                   "val_accuracy": record.metrics["val-accuracy"], "seconds": record.round_trip_s,
-                  "evaluations": {s: e["accuracy"] for s, e in record.evaluations.items()}})
+                  "evaluations": {s: e["accuracy"] for s, e in record.evaluations.items()},
+                  **_link_event_extras(record)})
         if k == cfg.n_links - 1:
             outcome.final_payload = weights
     return outcome
+
+
+def _link_event_extras(record: LinkRecord) -> dict[str, Any]:
+    """Last-epoch loss parts and relayed bytes of a link, for the progress event (metrics, progress lines)."""
+    m = record.metrics
+    last = {key: float(m[f"epoch-{key}"][-1]) for key in ("loss", "ce", "kd") if len(m.get(f"epoch-{key}", []))}
+    return {**last, "bytes_to_site": record.bytes_to_site, "bytes_from_site": record.bytes_from_site,
+            "train_seconds": float(m.get("seconds", 0.0))}
 
 
 def _link_record(k: int, rep: Reply) -> LinkRecord:

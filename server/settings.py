@@ -45,6 +45,10 @@ class FederationSettings:
     poll_interval: float = field(default=0.1, metadata=_m(gt=0.0, max=10.0))
     evaluate: str = field(default="all", metadata=_m(choices=("all", "next", "none")))
     shutdown_timeout: float = field(default=10.0, metadata=_m(gt=0.0, max=600.0))
+    metrics: bool = True  # Prometheus /metrics (weckd.server.metrics); false or metrics_port 0: off
+    metrics_address: str = "0.0.0.0"
+    metrics_port: int = field(default=9464, metadata=_m(min=0, max=65535))
+    metrics_linger: float = field(default=0.0, metadata=_m(min=0.0, max=3600.0))  # serve the final state longer
 
 
 @dataclass(frozen=True)
