@@ -26,6 +26,7 @@ from weckd.chain.models import pick_device
 from weckd.chain.payload import (KEY_CONFIG, KEY_INFO, KEY_LINK, KEY_METRICS, KEY_MODEL_ARRAYS, KEY_MODEL_HEADER,
                                  decode_logits, decode_state, encode_logits, encode_state)
 
+from .metrics import SiteStatus, status_path
 from .records import config_dict, payload_records, read_payload
 from .site import LocalData, SiteConfig, load_local_data, load_site_config
 
@@ -94,10 +95,13 @@ def train(msg: Message, context: Context) -> Message:
     link, n_links, mode = int(run["link"]), int(run["n-links"]), str(run["mode"])
     where = f"site {cfg.site} link {link + 1}"
     settings = link_from_mapping(config_dict(msg.content, KEY_LINK, where), source=where)
-    teacher = _teacher(msg, data, link, mode, where)
-    result = train_link(settings, data.site, data.spec, seed=int(run["seed"]), device=_device(cfg), teacher=teacher,
-                        proxy=data.proxy if mode == "logits" else None, augment_images=bool(run["augment"]),
-                        label=f"link {link + 1}/{n_links} site {cfg.site}")
+    status = SiteStatus(status_path(cfg.state_dir))  # weckd.client.metrics: read by weckd-client's /metrics
+    teacher = status.checked(lambda: _teacher(msg, data, link, mode, where))
+    with status.activity("training", link + 1, settings.epochs):
+        result = train_link(settings, data.site, data.spec, seed=int(run["seed"]), device=_device(cfg),
+                            teacher=teacher, proxy=data.proxy if mode == "logits" else None,
+                            augment_images=bool(run["augment"]), label=f"link {link + 1}/{n_links} site {cfg.site}",
+                            on_epoch=status.on_epoch)
     if mode == "logits":
         if result.proxy_logits is None:
             raise LinkError(f"{where}: logits mode but no proxy logits were produced; set data.proxy")
@@ -133,9 +137,13 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     received = read_payload(msg.content, where)
     if received is None:
         raise LinkError(f"{where}: evaluate message carries no model")
-    arch, state = decode_state(*received, link=int(run["link"]), where=where)
+    status = SiteStatus(status_path(cfg.state_dir))
+    decoded = status.checked(lambda: decode_state(*received, link=int(run["link"]), where=where))
+    assert decoded is not None
+    arch, state = decoded
     device = _device(cfg)
-    model = model_from_state(arch, state, data.spec, device)
-    ev = evaluate(model, data.site.val, len(data.spec.classes), device)
+    with status.activity("evaluating", int(run["link"]) + 1):
+        model = model_from_state(arch, state, data.spec, device)
+        ev = evaluate(model, data.site.val, len(data.spec.classes), device)
     metrics = MetricRecord({"accuracy": ev.accuracy, "n": ev.n, "recall": [float(r) for r in ev.recall]})
     return Message(RecordDict({KEY_METRICS: metrics, KEY_INFO: ConfigRecord({"site-id": cfg.site})}), reply_to=msg)

@@ -18,6 +18,7 @@ from weckd.chain.cli import run_command, setup_logging
 from weckd.chain.errors import ConfigError, WeckdError
 
 from .fastflower import check_internals
+from .metrics import SiteMetrics, SiteStatus, site_counts, status_path
 from .procs import Group, flower_env, raise_on_sigterm, wait_port
 from .site import SiteConfig, load_local_data, load_site_config
 
@@ -46,7 +47,7 @@ def _serve(args: argparse.Namespace) -> int:
         if not args.insecure and not Path(path).is_file():
             raise ConfigError(f"{cfg.source}: {key}: {path}: file not found; copy it from the coordinator "
                               "or create it with 'weckd certs'")
-    load_local_data(cfg)  # fail on bad data before connecting
+    data = load_local_data(cfg)  # fail on bad data before connecting
     if args.check:
         log.info("site %s: config and data OK", cfg.site)
         return 0
@@ -54,10 +55,14 @@ def _serve(args: argparse.Namespace) -> int:
     state = Path(cfg.state_dir).resolve()
     group = Group(state / "logs", 10.0)
     raise_on_sigterm()
+    SiteStatus(status_path(cfg.state_dir)).reset()
+    metrics = SiteMetrics(status_path(cfg.state_dir), site_counts(data.site))
+    metrics.serve(cfg.metrics_address, cfg.metrics_port if cfg.metrics else 0)
     try:
         _start(cfg, group, state, args.insecure)
         return _supervise(group, cfg)
     finally:
+        metrics.close()
         group.stop_all()
         log.info("site %s stopped", cfg.site)
 
