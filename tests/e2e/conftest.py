@@ -17,6 +17,8 @@ from weckd.chain.certs import make_ca, make_site_key
 from weckd.server.demo import LocalFederation
 from weckd.server.scaffold import Scaffold, chain_settings, make_scaffold, write_site_config
 
+from . import prometheus
+
 RUN_TIMEOUT = 300.0
 EPOCHS = 4
 
@@ -29,6 +31,7 @@ class FederatedRun:
     wire: list[dict[str, Any]]
     refused: dict[str, int | None] = field(default_factory=dict)
     seconds: float = 0.0
+    observed: prometheus.Observed | None = None  # what a real Prometheus scraped (monitor=True)
 
     @property
     def out(self) -> Path:
@@ -59,12 +62,17 @@ def _refused_sites(fed: LocalFederation) -> dict[str, list[str]]:
 
 
 def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any] | None = None,
-                   refused: bool = False) -> FederatedRun:
+                   refused: bool = False, monitor: bool = False) -> FederatedRun:
+    """Run a federation; with ``monitor``, a real Prometheus scrapes it (see ``prometheus.py``)."""
     scaffold = make_scaffold(root, chain, federation)
     wire = root / "wire.jsonl"
     fed = LocalFederation(scaffold, stop_timeout=10.0)
+    prom = prometheus.Prometheus(scaffold) if monitor else None
+    observed = None
     start = time.monotonic()
     try:
+        if prom is not None:
+            prom.start()
         fed.start_server("--wire-log", str(wire))
         fed.wait_ready()
         for site in scaffold.sites:
@@ -72,18 +80,23 @@ def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any]
         names = _refused_sites(fed) if refused else {}
         rc = fed.wait_server(RUN_TIMEOUT)
         seconds = time.monotonic() - start
+        observed = prom.observe() if prom is not None else None
         codes = {n: fed.exit_code(f"weckd-client-{n}", 60.0) for n in names}
     finally:
         fed.stop()
+        if prom is not None:
+            prom.stop()
     results = json.loads((scaffold.root / "out" / "results.json").read_text()) if rc == 0 else {}
-    return FederatedRun(scaffold, rc, results, _read_wire(wire), codes, seconds)
+    return FederatedRun(scaffold, rc, results, _read_wire(wire), codes, seconds, observed)
 
 
 @pytest.fixture(scope="session")
 def weights_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedRun]:
-    """Weights mode, 3 sites, evaluate all, wire log on, and three SuperNodes that must be refused."""
+    """Weights mode, 3 sites, evaluate all, wire log on, three SuperNodes that must be refused, and a real
+    Prometheus scraping the server and the sites (if installed; weckd-server serves its final state 3 s more)."""
     chain = chain_settings({"link": {"epochs": EPOCHS}})
-    yield run_federation(tmp_path_factory.mktemp("weights"), chain, refused=True)
+    yield run_federation(tmp_path_factory.mktemp("weights"), chain, {"metrics_linger": 3.0}, refused=True,
+                         monitor=prometheus.available())
 
 
 @pytest.fixture(scope="session")
