@@ -24,7 +24,6 @@ from typing import Any
 
 import flwr
 import torch
-
 from weckd.chain.link import train_link
 from weckd.chain.models import pick_device
 from weckd.chain.prepare import prepare

@@ -145,7 +145,8 @@ def decode_logits(
     return meta.arch, torch.from_numpy(np.array(logits, copy=True))
 
 
-def unpack(header: Mapping[str, Any], buffers: Mapping[str, np.ndarray], where: str = "payload") -> dict[str, np.ndarray]:
+def unpack(header: Mapping[str, Any], buffers: Mapping[str, np.ndarray],
+           where: str = "payload") -> dict[str, np.ndarray]:
     """Split the flat per-dtype buffers back into named arrays of the shapes the header declares."""
     names, dtypes, ndims, dims = (list(header.get(k) or []) for k in ("names", "dtypes", "ndims", "dims"))
     if not (len(names) == len(dtypes) == len(ndims)) or sum(ndims) != len(dims) or len(set(names)) != len(names):
@@ -165,7 +166,8 @@ def unpack(header: Mapping[str, Any], buffers: Mapping[str, np.ndarray], where: 
             raise PayloadError(f"{where}: buffer {dt} too short or of dtype {flat.dtype} for tensor {name!r}")
         out[name] = np.array(flat[offsets[dt]:offsets[dt] + size], copy=True).reshape(shape)
         offsets[dt] += size
-    left = {dt: int(np.asarray(buffers[dt]).size) - n for dt, n in offsets.items() if int(np.asarray(buffers[dt]).size) != n}
+    sizes = {dt: int(np.asarray(b).size) for dt, b in buffers.items()}
+    left = {dt: sizes[dt] - n for dt, n in offsets.items() if sizes[dt] != n}
     if left:
         raise PayloadError(f"{where}: {left} values left over after the declared tensors; the payload is damaged")
     return out

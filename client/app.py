@@ -17,14 +17,23 @@ from typing import Any
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-
 from weckd.chain import __version__
 from weckd.chain.config import link_from_mapping
 from weckd.chain.errors import LinkError
 from weckd.chain.link import LinkResult, Teacher, evaluate, model_from_state, train_link
 from weckd.chain.models import pick_device
-from weckd.chain.payload import (KEY_CONFIG, KEY_INFO, KEY_LINK, KEY_METRICS, KEY_MODEL_ARRAYS, KEY_MODEL_HEADER,
-                                 decode_logits, decode_state, encode_logits, encode_state)
+from weckd.chain.payload import (
+    KEY_CONFIG,
+    KEY_INFO,
+    KEY_LINK,
+    KEY_METRICS,
+    KEY_MODEL_ARRAYS,
+    KEY_MODEL_HEADER,
+    decode_logits,
+    decode_state,
+    encode_logits,
+    encode_state,
+)
 
 from .metrics import SiteStatus, status_path
 from .records import config_dict, payload_records, read_payload

@@ -5,7 +5,6 @@ from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-
 from weckd.chain.errors import PayloadError
 from weckd.chain.payload import KEY_ARRAYS, KEY_HEADER, Payload
 

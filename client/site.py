@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from weckd.chain.config import DataSettings, read_yaml
 from weckd.chain.data import ImageSet, ImageSpec, SiteData, make_site, read_labelled
 from weckd.chain.errors import ConfigError
@@ -104,7 +103,8 @@ def _check_data(cfg: SiteConfig, origin: Origin) -> None:
             raise ConfigError(f"{src}: split: data.dataset is shared, so give this site's part "
                               f"(split: {{order: [A, B, C], part: {cfg.site}}})")
         if cfg.split.part not in cfg.split.order:
-            raise ConfigError(f"{src}: split.part: {cfg.split.part!r} is not one of split.order {list(cfg.split.order)}")
+            raise ConfigError(f"{src}: split.part: {cfg.split.part!r} is not one of split.order "
+                              f"{list(cfg.split.order)}")
     elif cfg.site not in data.sites:
         raise ConfigError(f"{src}: data: set data.dataset with split, or data.sites.{cfg.site} (this site's data path)")
 

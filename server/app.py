@@ -15,7 +15,6 @@ from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-
 from weckd.client.fastflower import fast_pull
 
 from .report import write_outputs

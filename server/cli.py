@@ -22,8 +22,16 @@ from weckd.client.procs import Group, raise_on_sigterm
 from .metrics import ServerMetrics, format_seconds
 from .report import RESULTS_FILE
 from .settings import Federation, check_files, load_federation
-from .superlink import Paths, register_sites, run_status, start_superlink, stop_run, submit, write_app_dir, \
-    write_cli_config
+from .superlink import (
+    Paths,
+    register_sites,
+    run_status,
+    start_superlink,
+    stop_run,
+    submit,
+    write_app_dir,
+    write_cli_config,
+)
 
 log = logging.getLogger(__name__)
 

@@ -86,7 +86,8 @@ class LocalFederation:
 
 
 def format_table(res: dict[str, Any]) -> str:
-    head = f"{'link':<6} {'site':<6} {'arch':<22} {'init':<12} {'val acc':>8} {'eval acc':>9} {'seconds':>8} {'relay KB':>9}"
+    head = (f"{'link':<6} {'site':<6} {'arch':<22} {'init':<12} {'val acc':>8} {'eval acc':>9} {'seconds':>8} "
+            f"{'relay KB':>9}")
     lines = [head, "-" * len(head)]
     for r in res["links"]:
         ev = r["eval_accuracy"]

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from weckd.chain import __version__
 from weckd.chain.artifacts import ModelCard, save_model, write_json, write_yaml
 from weckd.chain.config import config_to_mapping

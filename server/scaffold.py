@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
-
 from weckd.chain.certs import make_ca, make_server_cert, make_site_key
 from weckd.client.procs import free_port
 

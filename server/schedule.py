@@ -12,12 +12,22 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from flwr.app import ConfigRecord, RecordDict
-
 from weckd.chain import __version__
 from weckd.chain.config import link_to_mapping
 from weckd.chain.errors import LinkError
-from weckd.chain.payload import (KEY_ARRAYS, KEY_CONFIG, KEY_HEADER, KEY_INFO, KEY_LINK, KEY_METRICS,
-                                 KEY_MODEL_ARRAYS, KEY_MODEL_HEADER, MSG_EVALUATE, MSG_QUERY, MSG_TRAIN)
+from weckd.chain.payload import (
+    KEY_ARRAYS,
+    KEY_CONFIG,
+    KEY_HEADER,
+    KEY_INFO,
+    KEY_LINK,
+    KEY_METRICS,
+    KEY_MODEL_ARRAYS,
+    KEY_MODEL_HEADER,
+    MSG_EVALUATE,
+    MSG_QUERY,
+    MSG_TRAIN,
+)
 from weckd.chain.runner import link_seed
 
 from .settings import Federation

@@ -13,7 +13,6 @@ from typing import Sequence
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
-
 from weckd.chain.errors import LinkError
 
 from .wire import WireLog, content_bytes

@@ -12,7 +12,6 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-
 from weckd.chain.certs import make_ca, make_site_key
 from weckd.server.demo import LocalFederation
 from weckd.server.scaffold import Scaffold, chain_settings, make_scaffold, write_site_config

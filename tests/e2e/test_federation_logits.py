@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from weckd.chain.artifacts import image_spec_of_card, load_model_files
 from weckd.chain.link import model_from_state
 

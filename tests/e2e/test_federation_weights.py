@@ -6,7 +6,6 @@ import dataclasses
 
 import pytest
 import torch
-
 from weckd.chain.artifacts import image_spec_of_card, load_model_files
 from weckd.chain.link import model_from_state
 from weckd.chain.runner import run_chain
@@ -55,4 +54,5 @@ def test_federation_matches_the_in_process_chain(weights_run: FederatedRun) -> N
         assert remote["val"]["accuracy"] == pytest.approx(row.result.val.accuracy, abs=1e-5)
         assert remote["samples"]["train"] == row.result.samples["train"]
         for mine, theirs in zip(row.result.epochs, remote["epochs"], strict=True):
-            assert (theirs["loss"], theirs["ce"], theirs["kd"]) == pytest.approx((mine.loss, mine.ce, mine.kd), abs=1e-5)
+            expected = pytest.approx((mine.loss, mine.ce, mine.kd), abs=1e-5)
+            assert (theirs["loss"], theirs["ce"], theirs["kd"]) == expected

@@ -9,7 +9,6 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-
 from weckd.chain.certs import certs_command, make_ca, make_server_cert, make_site_key
 from weckd.chain.errors import ConfigError
 

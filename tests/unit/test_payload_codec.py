@@ -46,7 +46,8 @@ def test_weights_are_fp32_arrays_without_pickle(state: dict[str, torch.Tensor]) 
 
 def test_other_version_is_refused_with_a_fix(state: dict[str, torch.Tensor]) -> None:
     header, buffers = encode_state(state, "test_resnet", 0).pack()
-    with pytest.raises(PayloadError, match=rf"payload v{VERSION + 2}, expected v{VERSION}; upgrade weckd on both sides"):
+    fix = rf"payload v{VERSION + 2}, expected v{VERSION}; upgrade weckd on both sides"
+    with pytest.raises(PayloadError, match=fix):
         decode_state({**header, "version": VERSION + 2}, buffers)
 
 
