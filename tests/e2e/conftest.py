@@ -109,3 +109,14 @@ def logits_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedRu
         "data": {"proxy": "synthetic", "synthetic": {"samples": 600}},
     })
     yield run_federation(tmp_path_factory.mktemp("logits"), chain)
+
+
+@pytest.fixture(scope="session")
+def hetero_weights_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedRun]:
+    """Weights mode across architectures: distillation from a live teacher of another architecture,
+    warm start only where the architectures match; evaluation by the next link's site."""
+    chain = chain_settings({
+        "link": {"epochs": 2},
+        "links": [{"arch": "test_resnet"}, {"arch": "test_efficientnet"}, {"arch": "test_efficientnet"}],
+    })
+    yield run_federation(tmp_path_factory.mktemp("weights-hetero"), chain, {"evaluate": "next"})
