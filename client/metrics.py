@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-
 from weckd.chain.errors import PayloadError, SecurityError, WeckdError
 
 if TYPE_CHECKING:

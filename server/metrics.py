@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, start_http_server
-
 from weckd.chain import __version__
 from weckd.chain.errors import WeckdError
 

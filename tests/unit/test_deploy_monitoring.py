@@ -12,7 +12,6 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
-
 from weckd.client.metrics import SiteStatus, site_registry
 from weckd.server.metrics import ServerMetrics
 

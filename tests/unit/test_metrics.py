@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
-
 from weckd.chain.errors import PayloadError, WeckdError
 from weckd.chain.link import EpochStats
 from weckd.client.metrics import SiteMetrics, SiteStatus, site_registry
