@@ -80,9 +80,18 @@ class Group:
         return None
 
     def stop_all(self) -> None:
+        """Stop every process, newest first; a second Ctrl-C/SIGTERM does not cut the cleanup short."""
+        interrupted = False
         for name, proc in reversed(self.procs):
-            stop(name, proc, self.stop_timeout)
+            while True:
+                try:
+                    stop(name, proc, self.stop_timeout)
+                    break
+                except KeyboardInterrupt:
+                    interrupted = True
         self.procs.clear()
+        if interrupted:
+            raise KeyboardInterrupt
 
 
 def stop(name: str, proc: subprocess.Popen, timeout: float) -> None:
