@@ -197,18 +197,27 @@ class SiteMetrics:
         self._server: Any = None
 
     def serve(self, address: str, port: int) -> None:
-        if not port:
-            log.warning("metrics: off (metrics_port is 0 or metrics is false)")
-            return
-        try:
-            self._server, _ = start_http_server(port, address, registry=self.registry)
-        except OSError as err:
-            raise WeckdError(f"metrics: cannot listen on {address}:{port} ({err}); set metrics_port in the site "
-                             "config to a free port, or metrics: false") from err
-        log.info("metrics on http://%s:%d/metrics", address, port)
+        self._server = serve_registry(self.registry, address, port, "metrics_port in the site config")
 
     def close(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def serve_registry(registry: CollectorRegistry, address: str, port: int, setting: str) -> Any:
+    """Serve ``/metrics`` for ``registry`` in a daemon thread; port 0 turns it off (returns None).
+
+    ``setting`` names the config key to change when the port is taken.
+    """
+    if not port:
+        log.warning("metrics: off (%s is 0 or metrics is false)", setting)
+        return None
+    try:
+        server, _ = start_http_server(port, address, registry=registry)
+    except OSError as err:
+        raise WeckdError(f"metrics: cannot listen on {address}:{port} ({err}); set {setting} to a free port, "
+                         "or metrics: false") from err
+    log.info("metrics on http://%s:%d/metrics", address, port)
+    return server

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
 from weckd.chain import __version__
-from weckd.chain.errors import WeckdError
+from weckd.client.metrics import serve_registry
 
 log = logging.getLogger(__name__)
 
@@ -221,15 +221,7 @@ class ServerMetrics:
 
     def serve(self, address: str, port: int) -> None:
         """Serve ``/metrics`` on ``address:port`` in a daemon thread (port 0: off)."""
-        if not port:
-            log.warning("metrics: off (federation.metrics_port is 0 or metrics is false)")
-            return
-        try:
-            self._server, _ = start_http_server(port, address, registry=self.registry)
-        except OSError as err:
-            raise WeckdError(f"metrics: cannot listen on {address}:{port} ({err}); set federation.metrics_port to "
-                             "a free port, or metrics: false") from err
-        log.info("metrics on http://%s:%d/metrics", address, port)
+        self._server = serve_registry(self.registry, address, port, "federation.metrics_port")
 
     def close(self, linger: float = 0.0) -> None:
         """Keep serving ``linger`` seconds (a last scrape sees the final state), then stop."""
