@@ -3,7 +3,10 @@
 A payload is a header (format version, kind, model architecture, link index) plus named numpy
 arrays: a model's weights (weights mode) or its logits on the shared proxy set (logits mode). No
 pickle anywhere: the federation wraps these arrays into Flower ``ArrayRecord``s, and the decoder
-checks the header before any array is used. fp32 on the wire for now.
+checks the header before any array is used. Floating tensors travel in the chain's wire dtype
+(``chain.wire_dtype``: float32 or float16, halving the bytes) and are decoded back to float32;
+integer tensors travel as int64, untouched. The in-process chain rounds its teacher through the same
+cast (:func:`round_state`), so both give the same links.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ import torch
 from .errors import PayloadError
 
 FORMAT = "weckd-payload"
-VERSION = 1
+VERSION = 2  # v2: floating tensors in the header's wire dtype (float32 or float16)
 KINDS = ("weights", "logits")
-DTYPES = ("float32", "int64")
+WIRE_DTYPES = ("float32", "float16")
+DTYPES = (*WIRE_DTYPES, "int64")
 LOGITS_KEY = "logits"
 
 # Message types (Flower's reserved names) and the record keys inside a message's content.
@@ -44,6 +48,7 @@ class Payload:
     arch: str
     link: int
     arrays: dict[str, np.ndarray]
+    wire_dtype: str = "float32"
 
     @property
     def nbytes(self) -> int:
@@ -52,7 +57,8 @@ class Payload:
     def header(self) -> dict[str, Any]:
         """The header as it travels: identity fields plus every tensor's name, dtype and shape."""
         return {"format": FORMAT, "version": VERSION, "kind": self.kind, "arch": self.arch, "link": self.link,
-                "names": list(self.arrays), "dtypes": [str(a.dtype) for a in self.arrays.values()],
+                "wire-dtype": self.wire_dtype, "names": list(self.arrays),
+                "dtypes": [str(a.dtype) for a in self.arrays.values()],
                 "ndims": [a.ndim for a in self.arrays.values()],
                 "dims": [int(d) for a in self.arrays.values() for d in a.shape]}
 
@@ -64,14 +70,35 @@ class Payload:
         return self.header(), buffers
 
 
-def encode_state(state: Mapping[str, torch.Tensor], arch: str, link: int) -> Payload:
-    """A state_dict as a weights payload (floating tensors as fp32, integer/bool tensors as int64)."""
-    arrays = {}
+def _wire_tensor(tensor: torch.Tensor, wire_dtype: str) -> torch.Tensor:
+    """One tensor as it travels: floating → the wire dtype, integer/bool → int64."""
+    t = tensor.detach().cpu()
+    return t.to(getattr(torch, wire_dtype)) if t.is_floating_point() else t.long()
+
+
+def check_wire_dtype(wire_dtype: str, where: str = "payload") -> str:
+    if wire_dtype not in WIRE_DTYPES:
+        raise PayloadError(f"{where}: wire dtype {wire_dtype!r} unknown; use one of {', '.join(WIRE_DTYPES)}")
+    return wire_dtype
+
+
+def encode_state(state: Mapping[str, torch.Tensor], arch: str, link: int, wire_dtype: str = "float32") -> Payload:
+    """A state_dict as a weights payload (floating tensors in ``wire_dtype``, integer/bool tensors as int64)."""
+    check_wire_dtype(wire_dtype)
+    arrays = {name: np.array(_wire_tensor(t, wire_dtype).contiguous().numpy(), copy=True)  # keeps 0-d tensors 0-d
+              for name, t in state.items()}
+    return Payload("weights", arch, link, arrays, wire_dtype)
+
+
+def round_state(state: Mapping[str, torch.Tensor], wire_dtype: str) -> dict[str, torch.Tensor]:
+    """A state_dict as the receiving site decodes it after the wire: floating tensors rounded through
+    ``wire_dtype`` back to float32, integer tensors as int64 (what :func:`decode_state` returns)."""
+    check_wire_dtype(wire_dtype)
+    out = {}
     for name, tensor in state.items():
-        t = tensor.detach().cpu()
-        t = t.float() if t.is_floating_point() else t.long()
-        arrays[name] = np.array(t.contiguous().numpy(), copy=True)  # keeps 0-d tensors 0-d
-    return Payload("weights", arch, link, arrays)
+        t = _wire_tensor(tensor, wire_dtype)
+        out[name] = t.float() if t.is_floating_point() else t.clone()
+    return out
 
 
 def encode_logits(logits: torch.Tensor, arch: str, link: int) -> Payload:
@@ -118,7 +145,11 @@ def decode_state(
     meta = check_header(header, kind="weights", link=link, arch=arch, where=where)
     if not arrays:
         raise PayloadError(f"{where}: weights payload carries no arrays")
-    state = {name: torch.from_numpy(a) for name, a in unpack(header, arrays, where).items()}
+    wire = check_wire_dtype(str(header.get("wire-dtype")), where)
+    named = unpack(header, arrays, where)
+    if any(a.dtype.kind == "f" and str(a.dtype) != wire for a in named.values()):
+        raise PayloadError(f"{where}: floating tensors not in the declared wire dtype {wire}; the payload is damaged")
+    state = {name: torch.from_numpy(a.astype(np.float32) if a.dtype.kind == "f" else a) for name, a in named.items()}
     return meta.arch, state
 
 
@@ -151,7 +182,11 @@ def unpack(header: Mapping[str, Any], buffers: Mapping[str, np.ndarray],
     names, dtypes, ndims, dims = (list(header.get(k) or []) for k in ("names", "dtypes", "ndims", "dims"))
     if not (len(names) == len(dtypes) == len(ndims)) or sum(ndims) != len(dims) or len(set(names)) != len(names):
         raise PayloadError(f"{where}: inconsistent tensor index in the payload header; upgrade weckd on both sides")
-    if any(dt not in DTYPES for dt in dtypes) or set(buffers) != set(dtypes):
+    unknown = sorted({str(dt) for dt in dtypes} - set(DTYPES))
+    if unknown:
+        raise PayloadError(f"{where}: payload declares dtype(s) {unknown}; this weckd reads {', '.join(DTYPES)}; "
+                           "upgrade weckd on both sides")
+    if set(buffers) != set(dtypes):
         raise PayloadError(f"{where}: payload buffers {sorted(buffers)} do not match the declared dtypes "
                            f"{sorted(set(dtypes))}")
     offsets = dict.fromkeys(buffers, 0)

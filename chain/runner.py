@@ -19,6 +19,7 @@ from .config import ChainConfig
 from .data import SiteData, concat
 from .link import Evaluation, LinkResult, Teacher, evaluate, model_from_state, train_link
 from .models import pick_device
+from .payload import round_state
 from .prepare import Prepared, prepare
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,11 @@ def run_chain(
 
 
 def next_teacher(cfg: ChainConfig, result: LinkResult) -> Teacher:
-    """What link k hands to link k+1: weights, or logits on the proxy set."""
+    """What link k hands to link k+1: logits on the proxy set, or weights rounded through the wire dtype
+    exactly as the federation relays them (``chain.wire_dtype``)."""
     if cfg.chain.mode == "logits":
         return Teacher(result.arch, None, result.proxy_logits)
-    return Teacher(result.arch, result.state, None)
+    return Teacher(result.arch, round_state(result.state, cfg.chain.wire_dtype), None)
 
 
 def _baselines(cfg: ChainConfig, data: Prepared, device: torch.device, link1: Row) -> list[Row]:

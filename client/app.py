@@ -115,8 +115,9 @@ def train(msg: Message, context: Context) -> Message:
         if result.proxy_logits is None:
             raise LinkError(f"{where}: logits mode but no proxy logits were produced; set data.proxy")
         payload = encode_logits(result.proxy_logits, result.arch, link)
-    else:
-        payload = encode_state(result.state, result.arch, link)
+    else:  # the delivered final model stays float32; relayed weights travel in the chain's wire dtype
+        wire = "float32" if bool(run["deliver"]) else str(run["wire-dtype"])
+        payload = encode_state(result.state, result.arch, link, wire)
     records: dict[str, Any] = {**payload_records(payload), KEY_METRICS: link_metrics(result),
                                KEY_INFO: ConfigRecord({"site-id": cfg.site, "arch": result.arch, "init": result.init})}
     if mode == "logits" and bool(run["deliver"]):
@@ -154,5 +155,6 @@ def evaluate_model(msg: Message, context: Context) -> Message:
     with status.activity("evaluating", int(run["link"]) + 1):
         model = model_from_state(arch, state, data.spec, device)
         ev = evaluate(model, data.site.val, len(data.spec.classes), device)
-    metrics = MetricRecord({"accuracy": ev.accuracy, "n": ev.n, "recall": [float(r) for r in ev.recall]})
+    metrics = MetricRecord({"accuracy": ev.accuracy, "n": ev.n, "recall": [float(r) for r in ev.recall],
+                            "confusion": [int(c) for row in ev.confusion for c in row]})
     return Message(RecordDict({KEY_METRICS: metrics, KEY_INFO: ConfigRecord({"site-id": cfg.site})}), reply_to=msg)

@@ -50,7 +50,7 @@ class LinkRecord:
     round_trip_s: float
     bytes_to_site: int
     bytes_from_site: int
-    evaluations: dict[str, dict[str, float]] = field(default_factory=dict)
+    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,7 +95,8 @@ def discover(transport: Transport, fed: Federation) -> dict[str, dict[str, Any]]
 def _train_content(fed: Federation, k: int, teacher: RecordDict | None) -> RecordDict:
     cfg = fed.chain
     run = ConfigRecord({"link": k, "n-links": cfg.n_links, "seed": link_seed(cfg.seed, k), "mode": cfg.chain.mode,
-                        "augment": cfg.data.augment, "deliver": k == cfg.n_links - 1})
+                        "wire-dtype": cfg.chain.wire_dtype, "augment": cfg.data.augment,
+                        "deliver": k == cfg.n_links - 1})
     records: dict[str, Any] = {KEY_CONFIG: run, KEY_LINK: ConfigRecord(link_to_mapping(cfg.link_settings(k)))}
     if teacher is not None:
         records[KEY_HEADER] = teacher.config_records[KEY_HEADER]
@@ -163,7 +164,7 @@ def eval_targets(fed: Federation, k: int) -> list[str]:
 
 
 def evaluate_link(transport: Transport, fed: Federation, k: int, weights: tuple[Any, Any]
-                  ) -> dict[str, dict[str, float]]:
+                  ) -> dict[str, dict[str, Any]]:
     """Evaluate link k's model on the targeted sites' local validation splits."""
     targets = eval_targets(fed, k)
     if not targets:
@@ -175,5 +176,6 @@ def evaluate_link(transport: Transport, fed: Federation, k: int, weights: tuple[
     out = {}
     for site, rep in replies.items():
         m = dict(rep.message.content.metric_records[KEY_METRICS])
-        out[site] = {"accuracy": float(m["accuracy"]), "n": int(m["n"])}
+        out[site] = {"accuracy": float(m["accuracy"]), "n": int(m["n"]),
+                     "confusion": [int(c) for c in m.get("confusion", [])]}
     return out
