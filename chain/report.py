@@ -235,6 +235,7 @@ def _run_facts(run: RunResults) -> str:
     return (
         f"weckd {r.get('weckd_version', '?')}, seed {r.get('seed', '?')}, mode {r.get('mode', '?')}, "
         f"order {order}, cycles {r.get('cycles', '?')}, {len(r['links'])} links"
+        + (f"; test accuracy here is the {r['held_out']}" if r.get("held_out") else "")
     )
 
 

@@ -10,6 +10,7 @@ from weckd.chain import __version__
 from weckd.chain.artifacts import ModelCard, save_model, write_json, write_yaml
 from weckd.chain.config import config_to_mapping
 from weckd.chain.payload import decode_state
+from weckd.chain.report import write_report
 
 from .schedule import ChainOutcome, LinkRecord
 from .settings import Federation
@@ -26,11 +27,28 @@ def mean_eval(record: LinkRecord) -> float | None:
     return sum(e["accuracy"] * e["n"] for e in evs) / n if n else None
 
 
+def _square(flat: list[int], n: int) -> list[list[int]]:
+    return [list(flat[i * n:(i + 1) * n]) for i in range(n)]
+
+
+def held_out(r: LinkRecord, n_classes: int) -> dict[str, Any] | None:
+    """The link's model on every evaluating site's validation split, pooled: accuracy, recall, confusion."""
+    evs = [e for e in r.evaluations.values() if len(e.get("confusion", [])) == n_classes * n_classes]
+    if not evs:
+        return None
+    conf = np.sum([np.array(_square(e["confusion"], n_classes)) for e in evs], axis=0)
+    support = np.maximum(conf.sum(1), 1)
+    return {"accuracy": float(np.trace(conf)) / max(int(conf.sum()), 1), "n": int(conf.sum()),
+            "recall": (np.diag(conf) / support).tolist(), "confusion": conf.tolist(),
+            "sites": sorted(r.evaluations)}
+
+
 def _link_json(r: LinkRecord) -> dict[str, Any]:
     m = r.metrics
     n_classes = len(m["val-recall"])
-    conf = [list(m["val-confusion"][i * n_classes:(i + 1) * n_classes]) for i in range(n_classes)]
-    return {
+    conf = _square(list(m["val-confusion"]), n_classes)
+    row = {
+        "name": f"link {r.index + 1}", "kind": "link",
         "link": r.index + 1, "site": r.site, "arch": r.arch, "init": r.init,
         "val": {"accuracy": m["val-accuracy"], "recall": list(m["val-recall"]), "confusion": conf, "n": m["val-n"]},
         "epochs": [{"epoch": i + 1, "loss": lo, "ce": ce, "kd": kd, "seconds": s} for i, (lo, ce, kd, s) in
@@ -40,6 +58,10 @@ def _link_json(r: LinkRecord) -> dict[str, Any]:
         "bytes_to_site": r.bytes_to_site, "bytes_from_site": r.bytes_from_site,
         "evaluations": r.evaluations, "eval_accuracy": mean_eval(r),
     }
+    test = held_out(r, n_classes)
+    if test is not None:
+        row["test"] = test
+    return row
 
 
 def results(fed: Federation, outcome: ChainOutcome, seconds: float) -> dict[str, Any]:
@@ -52,7 +74,8 @@ def results(fed: Federation, outcome: ChainOutcome, seconds: float) -> dict[str,
     return {"weckd_version": __version__, "seed": cfg.seed, "mode": cfg.chain.mode, "classes": list(cfg.data.classes),
             "order": list(cfg.chain.order), "cycles": cfg.chain.cycles, "evaluate": fed.settings.evaluate,
             "sites": {s: {"counts": i["counts"]} for s, i in outcome.sites.items()},
-            "links": links, "summary": summary}
+            "links": links, "baselines": [], "summary": summary,
+            "held_out": "federated evaluation: each link's model on the evaluating sites' validation splits"}
 
 
 def write_outputs(out: Path, fed: Federation, outcome: ChainOutcome, seconds: float) -> None:
@@ -71,5 +94,10 @@ def write_outputs(out: Path, fed: Federation, outcome: ChainOutcome, seconds: fl
         card = ModelCard(arch, list(cfg.data.classes), cfg.data.image_size, cfg.data.channels, provenance)
         save_model(out / "model", state, card)
     write_yaml(out / "config.effective.yaml", config_to_mapping(cfg))
-    write_json(out / RESULTS_FILE, results(fed, outcome, seconds))
+    data = results(fed, outcome, seconds)
+    write_json(out / RESULTS_FILE, data)
     log.info("results written to %s", out)
+    if all("test" in row for row in data["links"]):
+        write_report(out)
+    else:
+        log.info("no federated evaluation of every link (evaluate: %s): no report plots", fed.settings.evaluate)

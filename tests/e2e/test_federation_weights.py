@@ -56,3 +56,13 @@ def test_federation_matches_the_in_process_chain(weights_run: FederatedRun) -> N
         for mine, theirs in zip(row.result.epochs, remote["epochs"], strict=True):
             expected = pytest.approx((mine.loss, mine.ce, mine.kd), abs=1e-5)
             assert (theirs["loss"], theirs["ce"], theirs["kd"]) == expected
+
+
+def test_coordinator_writes_the_run_report(weights_run: FederatedRun) -> None:
+    for name in ("report.md", "report.html", "accuracy_per_link.png", "loss_curves.png", "confusion_matrix.png"):
+        assert (weights_run.out / name).is_file(), name
+    results = weights_run.results
+    final = results["links"][-1]["test"]
+    assert final["n"] == sum(e["n"] for e in results["links"][-1]["evaluations"].values())
+    assert sum(map(sum, final["confusion"])) == final["n"]
+    assert "federated evaluation" in (weights_run.out / "report.md").read_text()
