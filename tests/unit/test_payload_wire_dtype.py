@@ -83,9 +83,9 @@ def test_in_process_rounding_equals_the_decoded_wire_state(state: dict[str, torc
     assert all(rounded[k].dtype == wire[k].dtype and torch.equal(rounded[k], wire[k]) for k in state)
 
 
-def test_wire_dtype_defaults_to_float32_and_accepts_float16(tmp_path: Path) -> None:
-    assert _load(tmp_path, {}).chain.wire_dtype == "float32"
-    assert _load(tmp_path, {}, ("chain.wire_dtype=float16",)).chain.wire_dtype == "float16"
+def test_wire_dtype_defaults_to_float16_and_accepts_float32(tmp_path: Path) -> None:
+    assert _load(tmp_path, {}).chain.wire_dtype == "float16"
+    assert _load(tmp_path, {}, ("chain.wire_dtype=float32",)).chain.wire_dtype == "float32"
 
 
 def test_unknown_wire_dtype_in_the_config_suggests_the_close_choice(tmp_path: Path) -> None:
