@@ -84,12 +84,18 @@ def make_ca(out: Path, name: str = "weckd federation CA", force: bool = False) -
         .add_extension(usage, critical=True)
         .sign(key, hashes.SHA256())
     )
-    for path in (out / CA_CERT, out / CA_KEY):
+    return _write_cert_and_key(out / CA_CERT, out / CA_KEY, cert, key, force)
+
+
+def _write_cert_and_key(cert_path: Path, key_path: Path, cert: x509.Certificate,
+                        key: ec.EllipticCurvePrivateKey, force: bool) -> Path:
+    """Write a private key (0600) and its certificate, refusing to overwrite either without ``force``."""
+    for path in (cert_path, key_path):
         if path.exists() and not force:
             raise ConfigError(f"{path}: already exists; pass --force to overwrite it")
-    _write(out / CA_KEY, _pem_key(key), private=True, force=force)
-    _write(out / CA_CERT, cert.public_bytes(serialization.Encoding.PEM), private=False, force=force)
-    return out / CA_CERT
+    _write(key_path, _pem_key(key), private=True, force=force)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False, force=force)
+    return cert_path
 
 
 def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
@@ -136,12 +142,7 @@ def make_server_cert(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    for path in (out / SERVER_CERT, out / SERVER_KEY):
-        if path.exists() and not force:
-            raise ConfigError(f"{path}: already exists; pass --force to overwrite it")
-    _write(out / SERVER_KEY, _pem_key(key), private=True, force=force)
-    _write(out / SERVER_CERT, cert.public_bytes(serialization.Encoding.PEM), private=False, force=force)
-    return out / SERVER_CERT
+    return _write_cert_and_key(out / SERVER_CERT, out / SERVER_KEY, cert, key, force)
 
 
 def make_site_key(site: str, out: Path, force: bool = False) -> tuple[Path, Path]:

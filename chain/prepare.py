@@ -66,7 +66,7 @@ def pool_and_test(data: DataSettings, spec: ImageSpec, seed: int) -> tuple[Image
     (stratified, deterministic), unless ``data.test`` names a separate test set.
     """
     assert data.dataset is not None
-    syn = _synthetic_args(data, seed_offset=0)
+    syn = _synthetic_args(data)
     full = read_labelled(data.dataset, spec, split="train", synthetic_args=syn)
     if data.test is not None:
         return full, read_labelled(data.test, spec, split="test", synthetic_args=syn)
@@ -80,10 +80,11 @@ def site_fraction(data: DataSettings, order: Sequence[str], site: str, seed: int
     """One site's fraction of a dataset split across ``order`` (what a federated demo site loads)."""
     if site not in order:
         raise SiteDataError(f"site {site}: not one of the split's sites {list(order)}")
-    prepared_pool, _ = pool_and_test(data, image_spec(data), seed)
-    parts = split_parts(prepared_pool.labels, len(order), seed)
-    part = prepared_pool.subset(parts[list(order).index(site)])
-    return make_site(site, part, data.val_fraction, seed, _unlabelled(data, site, image_spec(data)))
+    spec = image_spec(data)
+    pool, _ = pool_and_test(data, spec, seed)
+    parts = split_parts(pool.labels, len(order), seed)
+    part = pool.subset(parts[list(order).index(site)])
+    return make_site(site, part, data.val_fraction, seed, _unlabelled(data, site, spec))
 
 
 def load_proxy(data: DataSettings, spec: ImageSpec) -> ImageSet:
@@ -108,6 +109,6 @@ def hash_site(site: str) -> int:
     return sum((i + 1) * ord(c) for i, c in enumerate(site)) % 9973
 
 
-def _synthetic_args(data: DataSettings, seed_offset: int) -> tuple[int, float, int]:
+def _synthetic_args(data: DataSettings) -> tuple[int, float, int]:
     s = data.synthetic
-    return (s.samples, s.noise, s.seed + seed_offset)
+    return (s.samples, s.noise, s.seed)
