@@ -11,6 +11,8 @@ cast (:func:`round_state`), so both give the same links.
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -25,6 +27,9 @@ KINDS = ("weights", "logits")
 WIRE_DTYPES = ("float32", "float16")
 DTYPES = (*WIRE_DTYPES, "int64")
 LOGITS_KEY = "logits"
+MAX_PAYLOAD_BYTES = 1 << 30  # 1 GiB: a payload declaring more is refused before anything is allocated
+BYTES_MAGIC = b"WKPB"
+_BYTES_PREFIX = struct.Struct(">4sI")  # magic, header length
 
 # Message types (Flower's reserved names) and the record keys inside a message's content.
 MSG_QUERY = "query"
@@ -38,6 +43,8 @@ KEY_MODEL_HEADER = "model-header"  # ConfigRecord: header of the final link's we
 KEY_MODEL_ARRAYS = "model-arrays"  # ArrayRecord: the final link's weights (logits mode)
 KEY_INFO = "info"  # ConfigRecord: what a site says about itself (version, classes, proxy hash)
 KEY_METRICS = "metrics"  # MetricRecord: counts, accuracies, loss parts, seconds
+KEY_SEALED = "sealed"  # ArrayRecord: sealed payloads (uint8), "<kind>:<recipient>" in replies, one in requests:
+SEALED_ENTRY = "payload"  # the name of the one sealed blob in a request's KEY_SEALED record
 
 
 @dataclass(frozen=True)
@@ -149,6 +156,7 @@ def decode_state(
     named = unpack(header, arrays, where)
     if any(a.dtype.kind == "f" and str(a.dtype) != wire for a in named.values()):
         raise PayloadError(f"{where}: floating tensors not in the declared wire dtype {wire}; the payload is damaged")
+    check_finite(named, where)
     state = {name: torch.from_numpy(a.astype(np.float32) if a.dtype.kind == "f" else a) for name, a in named.items()}
     return meta.arch, state
 
@@ -173,11 +181,21 @@ def decode_logits(
             f"{where}: logits of shape {logits.shape} {logits.dtype}, expected ({n_proxy}, "
             f"{n_classes}) float32; do all sites hold the same proxy set and classes?"
         )
+    check_finite(named, where)
     return meta.arch, torch.from_numpy(np.array(logits, copy=True))
 
 
+def check_finite(arrays: Mapping[str, np.ndarray], where: str) -> None:
+    """Refuse NaN or ±Inf in any floating tensor (a diverged or poisoned model must not be loaded)."""
+    for name, a in arrays.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            bad = int(np.size(a) - np.count_nonzero(np.isfinite(a)))
+            raise PayloadError(f"{where}: tensor {name!r} holds {bad} NaN/Inf value(s); the sender's model diverged "
+                               "or the payload is poisoned; refused before loading")
+
+
 def unpack(header: Mapping[str, Any], buffers: Mapping[str, np.ndarray],
-           where: str = "payload") -> dict[str, np.ndarray]:
+           where: str = "payload", max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, np.ndarray]:
     """Split the flat per-dtype buffers back into named arrays of the shapes the header declares."""
     names, dtypes, ndims, dims = (list(header.get(k) or []) for k in ("names", "dtypes", "ndims", "dims"))
     if not (len(names) == len(dtypes) == len(ndims)) or sum(ndims) != len(dims) or len(set(names)) != len(names):
@@ -186,6 +204,13 @@ def unpack(header: Mapping[str, Any], buffers: Mapping[str, np.ndarray],
     if unknown:
         raise PayloadError(f"{where}: payload declares dtype(s) {unknown}; this weckd reads {', '.join(DTYPES)}; "
                            "upgrade weckd on both sides")
+    if any(not isinstance(d, int) or d < 0 for d in dims) or any(not isinstance(n, int) or n < 0 for n in ndims):
+        raise PayloadError(f"{where}: payload header declares a negative or non-integer tensor dimension")
+    declared = _declared_bytes(dtypes, ndims, dims)
+    held = sum(int(np.asarray(b).nbytes) for b in buffers.values())
+    if max(declared, held) > max_bytes:
+        raise PayloadError(f"{where}: payload of {max(declared, held)} bytes is over the limit of {max_bytes} bytes; "
+                           "refused before loading (raise the limit on both sides if the model really is that large)")
     if set(buffers) != set(dtypes):
         raise PayloadError(f"{where}: payload buffers {sorted(buffers)} do not match the declared dtypes "
                            f"{sorted(set(dtypes))}")
@@ -206,3 +231,54 @@ def unpack(header: Mapping[str, Any], buffers: Mapping[str, np.ndarray],
     if left:
         raise PayloadError(f"{where}: {left} values left over after the declared tensors; the payload is damaged")
     return out
+
+
+def _declared_bytes(dtypes: list[Any], ndims: list[int], dims: list[int]) -> int:
+    """Bytes the header's tensor index adds up to (Python ints: no overflow on hostile dimensions)."""
+    total, d = 0, 0
+    for dt, nd in zip(dtypes, ndims):
+        size = 1
+        for x in dims[d:d + nd]:
+            size *= int(x)
+        d += nd
+        total += size * np.dtype(str(dt)).itemsize
+    return total
+
+
+def payload_bytes(payload: Payload) -> bytes:
+    """A payload as one byte string (what gets sealed and checkpointed), see :func:`pack_bytes`."""
+    return pack_bytes(*payload.pack())
+
+
+def pack_bytes(header: Mapping[str, Any], buffers: Mapping[str, np.ndarray]) -> bytes:
+    """(header, per-dtype buffers) as ``WKPB`` | header length | canonical JSON header (with each
+    buffer's dtype and byte length) | the raw buffers."""
+    index = [[dt, int(b.nbytes)] for dt, b in buffers.items()]
+    head = json.dumps({**header, "buffers": index}, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return b"".join([_BYTES_PREFIX.pack(BYTES_MAGIC, len(head)), head,
+                     *(np.ascontiguousarray(b).tobytes() for b in buffers.values())])
+
+
+def payload_from_bytes(data: bytes, where: str = "payload", max_bytes: int = MAX_PAYLOAD_BYTES
+                       ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(header, per-dtype buffers) from :func:`payload_bytes` output, ready for :func:`decode_state`."""
+    if len(data) > max_bytes + (1 << 20):
+        raise PayloadError(f"{where}: payload of {len(data)} bytes is over the limit of {max_bytes} bytes; refused")
+    if len(data) < _BYTES_PREFIX.size or data[:4] != BYTES_MAGIC:
+        raise PayloadError(f"{where}: not a weckd payload (bad magic bytes); is the peer running weckd?")
+    _, head_len = _BYTES_PREFIX.unpack_from(data)
+    start = _BYTES_PREFIX.size + head_len
+    try:
+        header = json.loads(data[_BYTES_PREFIX.size:start].decode("utf-8"))
+        index = [(str(dt), int(n)) for dt, n in header.pop("buffers")]
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise PayloadError(f"{where}: payload header is not readable ({err}); upgrade weckd on both sides") from None
+    if any(dt not in DTYPES or n < 0 for dt, n in index) or start + sum(n for _, n in index) != len(data):
+        raise PayloadError(f"{where}: payload buffers do not add up to its {len(data)} bytes; truncated or damaged")
+    buffers, pos = {}, start
+    for dt, n in index:
+        if n % np.dtype(dt).itemsize:
+            raise PayloadError(f"{where}: buffer {dt} of {n} bytes is not a whole number of values")
+        buffers[dt] = np.frombuffer(data, dtype=dt, count=n // np.dtype(dt).itemsize, offset=pos).copy()
+        pos += n
+    return header, buffers

@@ -2,7 +2,7 @@
 
 Each dataclass field may carry metadata: ``choices`` (allowed values), ``min``/``max`` (inclusive
 bounds), ``gt`` (exclusive lower bound), ``lt`` (exclusive upper bound) and ``path`` (a filesystem
-path resolved against the config file's folder). Every problem becomes one ``ConfigError`` line
+path, or a mapping of them, resolved against the config file's folder). Every problem becomes one ``ConfigError`` line
 naming the file and the dotted key.
 """
 
@@ -66,6 +66,8 @@ def convert(hint: Any, value: Any, key: str, origin: Origin, meta: Any = None) -
     _check_range(result, key, origin, meta)
     if meta.get("path") and isinstance(result, str):
         result = resolve_path(result, origin)
+    elif meta.get("path") and isinstance(result, dict):
+        result = {k: resolve_path(v, origin) for k, v in result.items()}
     return result
 
 

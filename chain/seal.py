@@ -55,7 +55,7 @@ _HKDF_INFO = b"weckd-seal v%d X25519 HKDF-SHA256 AES-256-GCM"
 
 REASONS = (
     "too-large", "malformed", "bad-version", "bad-signature", "tampered",
-    "unexpected-sender", "wrong-recipient", "replay", "wrong-model", "bad-hash",
+    "unexpected-sender", "wrong-recipient", "replay", "wrong-model", "bad-hash", "unknown-peer", "unsealed",
 )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from weckd.chain.cli import run_command, setup_logging
 from weckd.chain.errors import ConfigError, WeckdError
+from weckd.chain.peers import load_party
 
 from .fastflower import check_internals
 from .metrics import SiteMetrics, SiteStatus, site_counts, status_path
@@ -47,6 +48,11 @@ def _serve(args: argparse.Namespace) -> int:
         if not args.insecure and not Path(path).is_file():
             raise ConfigError(f"{cfg.source}: {key}: {path}: file not found; copy it from the coordinator "
                               "or create it with 'weckd certs'")
+    if cfg.sealing is not None:  # a bad key file is a one-line config error before connecting
+        load_party(cfg.site, cfg.sealing, cfg.source)
+    else:
+        log.warning("site %s: no sealing: section; payloads are protected by TLS only and the coordinator can "
+                    "read them", cfg.site)
     data = load_local_data(cfg)  # fail on bad data before connecting
     if args.check:
         log.info("site %s: config and data OK", cfg.site)

@@ -30,6 +30,7 @@ from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVers
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from weckd.chain.errors import SecurityError
 
 from .fastflower import fast_pull
 
@@ -66,7 +67,8 @@ def run_task(address: str, token: str) -> None:
     except Exception as ex:  # a task failure is reported to the coordinator, the executor lives on
         code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) \
             else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-        details = f"{type(ex).__name__}: {ex}"
+        reason = getattr(ex, "reason", "") if isinstance(ex, SecurityError) else ""
+        details = f"SealError[{reason}]: {ex}" if reason else f"{type(ex).__name__}: {ex}"
         log.exception("task failed: %s", details)
         if message is not None:
             reply = Message(Error(code=code, reason=details), reply_to=message)

@@ -131,7 +131,8 @@ class SiteStatus:
         try:
             out = decode()
         except (PayloadError, SecurityError) as err:
-            self.payload_rejected(REJECT_REASONS[type(err)] if type(err) in REJECT_REASONS else "other")
+            base = next((label for cls, label in REJECT_REASONS.items() if isinstance(err, cls)), "other")
+            self.payload_rejected(str(getattr(err, "reason", "") or base))
             raise
         if out is not None:
             self.payload_verified()

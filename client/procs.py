@@ -4,11 +4,13 @@ hangs in interpreter shutdown, and ``flwr-clientapp``/``flwr-serverapp`` childre
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +67,7 @@ class Group:
         out = (self.log_dir / f"{name}.log").open("ab")
         try:
             proc = subprocess.Popen(list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         finally:
             out.close()
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
@@ -104,6 +106,41 @@ def stop(name: str, proc: subprocess.Popen, timeout: float) -> None:
             log.warning("%s did not stop within %.0fs; killing it", name, timeout)
     _signal_group(proc.pid, signal.SIGKILL)  # leftover children in the group
     proc.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGKILL it when its parent dies, so a SIGKILLed weckd-server or
+    weckd-client never leaves a SuperLink or SuperNode holding its ports."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def record_group(path: Path, proc: subprocess.Popen) -> None:
+    """Remember a child's process group (see :func:`kill_stale_group`)."""
+    path.write_text(f"{proc.pid}\n", encoding="utf-8")
+
+
+def kill_stale_group(path: Path, markers: tuple[str, ...]) -> int:
+    """SIGKILL what is left of a process group recorded by a previous, killed instance: only processes
+    still in that group whose command line contains one of ``markers``. Returns how many were killed."""
+    try:
+        pgid = int(path.read_text(encoding="utf-8").strip())
+    except (OSError, ValueError):
+        return 0
+    killed = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            if os.getpgid(int(proc.name)) != pgid or not any(m in cmdline for m in markers):
+                continue
+            os.kill(int(proc.name), signal.SIGKILL)
+            killed += 1
+        except (OSError, ValueError):
+            continue
+    if killed:
+        log.warning("killed %d leftover process(es) of a previous instance (process group %d)", killed, pgid)
+    path.unlink(missing_ok=True)
+    return killed
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -6,12 +6,13 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from weckd.chain.errors import PayloadError
-from weckd.chain.payload import KEY_ARRAYS, KEY_HEADER, Payload
+from weckd.chain.payload import KEY_ARRAYS, KEY_HEADER, payload_from_bytes
 
 
-def payload_records(payload: Payload, header_key: str = KEY_HEADER, arrays_key: str = KEY_ARRAYS) -> dict[str, Any]:
-    """A payload as a ConfigRecord (header) and an ArrayRecord (arrays) to put in a RecordDict."""
-    header, buffers = payload.pack()
+def payload_records_from_bytes(data: bytes, header_key: str = KEY_HEADER, arrays_key: str = KEY_ARRAYS
+                               ) -> dict[str, Any]:
+    """A payload (``chain.payload.payload_bytes``) as a ConfigRecord (header) and an ArrayRecord (arrays)."""
+    header, buffers = payload_from_bytes(data)
     arrays = ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in buffers.items()})
     return {header_key: ConfigRecord(header), arrays_key: arrays}
 

@@ -1,6 +1,6 @@
 """A site's local config and data: ``site-A.yaml`` in, the site's train/validation split out.
 
-Everything here stays at the site: data paths, the auth private key, device and threads. Only
+Everything here stays at the site: data paths, the auth and sealing private keys, device and threads. Only
 counts, class names and the proxy set's content hash are ever reported to the coordinator.
 
 Data comes either from a dataset split across the federation (``data.dataset`` plus
@@ -20,6 +20,7 @@ import torch
 from weckd.chain.config import DataSettings, read_yaml
 from weckd.chain.data import ImageSet, ImageSpec, SiteData, make_site, read_labelled
 from weckd.chain.errors import ConfigError
+from weckd.chain.peers import SealingSettings
 from weckd.chain.prepare import _unlabelled, image_spec, load_proxy, site_fraction
 from weckd.chain.schema import Origin, build
 
@@ -62,6 +63,7 @@ class SiteConfig:
     metrics: bool = True  # Prometheus /metrics (weckd.client.metrics); false or metrics_port 0: off
     metrics_address: str = "0.0.0.0"
     metrics_port: int = field(default=9465, metadata=_m(min=0, max=65535))
+    sealing: SealingSettings | None = None  # this site's sealing keys and pinned peers (weckd.chain.peers)
     source: str = field(default="<defaults>", compare=False, metadata=_m(internal=True))
 
 

@@ -1,8 +1,9 @@
 """The weckd ServerApp: discover the sites, run the chain, write the results (thin: logic in schedule.py).
 
 Run-config keys (set by ``weckd-server``): ``federation-config`` (the coordinator's YAML, read here
-again with the same validation), ``output-dir``, ``progress-file`` (one JSON line per event, which
-``weckd-server`` follows) and ``wire-log`` (empty: off). Flower discards the ServerApp's context
+again with the same validation), ``output-dir``, ``state-dir`` (the chain checkpoint: a run continues
+from it), ``progress-file`` (one JSON line per event, which ``weckd-server`` follows) and ``wire-log``
+(empty: off). Flower discards the ServerApp's context
 when the run ends, so everything is written to files here.
 """
 from __future__ import annotations
@@ -15,11 +16,13 @@ from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from weckd.chain.errors import LinkError
 from weckd.client.fastflower import fast_pull
 
 from .report import write_outputs
-from .schedule import discover, run_links
-from .settings import load_federation
+from .schedule import ChainRun, discover
+from .settings import Federation, load_federation
+from .state import ChainState, load_state, new_state, save_state
 from .transport import Timing, Transport, wait_for_sites
 from .wire import WireLog
 
@@ -48,17 +51,40 @@ def main(grid: Grid, context: Context) -> None:
     start = time.monotonic()
     fed = load_federation(str(rc["federation-config"]))
     progress = ProgressFile(str(rc["progress-file"]))
+    state_dir = Path(str(rc["state-dir"]))
     s = fed.settings
     try:
-        nodes = wait_for_sites(grid, list(fed.chain.chain.order), s.discovery_timeout, s.poll_interval)
+        state = load_state(state_dir, fed) or new_state(fed)
+        wanted = [site for site in dict.fromkeys(fed.chain.chain.order) if site not in state.skipped]
+        nodes = wait_for_sites(grid, wanted, s.discovery_timeout, s.poll_interval)
+        _offline_at_discovery(fed, state, [site for site in wanted if site not in nodes], progress)
         transport = Transport(grid, nodes, Timing(s.message_ttl, s.link_timeout, s.poll_interval),
                               WireLog(str(rc["wire-log"])))
         progress({"event": "sites-online", "sites": sorted(nodes)})
         infos = discover(transport, fed)
         progress({"event": "discovered", "sites": {k: v["counts"] for k, v in infos.items()}})
-        outcome = run_links(transport, fed, infos, progress)
-        write_outputs(Path(str(rc["output-dir"])), fed, outcome, time.monotonic() - start)
+        outcome = ChainRun(transport, fed, infos, progress, state, state_dir).run()
+        write_outputs(Path(str(rc["output-dir"])), fed, outcome, time.monotonic() - start, state.run_id)
+        state.completed = True
+        save_state(state_dir, state)
     except Exception as err:
         progress({"event": "failed", "reason": str(err)})
         raise
     progress({"event": "completed", "seconds": time.monotonic() - start})
+
+
+def _offline_at_discovery(fed: Federation, state: ChainState, missing: list[str], progress: ProgressFile) -> None:
+    """Sites still offline after ``discovery_timeout``: fail the run naming them, or skip them."""
+    if not missing:
+        return
+    s = fed.settings
+    message = (f"discovery: site(s) {', '.join(missing)} not online after {s.discovery_timeout:.0f}s; start "
+               "weckd-client there, check its fleet address, CA and auth key, or raise federation.discovery_timeout")
+    if s.on_site_failure == "fail":
+        raise LinkError(message)
+    for site in missing:
+        progress({"event": "site-failure", "site": site, "link": len(state.links) + 1, "attempt": 1,
+                  "kind": "offline", "reason": "offline", "message": message})
+        progress({"event": "site-skipped", "site": site, "link": len(state.links) + 1, "reason": "offline"})
+        state.skipped.append(site)
+    log.warning("%s; skipping them (on_site_failure: skip)", message)

@@ -15,15 +15,18 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from weckd.chain.cli import run_command, setup_logging
-from weckd.chain.errors import LinkError, WeckdError
+from weckd.chain.errors import ConfigError, LinkError, WeckdError
+from weckd.chain.peers import COORDINATOR, load_party
 from weckd.client.fastflower import check_internals
 from weckd.client.procs import Group, raise_on_sigterm
 
 from .metrics import ServerMetrics, format_seconds
 from .report import RESULTS_FILE
-from .settings import Federation, check_files, load_federation
+from .settings import Federation, check_files, coordinator_sealing, load_federation
+from .state import discard_state, load_state
 from .superlink import (
     Paths,
+    hold_lock,
     register_sites,
     run_status,
     start_superlink,
@@ -47,6 +50,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("-o", "--out", help="output folder (default: federation.output_dir)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set link.epochs=3 (repeatable)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start the chain over: move the checkpoint in the state dir aside instead of resuming")
     parser.add_argument("--wire-log", default="", help=argparse.SUPPRESS)  # tests: record every message
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -58,10 +63,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     fed = load_federation(args.config, tuple(args.set))
     check_files(fed)
+    _check_sealing(fed)
     check_internals()
     out = Path(args.out or fed.settings.output_dir).resolve()
     paths = Paths.under(Path(fed.settings.state_dir).resolve())
     paths.state.mkdir(parents=True, exist_ok=True)
+    lock = hold_lock(paths.state)  # one coordinator per state dir; released by the OS if we die
+    _checkpoint(fed, paths.state, args.fresh)
     group = Group(paths.logs, fed.settings.shutdown_timeout)
     ready = paths.state / READY_FILE
     ready.unlink(missing_ok=True)
@@ -80,13 +88,43 @@ def _serve(args: argparse.Namespace) -> int:
         group.stop_all()
         log.info("SuperLink stopped")
         metrics.close(fed.settings.metrics_linger)
+        lock.close()
+
+
+def _check_sealing(fed: Federation) -> None:
+    """Load the coordinator's sealing keys now (a bad key is a config error before anything starts)."""
+    if fed.settings.sealing is None:
+        log.warning("federation.sealing is not set: payloads are protected by TLS only, so the coordinator can read "
+                    "every relayed model; see docs/threat-model.md")
+        return
+    own = coordinator_sealing(fed)
+    if own is not None:
+        load_party(COORDINATOR, own, fed.source)
+    log.info("payloads sealed end to end; final model for: %s", ", ".join(fed.settings.sealing.deliver_to))
+
+
+def _checkpoint(fed: Federation, state_dir: Path, fresh: bool) -> None:
+    """Resume from the chain checkpoint, or (``--fresh``) move it aside; a torn one stops us here."""
+    if fresh:
+        moved = discard_state(state_dir)
+        if moved is not None:
+            log.info("--fresh: previous chain checkpoint moved to %s", moved)
+        return
+    state = load_state(state_dir, fed)
+    if state is None:
+        return
+    if state.completed:
+        raise ConfigError(f"{fed.settings.state_dir}: the chain checkpointed there is complete ({len(state.links)} "
+                          "links); pass --fresh to start a new chain")
+    log.info("resuming chain %s at link %d (%d link(s) done, checkpoint of %s)", state.run_id, len(state.links) + 1,
+             len(state.links), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.updated)))
 
 
 def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, metrics: ServerMetrics) -> int:
     progress = paths.state / f"progress-{int(time.time() * 1000)}.jsonl"
     (out / RESULTS_FILE).unlink(missing_ok=True)
     run_id = submit(paths, {"federation-config": str(Path(fed.source).resolve()), "output-dir": str(out),
-                            "progress-file": str(progress), "wire-log": wire_log})
+                            "state-dir": str(paths.state), "progress-file": str(progress), "wire-log": wire_log})
     log.info("run %d submitted; waiting for sites %s", run_id, ", ".join(fed.chain.chain.order))
     metrics.set_run(run_id, fed.chain.chain.mode)
     try:

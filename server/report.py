@@ -9,11 +9,13 @@ import numpy as np
 from weckd.chain import __version__
 from weckd.chain.artifacts import ModelCard, save_model, write_json, write_yaml
 from weckd.chain.config import config_to_mapping
-from weckd.chain.payload import decode_state
+from weckd.chain.payload import decode_state, payload_from_bytes
+from weckd.chain.peers import COORDINATOR, load_party
 from weckd.chain.report import write_report
 
-from .schedule import ChainOutcome, LinkRecord
-from .settings import Federation
+from .schedule import ChainOutcome
+from .settings import Federation, coordinator_sealing
+from .state import LinkRecord
 
 log = logging.getLogger(__name__)
 
@@ -78,23 +80,51 @@ def results(fed: Federation, outcome: ChainOutcome, seconds: float) -> dict[str,
             "held_out": "federated evaluation: each link's model on the evaluating sites' validation splits"}
 
 
-def write_outputs(out: Path, fed: Federation, outcome: ChainOutcome, seconds: float) -> None:
-    """results.json, config.effective.yaml and model/ (safetensors + model card) into ``out``."""
+def final_model(fed: Federation, outcome: ChainOutcome, run_id: str) -> tuple[str, dict[str, Any]] | None:
+    """(arch, state) of the delivered model as the coordinator can read it; None when it is sealed for
+    sites only (the coordinator then keeps the sealed copies and cannot open them)."""
+    relay = outcome.final
+    if relay is None:
+        return None
+    where = f"final model (link {relay.link + 1}, site {relay.site})"
+    if relay.sealed:
+        sealing = coordinator_sealing(fed)
+        if sealing is None:
+            return None
+        party = load_party(COORDINATOR, sealing, fed.source)
+        data = party.open_from(relay.blob("weights", COORDINATOR), sender=relay.site, run_id=run_id,
+                               link=relay.link, kind="weights")
+    else:
+        data = relay.blob("weights", COORDINATOR)
+    header, buffers = payload_from_bytes(data, where)
+    return decode_state(header, buffers, link=relay.link, where=where)
+
+
+def write_outputs(out: Path, fed: Federation, outcome: ChainOutcome, seconds: float, run_id: str) -> None:
+    """results.json, config.effective.yaml, model/ (safetensors + model card) where the coordinator may
+    read the final model, and sealed/ (the final model sealed for each recipient site) in a sealed run."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = fed.chain
-    if outcome.final_payload is not None:
-        header, arrays = outcome.final_payload
-        arch, state = decode_state(dict(header), {k: np.asarray(a.numpy()) for k, a in arrays.items()},
-                                   link=cfg.n_links - 1, where="final model")
+    model = final_model(fed, outcome, run_id)
+    if model is not None:
+        arch, state = model
         provenance = {"seed": cfg.seed, "mode": cfg.chain.mode, "order": list(cfg.chain.order),
-                      "cycles": cfg.chain.cycles, "federated": True,
+                      "cycles": cfg.chain.cycles, "federated": True, "run_id": run_id, "skipped": outcome.skipped,
                       "links": [{"link": r.index + 1, "site": r.site, "arch": r.arch, "init": r.init}
                                 for r in outcome.links],
                       "val_accuracy": outcome.links[-1].metrics["val-accuracy"]}
         card = ModelCard(arch, list(cfg.data.classes), cfg.data.image_size, cfg.data.channels, provenance)
         save_model(out / "model", state, card)
+    if outcome.final is not None and outcome.final.sealed:
+        sealed = out / "sealed"
+        sealed.mkdir(exist_ok=True)
+        for key, blob in outcome.final.blobs.items():
+            kind, _, recipient = key.partition(":")
+            if kind == "weights" and recipient != COORDINATOR:
+                (sealed / f"final-model-for-{recipient}.sealed").write_bytes(blob)
     write_yaml(out / "config.effective.yaml", config_to_mapping(cfg))
     data = results(fed, outcome, seconds)
+    data["run_id"], data["skipped"] = run_id, outcome.skipped
     write_json(out / RESULTS_FILE, data)
     log.info("results written to %s", out)
     if all("test" in row for row in data["links"]):

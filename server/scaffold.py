@@ -1,17 +1,21 @@
 """A complete federation in one folder on this machine: CA, server certificate, site auth keys,
-``federation.yaml`` and one ``site-X.yaml`` per site, on free loopback ports and the built-in
-synthetic data split across the sites. Used by ``weckd demo``, the end-to-end tests and the
-federation-overhead benchmark.
+sealing keys (each party's private keys in its own folder under ``keys/sealing/``, every public key
+in ``keys/public/``, as they would be after the onboarding exchange), ``federation.yaml`` and one
+``site-X.yaml`` per site, on free loopback ports and the built-in synthetic data split across the
+sites. Used by ``weckd demo``, the end-to-end tests and the federation-overhead benchmark.
 """
 from __future__ import annotations
 
 import copy
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 from weckd.chain.certs import make_ca, make_server_cert, make_site_key
+from weckd.chain.keys import generate_site_keys
+from weckd.chain.peers import COORDINATOR
 from weckd.client.procs import free_port
 
 SYNTHETIC_CHAIN: dict[str, Any] = {
@@ -49,9 +53,26 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
             base[k] = v
 
 
+def make_sealing_keys(root: Path, parties: Sequence[str]) -> None:
+    """``keys/sealing/<party>/`` (private + public) and ``keys/public/`` (every party's public keys)."""
+    public = root / "keys" / "public"
+    public.mkdir(parents=True, exist_ok=True)
+    for party in parties:
+        files = generate_site_keys(party, root / "keys" / "sealing" / party, force=True)
+        for pub in (files.x25519_pub, files.ed25519_pub):
+            shutil.copyfile(pub, public / pub.name)
+
+
+def site_sealing(site: str, order: Sequence[str]) -> dict[str, Any]:
+    """A scaffold site's ``sealing:`` section: its own keys, every other party pinned."""
+    peers = [p for p in dict.fromkeys([*order, COORDINATOR]) if p != site]
+    return {"keys": f"keys/sealing/{site}", "peers": {p: "keys/public" for p in peers}}
+
+
 def make_scaffold(root: Path, chain: dict[str, Any], federation: dict[str, Any] | None = None,
-                  threads: int = 1) -> Scaffold:
-    """Write certs, keys, federation.yaml and site configs under ``root`` (ports picked free now)."""
+                  threads: int = 1, sealed: bool = True) -> Scaffold:
+    """Write certs, keys, federation.yaml and site configs under ``root`` (ports picked free now); with
+    ``sealed``, payloads are sealed end to end and the final model goes to the coordinator and site A."""
     root.mkdir(parents=True, exist_ok=True)
     certs, keys = root / "certs", root / "keys"
     make_ca(certs)
@@ -59,22 +80,29 @@ def make_scaffold(root: Path, chain: dict[str, Any], federation: dict[str, Any] 
     order = list(chain["chain"]["order"])
     for site in order:
         make_site_key(site, keys)
+    if sealed:
+        make_sealing_keys(root, [*dict.fromkeys(order), COORDINATOR])
     fleet = f"127.0.0.1:{free_port()}"
     fed = {"fleet_address": fleet, "control_port": free_port(), "state_dir": "state/server",
            "output_dir": "out", "ca": "certs/ca.crt", "cert": "certs/server.pem", "key": "certs/server.key",
            "discovery_timeout": 60.0, "link_timeout": 600.0, "message_ttl": 900.0, "evaluate": "all",
            "shutdown_timeout": 5.0, "metrics_address": "127.0.0.1", "metrics_port": free_port(),
            "sites": {s: {"auth_key": f"keys/site-{s}.pub"} for s in order}}
+    if sealed:
+        fed["sealing"] = {"deliver_to": [COORDINATOR, order[0]], "keys": f"keys/sealing/{COORDINATOR}",
+                          "peers": {s: "keys/public" for s in dict.fromkeys(order)}}
     fed.update(federation or {})
     path = root / "federation.yaml"
     path.write_text(yaml.safe_dump({**chain, "federation": fed}, sort_keys=False), encoding="utf-8")
-    sites = {s: write_site_config(root, s, chain, fleet, threads) for s in order}
+    sites = {s: write_site_config(root, s, chain, fleet, threads, sealing=site_sealing(s, order) if sealed else None)
+             for s in dict.fromkeys(order)}
     return Scaffold(root, path, sites, chain)
 
 
 def write_site_config(root: Path, site: str, chain: dict[str, Any], superlink: str, threads: int,
                       data_overrides: dict[str, Any] | None = None, name: str | None = None,
-                      auth_key: str | None = None, ca: str = "certs/ca.crt") -> Path:
+                      auth_key: str | None = None, ca: str = "certs/ca.crt",
+                      sealing: dict[str, Any] | None = None) -> Path:
     """``site-X.yaml``: this site's fraction of the synthetic dataset, as ``weckd chain`` splits it."""
     data = {k: v for k, v in chain["data"].items() if k not in ("test",)}
     _merge(data, data_overrides or {})
@@ -83,7 +111,9 @@ def write_site_config(root: Path, site: str, chain: dict[str, Any], superlink: s
            "data": data, "split": {"order": list(order), "part": site, "seed": chain.get("seed", 0)},
            "runtime": {"device": "cpu", "threads": threads}, "clientappio_port": free_port(),
            "metrics_address": "127.0.0.1", "metrics_port": free_port(),
-           "state_dir": f"state/site-{name or site}", "max_wait": 20.0}
+           "state_dir": f"state/site-{name or site}", "max_wait": 60.0}
+    if sealing is not None:
+        cfg["sealing"] = sealing
     path = root / f"site-{name or site}.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path

@@ -1,37 +1,37 @@
-"""The chain protocol on the coordinator: discover the sites, run every link in order, evaluate.
+"""The chain protocol on the coordinator: discover the sites, run every link in order, evaluate, deliver.
 
-Link k goes to site ``order[k mod K]`` with the link's settings, the link seed
-(``weckd.chain.runner.link_seed``) and link k−1's payload, relayed as received: the coordinator
-relays, it does not read. After each link the new model is evaluated at the sites per
-``federation.evaluate`` (weights mode; in logits mode only the delivered final model travels).
+Link k goes to site ``schedule[k]`` with the link's settings, the link seed
+(``weckd.chain.runner.link_seed``) and link k−1's output, relayed as received: the coordinator
+relays, it does not read (in a sealed federation it cannot). The schedule is ``chain.order`` ×
+``cycles`` minus the sites skipped so far (``on_site_failure: skip``); it travels with every
+message so a site knows whom to expect its teacher from.
+
+A site that is offline, vanishes mid-link or exceeds the link timeout is retried up to
+``federation.retries`` times (each retry first waits up to ``retry_wait`` for it to come back
+online); then the run fails naming the site, or skips it and hands the last good output to the next
+site. A site that *refuses* a payload (bad seal, replay, poisoned weights) fails the run at once:
+routing around a tampering coordinator or peer is not a failure mode to hide. After every link the
+chain is checkpointed (``server.state``), so a restarted coordinator continues at the next link.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from flwr.app import ConfigRecord, RecordDict
 from weckd.chain import __version__
 from weckd.chain.config import link_to_mapping
 from weckd.chain.errors import LinkError
-from weckd.chain.payload import (
-    KEY_ARRAYS,
-    KEY_CONFIG,
-    KEY_HEADER,
-    KEY_INFO,
-    KEY_LINK,
-    KEY_METRICS,
-    KEY_MODEL_ARRAYS,
-    KEY_MODEL_HEADER,
-    MSG_EVALUATE,
-    MSG_QUERY,
-    MSG_TRAIN,
-)
+from weckd.chain.payload import KEY_CONFIG, KEY_INFO, KEY_LINK, KEY_METRICS, MSG_EVALUATE, MSG_QUERY, MSG_TRAIN
+from weckd.chain.peers import COORDINATOR
 from weckd.chain.runner import link_seed
 
+from .relay import Relay, blob_key, relay_from_reply
 from .settings import Federation
-from .transport import Reply, Transport
+from .state import ChainState, LinkRecord, save_state
+from .transport import Reply, SiteFailure, Transport, online_sites, wait_for_sites
 
 log = logging.getLogger(__name__)
 
@@ -39,29 +39,15 @@ Event = Callable[[dict[str, Any]], None]
 
 
 @dataclass
-class LinkRecord:
-    """What the coordinator learned about one link (aggregates only)."""
-
-    index: int
-    site: str
-    arch: str
-    init: str
-    metrics: dict[str, Any]
-    round_trip_s: float
-    bytes_to_site: int
-    bytes_from_site: int
-    evaluations: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-@dataclass
 class ChainOutcome:
     sites: dict[str, dict[str, Any]]
     links: list[LinkRecord]
-    final_payload: tuple[dict[str, Any], dict[str, Any]] | None = None
+    final: Relay | None = None
+    skipped: list[str] = field(default_factory=list)
 
 
 def discover(transport: Transport, fed: Federation) -> dict[str, dict[str, Any]]:
-    """Query every site; refuse version, class, image-format or proxy mismatches with the reason."""
+    """Query every connected site; refuse version, class, image-format, proxy or sealing mismatches."""
     ask = {site: RecordDict({KEY_CONFIG: ConfigRecord({"weckd-version": __version__})}) for site in transport.nodes}
     replies = transport.exchange(MSG_QUERY, ask, "discovery")
     infos: dict[str, dict[str, Any]] = {}
@@ -81,9 +67,10 @@ def discover(transport: Transport, fed: Federation) -> dict[str, dict[str, Any]]
         if (info.get("image-size"), info.get("channels")) != (data.image_size, data.channels):
             raise LinkError(f"discovery: site {site} decodes {info.get('image-size')} px × {info.get('channels')} "
                             f"channels, the federation {data.image_size} × {data.channels}; align data settings")
+        _check_sealing(fed, site, str(info.get("sealing", "")))
         infos[site] = {**info, "counts": counts}
-        log.info("site %s: weckd %s, %d train / %d val images", site, info.get("weckd-version"),
-                 counts.get("train", 0), counts.get("val", 0))
+        log.info("site %s: weckd %s, %d train / %d val images, sealing %s", site, info.get("weckd-version"),
+                 counts.get("train", 0), counts.get("val", 0), info.get("sealing") or "off")
     if fed.chain.chain.mode == "logits":
         hashes = {s: i.get("proxy-sha256", "") for s, i in infos.items()}
         if "" in hashes.values() or len(set(hashes.values())) != 1:
@@ -92,90 +79,192 @@ def discover(transport: Transport, fed: Federation) -> dict[str, dict[str, Any]]
     return infos
 
 
-def _train_content(fed: Federation, k: int, teacher: RecordDict | None) -> RecordDict:
-    cfg = fed.chain
-    run = ConfigRecord({"link": k, "n-links": cfg.n_links, "seed": link_seed(cfg.seed, k), "mode": cfg.chain.mode,
-                        "wire-dtype": cfg.chain.wire_dtype, "augment": cfg.data.augment,
-                        "deliver": k == cfg.n_links - 1})
-    records: dict[str, Any] = {KEY_CONFIG: run, KEY_LINK: ConfigRecord(link_to_mapping(cfg.link_settings(k)))}
-    if teacher is not None:
-        records[KEY_HEADER] = teacher.config_records[KEY_HEADER]
-        records[KEY_ARRAYS] = teacher.array_records[KEY_ARRAYS]
-    return RecordDict(records)
+def _check_sealing(fed: Federation, site: str, fingerprint: str) -> None:
+    if fed.settings.sealing is not None and not fingerprint:
+        raise LinkError(f"discovery: site {site} has no sealing keys but the federation seals every payload; "
+                        "add a sealing: section to that site's config (weckd keys)")
+    if fed.settings.sealing is None and fingerprint:
+        raise LinkError(f"discovery: site {site} requires sealed payloads; add federation.sealing to the "
+                        "coordinator's config")
 
 
-def run_links(transport: Transport, fed: Federation, infos: dict[str, dict[str, Any]], on_event: Event) -> ChainOutcome:
-    """Train every link in order, relaying each payload to the next site; evaluate after each link."""
-    cfg = fed.chain
-    outcome = ChainOutcome(infos, [])
-    teacher: RecordDict | None = None
-    for k in range(cfg.n_links):
-        site = cfg.site_of(k)
-        on_event({"event": "link-start", "link": k + 1, "links": cfg.n_links, "site": site})
-        rep = transport.exchange(MSG_TRAIN, {site: _train_content(fed, k, teacher)}, f"link-{k + 1}")[site]
-        record = _link_record(k, rep)
-        teacher = rep.message.content
-        weights = _weights_of(teacher, cfg.chain.mode)
-        if weights is not None:
-            record.evaluations = evaluate_link(transport, fed, k, weights)
-        outcome.links.append(record)
-        on_event({"event": "link-done", "link": k + 1, "links": cfg.n_links, "site": site,
-                  "val_accuracy": record.metrics["val-accuracy"], "seconds": record.round_trip_s,
-                  "evaluations": {s: e["accuracy"] for s, e in record.evaluations.items()},
-                  **_link_event_extras(record)})
-        if k == cfg.n_links - 1:
-            outcome.final_payload = weights
-    return outcome
+def eval_targets(how: str, schedule: list[str], k: int) -> list[str]:
+    """Which sites evaluate link k's model: all (still in the chain), the next link's site, or none."""
+    if how == "none":
+        return []
+    sites = list(dict.fromkeys(schedule))
+    if how == "next":
+        return [schedule[k + 1]] if k + 1 < len(schedule) else sites
+    return sites
 
 
-def _link_event_extras(record: LinkRecord) -> dict[str, Any]:
+class ChainRun:
+    """Runs the links of one chain from its checkpoint to the end, checkpointing after each."""
+
+    def __init__(self, transport: Transport, fed: Federation, infos: dict[str, dict[str, Any]], on_event: Event,
+                 state: ChainState, state_dir: Path) -> None:
+        self.transport, self.fed, self.infos, self.on_event = transport, fed, infos, on_event
+        self.state, self.state_dir = state, state_dir
+        self.sealed = fed.settings.sealing is not None
+        self.full = [fed.chain.site_of(k) for k in range(fed.chain.n_links)]
+
+    def schedule(self) -> list[str]:
+        """Sites of the links done, then the remaining slots of the full schedule minus skipped sites."""
+        done = [r.site for r in self.state.links]
+        return done + [s for s in self.full[self.state.next_slot:] if s not in self.state.skipped]
+
+    def run(self) -> ChainOutcome:
+        if self.state.links:
+            self.on_event({"event": "resumed", "links_done": len(self.state.links), "links": len(self.schedule()),
+                           "run_id": self.state.run_id})
+        while len(self.state.links) < len(schedule := self.schedule()):
+            k = len(self.state.links)
+            site = schedule[k]
+            rep = self._train(k, site, schedule)
+            if rep is None:
+                self.state.skipped.append(site)
+                save_state(self.state_dir, self.state)
+                continue
+            self._finish_link(k, site, schedule, rep)
+        if not self.state.links:
+            raise LinkError("no link completed: every site failed or was skipped")
+        if self.state.relay is None or len(self.state.links) != len(self.schedule()):
+            raise LinkError("the chain ended without a final model")
+        return ChainOutcome(self.infos, list(self.state.links), self.state.relay, list(self.state.skipped))
+
+    def _finish_link(self, k: int, site: str, schedule: list[str], rep: Reply) -> None:
+        record = link_record(k, rep)
+        relay = relay_from_reply(rep.message.content, k, site, self.sealed)
+        final = k == len(schedule) - 1
+        if self.fed.chain.chain.mode == "weights" or final:
+            deliver = tuple(r for r in self._recipients() if r != COORDINATOR) if final else ()
+            targets = list(dict.fromkeys([*eval_targets(self.fed.settings.evaluate, schedule, k), *deliver]))
+            record.evaluations = self._evaluate(k, relay, targets, deliver)
+            missing = [s for s in deliver if s not in record.evaluations]
+            if missing:
+                raise LinkError(f"delivering the final model: site(s) {', '.join(missing)} did not take it; "
+                                "restart weckd-server to retry the last link")
+        slot = next(i for i in range(self.state.next_slot, len(self.full)) if self.full[i] not in self.state.skipped)
+        self.state.links.append(record)
+        self.state.next_slot, self.state.relay = slot + 1, relay
+        save_state(self.state_dir, self.state)
+        if final and deliver:
+            self.on_event({"event": "delivered", "sites": list(deliver)})
+        self.on_event({"event": "link-done", "link": k + 1, "links": len(schedule), "site": site,
+                       "val_accuracy": record.metrics["val-accuracy"], "seconds": record.round_trip_s,
+                       "evaluations": {s: e["accuracy"] for s, e in record.evaluations.items()},
+                       **link_event_extras(record)})
+
+    # -- one link, with retries and the failure policy ---------------------------------------------------
+
+    def _train(self, k: int, site: str, schedule: list[str]) -> Reply | None:
+        """Site ``site``'s reply for link k, None when it failed and the policy skips it."""
+        s = self.fed.settings
+        self.on_event({"event": "link-start", "link": k + 1, "links": len(schedule), "site": site})
+        content = self._train_content(k, schedule)
+        failure: SiteFailure | None = None
+        for attempt in range(1, s.retries + 2):
+            try:
+                self._ensure_online(site, s.retry_wait)
+                return self.transport.exchange(MSG_TRAIN, {site: content}, f"link-{k + 1}")[site]
+            except SiteFailure as err:
+                failure = err
+                self.on_event({"event": "site-failure", "site": site, "link": k + 1, "attempt": attempt,
+                               "kind": err.kind, "reason": err.reason, "message": str(err)})
+                if not err.transient:
+                    raise LinkError(f"link {k + 1}: {err}; the run stops (a refused payload is never skipped)"
+                                    ) from None
+                if attempt <= s.retries:
+                    self.on_event({"event": "retry", "site": site, "link": k + 1, "reason": err.reason,
+                                   "attempt": attempt + 1})
+        assert failure is not None
+        if s.on_site_failure == "fail":
+            raise LinkError(f"link {k + 1}: site {site} failed after {s.retries + 1} attempt(s): {failure}; the run "
+                            "stops (on_site_failure: fail; restart weckd-server to resume at this link)")
+        self.on_event({"event": "site-skipped", "site": site, "link": k + 1, "reason": failure.reason})
+        log.warning("link %d: skipping site %s after %d attempt(s) (%s); its later links are dropped too",
+                    k + 1, site, s.retries + 1, failure.reason)
+        return None
+
+    def _ensure_online(self, site: str, wait: float) -> None:
+        """Map ``site`` to its node, waiting up to ``wait`` s for it to come (back) online."""
+        found = wait_for_sites(self.transport.grid, [site], wait, self.fed.settings.poll_interval)
+        if site not in found:
+            raise SiteFailure(site, "offline", "offline", f"site {site} is not online (waited {wait:.0f}s)")
+        self.transport.nodes[site] = found[site]
+
+    def _train_content(self, k: int, schedule: list[str]) -> RecordDict:
+        cfg, state = self.fed.chain, self.state
+        final = k == len(schedule) - 1
+        run = ConfigRecord({"link": k, "n-links": len(schedule), "seed": link_seed(cfg.seed, k), "mode": cfg.chain.mode,
+                            "wire-dtype": cfg.chain.wire_dtype, "augment": cfg.data.augment, "deliver": final,
+                            "run-id": state.run_id, "schedule": list(schedule),
+                            "seal-for": ",".join(self._seal_for(k, schedule))})
+        records: dict[str, Any] = {KEY_CONFIG: run, KEY_LINK: ConfigRecord(link_to_mapping(cfg.link_settings(k)))}
+        if state.relay is not None:
+            records.update(state.relay.records(cfg.chain.mode, schedule[k]))
+        return RecordDict(records)
+
+    def _seal_for(self, k: int, schedule: list[str]) -> list[str]:
+        """``kind:recipient`` for every blob link k's site must seal: the next site (and, when failed sites
+        are skipped, every later one), the sites evaluating its model, and at the end the recipients."""
+        if not self.sealed:
+            return []
+        mode, later = self.fed.chain.chain.mode, schedule[k + 1:]
+        relay_to = later if self.fed.settings.on_site_failure == "skip" else later[:1]
+        keys = [blob_key(mode, r) for r in relay_to]
+        if mode == "weights" or k == len(schedule) - 1:
+            keys += [blob_key("weights", r) for r in eval_targets(self.fed.settings.evaluate, schedule, k)]
+        if k == len(schedule) - 1:
+            keys += [blob_key("weights", r) for r in self._recipients()]
+        return list(dict.fromkeys(keys))
+
+    def _recipients(self) -> list[str]:
+        sealing = self.fed.settings.sealing
+        return list(sealing.deliver_to) if sealing is not None else [COORDINATOR]
+
+    # -- evaluation and delivery ------------------------------------------------------------------------
+
+    def _evaluate(self, k: int, relay: Relay, targets: list[str], deliver: tuple[str, ...] = ()
+                  ) -> dict[str, dict[str, Any]]:
+        """Link k's model on each target site's validation split; a site that fails is reported, not fatal."""
+        online = online_sites(self.transport.grid)
+        for site in [t for t in targets if t not in online]:
+            self.on_event({"event": "evaluation-missing", "site": site, "link": k + 1, "reason": "offline"})
+        targets = [t for t in targets if t in online]
+        self.transport.nodes.update({t: online[t] for t in targets})
+        contents = {s: RecordDict({KEY_CONFIG: ConfigRecord({"link": k, "run-id": self.state.run_id,
+                                                             "sender": relay.site, "deliver": s in deliver}),
+                                   **relay.records("weights", s)}) for s in targets}
+        done = self.transport.exchange_all(MSG_EVALUATE, contents, f"evaluate-{k + 1}")
+        for site, err in done.failures.items():
+            self.on_event({"event": "evaluation-missing", "site": site, "link": k + 1, "reason": err.reason,
+                           "message": str(err)})
+            if err.kind == "security":
+                raise LinkError(f"evaluating link {k + 1}: {err}; the run stops") from None
+        out = {}
+        for site, rep in done.replies.items():
+            m = dict(rep.message.content.metric_records[KEY_METRICS])
+            out[site] = {"accuracy": float(m["accuracy"]), "n": int(m["n"]),
+                         "confusion": [int(c) for c in m.get("confusion", [])]}
+        return out
+
+def link_event_extras(record: LinkRecord) -> dict[str, Any]:
     """Last-epoch loss parts and relayed bytes of a link, for the progress event (metrics, progress lines)."""
     m = record.metrics
     last = {key: float(m[f"epoch-{key}"][-1]) for key in ("loss", "ce", "kd") if len(m.get(f"epoch-{key}", []))}
-    return {**last, "bytes_to_site": record.bytes_to_site, "bytes_from_site": record.bytes_from_site,
-            "train_seconds": float(m.get("seconds", 0.0))}
+    extras = {**last, "bytes_to_site": record.bytes_to_site, "bytes_from_site": record.bytes_from_site,
+              "train_seconds": float(m.get("seconds", 0.0))}
+    if "privacy-epsilon" in m:
+        extras["epsilon"] = float(m["privacy-epsilon"])
+    return extras
 
 
-def _link_record(k: int, rep: Reply) -> LinkRecord:
+def link_record(k: int, rep: Reply) -> LinkRecord:
     info = dict(rep.message.content.config_records[KEY_INFO])
-    metrics = dict(rep.message.content.metric_records[KEY_METRICS])
+    metrics = {k2: (list(v) if isinstance(v, list) else v)
+               for k2, v in dict(rep.message.content.metric_records[KEY_METRICS]).items()}
     log.info("link %d site %s: val acc %.3f, %.1fs round trip, %d B out, %d B back", k + 1, rep.site,
              metrics["val-accuracy"], rep.seconds, rep.bytes_out, rep.bytes_in)
     return LinkRecord(k, rep.site, str(info.get("arch")), str(info.get("init")), metrics, rep.seconds,
                       rep.bytes_out, rep.bytes_in)
-
-
-def _weights_of(content: RecordDict, mode: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(header record, arrays record) of a reply's model weights, if it carries them."""
-    hkey, akey = (KEY_HEADER, KEY_ARRAYS) if mode == "weights" else (KEY_MODEL_HEADER, KEY_MODEL_ARRAYS)
-    if hkey not in content.config_records:
-        return None
-    return content.config_records[hkey], content.array_records[akey]
-
-
-def eval_targets(fed: Federation, k: int) -> list[str]:
-    """Which sites evaluate link k's model: all, the next link's site, or none."""
-    cfg, how = fed.chain, fed.settings.evaluate
-    if how == "none":
-        return []
-    if how == "next":
-        return [cfg.site_of(k + 1)] if k + 1 < cfg.n_links else list(cfg.chain.order)
-    return list(cfg.chain.order)
-
-
-def evaluate_link(transport: Transport, fed: Federation, k: int, weights: tuple[Any, Any]
-                  ) -> dict[str, dict[str, Any]]:
-    """Evaluate link k's model on the targeted sites' local validation splits."""
-    targets = eval_targets(fed, k)
-    if not targets:
-        return {}
-    header, arrays = weights
-    contents = {s: RecordDict({KEY_CONFIG: ConfigRecord({"link": k}), KEY_HEADER: header, KEY_ARRAYS: arrays})
-                for s in targets}
-    replies = transport.exchange(MSG_EVALUATE, contents, f"evaluate-{k + 1}")
-    out = {}
-    for site, rep in replies.items():
-        m = dict(rep.message.content.metric_records[KEY_METRICS])
-        out[site] = {"accuracy": float(m["accuracy"]), "n": int(m["n"]),
-                     "confusion": [int(c) for c in m.get("confusion", [])]}
-    return out

@@ -14,6 +14,7 @@ from typing import Any
 
 from weckd.chain.config import ChainConfig, apply_override, config_from_mapping, read_yaml
 from weckd.chain.errors import ConfigError
+from weckd.chain.peers import COORDINATOR, SealingSettings
 from weckd.chain.schema import Origin, build
 
 
@@ -26,6 +27,20 @@ class SiteAuth:
     """A site the coordinator admits: its SuperNode auth public key (OpenSSH, EC P-384)."""
 
     auth_key: str = field(metadata=_m(path=True))
+
+
+@dataclass(frozen=True)
+class FederationSealing:
+    """End-to-end sealing (every site's config has a ``sealing:`` section too, see ``weckd.chain.peers``).
+
+    ``deliver_to`` names who receives the final model: sites by name, and ``coordinator`` only if the
+    coordinator itself should be able to read it (then ``keys`` holds its own sealing keys, made with
+    ``weckd keys --site coordinator``, and ``peers`` the sites' public keys, to check who signed it).
+    """
+
+    deliver_to: tuple[str, ...] = ("coordinator",)
+    keys: str = field(default="", metadata=_m(path=True))
+    peers: dict[str, str] = field(default_factory=dict, metadata=_m(path=True))
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,10 @@ class FederationSettings:
     poll_interval: float = field(default=0.1, metadata=_m(gt=0.0, max=10.0))
     evaluate: str = field(default="all", metadata=_m(choices=("all", "next", "none")))
     shutdown_timeout: float = field(default=10.0, metadata=_m(gt=0.0, max=600.0))
+    retries: int = field(default=2, metadata=_m(min=0, max=100))  # per link, for a site offline, gone or too slow
+    retry_wait: float = field(default=120.0, metadata=_m(min=0.0, max=86_400.0))  # wait for it to come back online
+    on_site_failure: str = field(default="fail", metadata=_m(choices=("fail", "skip")))
+    sealing: FederationSealing | None = None  # None: payloads are not end-to-end sealed (a WARNING says so)
     metrics: bool = True  # Prometheus /metrics (weckd.server.metrics); false or metrics_port 0: off
     metrics_address: str = "0.0.0.0"
     metrics_port: int = field(default=9464, metadata=_m(min=0, max=65535))
@@ -77,7 +96,34 @@ def load_federation(path: str | Path, overrides: tuple[str, ...] = ()) -> Federa
     chain = config_from_mapping(raw, origin)
     sites = _sites(sites_raw, chain, origin)
     _check_address(settings.fleet_address, origin)
+    _check_sealing(settings.sealing, chain, origin)
     return Federation(chain, settings, sites, origin.source)
+
+
+def _check_sealing(sealing: FederationSealing | None, chain: ChainConfig, origin: Origin) -> None:
+    if sealing is None:
+        return
+    allowed = [*dict.fromkeys(chain.chain.order), COORDINATOR]
+    for name in sealing.deliver_to:
+        if name not in allowed:
+            raise ConfigError(f"{origin.source}: federation.sealing.deliver_to: {name!r} is neither a site of "
+                              f"chain.order nor {COORDINATOR!r}; allowed: {', '.join(allowed)}")
+    if COORDINATOR in sealing.deliver_to:
+        if not sealing.keys:
+            raise ConfigError(f"{origin.source}: federation.sealing.keys: the final model is delivered to the "
+                              "coordinator, so give the folder of its keys (weckd keys --site coordinator)")
+        missing = [s for s in dict.fromkeys(chain.chain.order) if s not in sealing.peers]
+        if missing:
+            raise ConfigError(f"{origin.source}: federation.sealing.peers: pin the public keys of site(s) "
+                              f"{', '.join(missing)} (they sign the final model the coordinator opens)")
+
+
+def coordinator_sealing(fed: Federation) -> SealingSettings | None:
+    """The coordinator's own sealing settings, when the final model is delivered to it."""
+    s = fed.settings.sealing
+    if s is None or COORDINATOR not in s.deliver_to:
+        return None
+    return SealingSettings(keys=s.keys, peers=dict(s.peers))
 
 
 def _sites(raw: Any, chain: ChainConfig, origin: Origin) -> dict[str, SiteAuth]:

@@ -3,25 +3,27 @@ registration, the config-only app bundle, and submitting and following a run.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from weckd.chain import __version__
 from weckd.chain.errors import WeckdError
-from weckd.client.procs import Group, flower_env, wait_port
+from weckd.client.procs import Group, flower_env, kill_stale_group, record_group, wait_port
 
 from .settings import Federation
 
 log = logging.getLogger(__name__)
 
 CONNECTION = "weckd"
-RUN_CONFIG_KEYS = ("federation-config", "output-dir", "progress-file", "wire-log")
+RUN_CONFIG_KEYS = ("federation-config", "output-dir", "state-dir", "progress-file", "wire-log")
 CLI_TIMEOUT = 120.0
 
 
@@ -45,11 +47,31 @@ def start_superlink(fed: Federation, group: Group, paths: Paths, start_timeout: 
            "--enable-supernode-auth", "--fleet-api-address", s.fleet_address,
            "--host", "127.0.0.1", "--port", str(s.control_port),
            "--database", str(paths.state / "superlink.db"), "--disable-runtime-dependency-installation"]
+    kill_stale_group(paths.state / "superlink.pgid", ("flower", "flwr"))  # left by a weckd-server that was killed
     proc = group.start("superlink", cmd, flower_env(paths.state / "flwr-superlink"))
+    record_group(paths.state / "superlink.pgid", proc)
     host, _, port = s.fleet_address.rpartition(":")
     wait_port(host, int(port), start_timeout, proc, "flower-superlink (fleet API)")
     wait_port("127.0.0.1", s.control_port, start_timeout, proc, "flower-superlink (control API)")
     log.info("SuperLink up: fleet %s (TLS, SuperNode auth), control 127.0.0.1:%d", s.fleet_address, s.control_port)
+
+
+def hold_lock(state: Path) -> IO[str]:
+    """Hold ``state/weckd-server.lock`` for the life of the process: one coordinator per state dir."""
+    fh = (state / "weckd-server.lock").open("a+", encoding="utf-8")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise WeckdError(f"{state}: another weckd-server (pid {holder}) runs on this state dir; stop it first"
+                         ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
 
 
 def write_cli_config(fed: Federation, paths: Paths) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from weckd.chain.errors import LinkError
 
@@ -36,23 +37,58 @@ class Reply:
     bytes_in: int
 
 
+def online_sites(grid: Grid) -> dict[str, int]:
+    """Registered name → node id of every site online now."""
+    return {n.name: n.node_id for n in grid.get_nodes() if n.name}
+
+
 def wait_for_sites(grid: Grid, sites: Sequence[str], timeout: float, poll: float) -> dict[str, int]:
-    """Map every configured site to its node id once all are online; fail after ``timeout``."""
+    """Map every given site to its node id, waiting up to ``timeout`` for them; those still offline are
+    left out (the caller decides: fail or skip)."""
     start = time.monotonic()
     announced: set[str] = set()
     while True:
-        online = {n.name: n.node_id for n in grid.get_nodes() if n.name}
+        online = online_sites(grid)
         for name in sorted(set(online) & set(sites) - announced):
             log.info("site %s online (node %d)", name, online[name])
             announced.add(name)
-        if all(s in online for s in sites):
-            return {s: online[s] for s in sites}
-        if time.monotonic() - start > timeout:
-            missing = [s for s in sites if s not in online]
-            raise LinkError(f"discovery: site(s) {', '.join(missing)} not online after {timeout:.0f}s; start "
-                            "weckd-client there, check its fleet address, CA and auth key, or raise "
-                            "federation.discovery_timeout")
+        if all(s in online for s in sites) or time.monotonic() - start > timeout:
+            return {s: online[s] for s in sites if s in online}
         time.sleep(poll)
+
+
+class SiteFailure(LinkError):
+    """One site did not deliver: ``kind`` is offline, unavailable, timeout, error or security; ``reason`` a
+    short label for metrics (the security reason, e.g. ``replay``, where the site refused a payload)."""
+
+    def __init__(self, site: str, kind: str, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.site, self.kind, self.reason = site, kind, reason
+
+    @property
+    def transient(self) -> bool:
+        """Worth a retry: the site vanished or was slow (not: it refused a payload or its data is bad)."""
+        return self.kind in ("offline", "unavailable", "timeout")
+
+
+def failure_from_error(site: str, kind: str, code: int, reason: str) -> SiteFailure:
+    """Classify a site's error reply (Flower error codes; the site's executor prefixes refusals with
+    ``SealError[<reason>]`` / ``PayloadError``)."""
+    text = f"{kind} at site {site} failed: {reason} (code {code})"
+    if code in (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
+        return SiteFailure(site, "unavailable", "node-unavailable", f"{text}; the site went offline")
+    if reason.startswith("SealError["):
+        label = reason[len("SealError["):].split("]", 1)[0]
+        return SiteFailure(site, "security", label, f"{text}; site {site} refused the payload ({label})")
+    if reason.startswith(("SecurityError", "PayloadError")):
+        return SiteFailure(site, "security", "payload-refused", f"{text}; site {site} refused the payload")
+    return SiteFailure(site, "error", "site-error", f"{text}; see that site's weckd-client log")
+
+
+@dataclass(frozen=True)
+class Exchange:
+    replies: dict[str, Reply]
+    failures: dict[str, SiteFailure]
 
 
 class Transport:
@@ -63,7 +99,15 @@ class Transport:
 
     def exchange(self, kind: str, contents: dict[str, RecordDict], group: str, timeout: float | None = None
                  ) -> dict[str, Reply]:
-        """Send ``contents[site]`` to each site; return every site's reply or raise on error/timeout."""
+        """Send ``contents[site]`` to each site; return every site's reply, or raise the first SiteFailure."""
+        done = self.exchange_all(kind, contents, group, timeout)
+        for failure in done.failures.values():
+            raise failure
+        return done.replies
+
+    def exchange_all(self, kind: str, contents: dict[str, RecordDict], group: str, timeout: float | None = None
+                     ) -> Exchange:
+        """Send ``contents[site]`` to each site; wait (bounded) for every reply or error."""
         limit = timeout or self.timing.timeout
         msgs = {site: Message(c, self.nodes[site], kind, ttl=self.timing.ttl, group_id=group)
                 for site, c in contents.items()}
@@ -71,24 +115,29 @@ class Transport:
             self.wire.record("sent", site, m)
         start = time.monotonic()
         ids = list(self.grid.push_messages(list(msgs.values())))
-        site_of = dict(zip(ids, msgs))
+        site_of: dict[str, str] = dict(zip(ids, msgs))
         replies: dict[str, Reply] = {}
-        while len(replies) < len(ids):
-            pending = [i for i in ids if site_of[i] not in replies]
+        failures: dict[str, SiteFailure] = {}
+        while len(replies) + len(failures) < len(ids):
+            pending = [i for i in ids if site_of[i] not in replies and site_of[i] not in failures]
             for rep in self.grid.pull_messages(pending):
-                site = site_of.get(rep.metadata.reply_to_message_id)
-                if site is None or site in replies:
+                found = site_of.get(rep.metadata.reply_to_message_id)
+                if found is None or found in replies or found in failures:
                     continue
+                site = found
                 self.wire.record("received", site, rep)
                 if rep.has_error():
-                    raise LinkError(f"{kind} at site {site} failed: {rep.error.reason} (code {rep.error.code}); "
-                                    "see that site's weckd-client log")
+                    failures[site] = failure_from_error(site, kind, int(rep.error.code), str(rep.error.reason))
+                    continue
                 replies[site] = Reply(site, rep, time.monotonic() - start, content_bytes(msgs[site].content),
                                       content_bytes(rep.content))
-            if len(replies) < len(ids):
+            if len(replies) + len(failures) < len(ids):
                 if time.monotonic() - start > limit:
-                    late = [site_of[i] for i in pending]
-                    raise LinkError(f"{kind}: no reply from site(s) {', '.join(late)} within {limit:.0f}s; "
-                                    "check the site or raise federation.link_timeout")
+                    for i in pending:
+                        site = site_of[i]
+                        failures[site] = SiteFailure(site, "timeout", "link-timeout",
+                                                     f"{kind}: no reply from site {site} within {limit:.0f}s; "
+                                                     "check the site or raise federation.link_timeout")
+                    break
                 time.sleep(self.timing.poll)
-        return replies
+        return Exchange(replies, failures)

@@ -61,9 +61,10 @@ def _refused_sites(fed: LocalFederation) -> dict[str, list[str]]:
 
 
 def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any] | None = None,
-                   refused: bool = False, monitor: bool = False) -> FederatedRun:
-    """Run a federation; with ``monitor``, a real Prometheus scrapes it (see ``prometheus.py``)."""
-    scaffold = make_scaffold(root, chain, federation)
+                   refused: bool = False, monitor: bool = False, sealed: bool = True) -> FederatedRun:
+    """Run a federation (sealed end to end unless ``sealed`` is false); with ``monitor``, a real
+    Prometheus scrapes it (see ``prometheus.py``)."""
+    scaffold = make_scaffold(root, chain, federation, sealed=sealed)
     wire = root / "wire.jsonl"
     fed = LocalFederation(scaffold, stop_timeout=10.0)
     prom = prometheus.Prometheus(scaffold) if monitor else None
@@ -101,14 +102,15 @@ def weights_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedR
 @pytest.fixture(scope="session")
 def logits_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedRun]:
     """Logits mode over a synthetic proxy set with two architectures in the chain, on half the data of
-    ``weights_run`` (its delivered test_resnet weights show that payloads do not grow with the data)."""
+    ``weights_run`` (its delivered test_resnet weights show that payloads do not grow with the data).
+    Unsealed, so that the wire tests see the plaintext payload structure sealing hides."""
     chain = chain_settings({
         "chain": {"mode": "logits"},
         "link": {"epochs": 3},
         "links": [{"arch": "test_resnet"}, {"arch": "test_efficientnet"}, {"arch": "test_resnet"}],
         "data": {"proxy": "synthetic", "synthetic": {"samples": 600}},
     })
-    yield run_federation(tmp_path_factory.mktemp("logits"), chain)
+    yield run_federation(tmp_path_factory.mktemp("logits"), chain, sealed=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
 """Raw images never leave a site: every message the coordinator sends or receives carries only
-weights, logits and aggregate metrics, and a weights payload does not grow with a site's data."""
+weights, logits and aggregate metrics, and a weights payload does not grow with a site's data. In a
+sealed federation (``weights_run``) the coordinator sees opaque blobs only; the unsealed logits run
+shows the plaintext structure the blobs hide."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,11 +12,12 @@ from .conftest import FederatedRun
 
 pytestmark = pytest.mark.slow
 
-ARRAY_RECORDS = {"payload-arrays", "model-arrays"}
+ARRAY_RECORDS = {"payload-arrays", "model-arrays", "sealed"}
 CONFIG_RECORDS = {"config", "link-settings", "payload-header", "model-header", "info"}
 METRIC_RECORDS = {"metrics"}
 IMAGE_SIZE = 32
-ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8}  # floats travel in the wire dtype (float16 by default)
+ITEMSIZE = {"float32": 4, "float16": 2, "int64": 8, "uint8": 1}  # floats in the wire dtype; sealed blobs uint8
+SEAL_OVERHEAD = 16 * 1024  # seal header, framing, keys, nonce, tag, signature and the payload's own header
 
 
 def _arrays(msg: dict[str, Any]) -> list[dict[str, Any]]:
@@ -24,8 +27,12 @@ def _arrays(msg: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _payload_bytes(run: FederatedRun, link: int) -> int:
+    """Bytes of link ``link``'s weights as they travel: the plain buffers, or the blob sealed for site A."""
     replies = [m for m in run.wire if m["direction"] == "received" and m["type"] == "train"]
-    return sum(a["bytes"] for a in replies[link]["arrays"]["payload-arrays"])
+    arrays = replies[link]["arrays"]
+    if "sealed" in arrays:
+        return next(a["bytes"] for a in arrays["sealed"] if a["name"] == "weights:A")
+    return sum(a["bytes"] for a in arrays["payload-arrays"])
 
 
 @pytest.mark.parametrize("fixture", ["weights_run", "logits_run"])
@@ -79,6 +86,21 @@ def test_weights_payload_does_not_grow_with_site_data(weights_run: FederatedRun,
     assert big >= 2 * small - 2
     replies = [m for m in logits_run.wire if m["direction"] == "received" and m["type"] == "train"]
     delivered = sum(a["bytes"] for a in replies[-1]["arrays"]["model-arrays"])
-    assert delivered == _payload_bytes(weights_run, -1) > 0  # both delivered float32 test_resnet models
+    sealed = _payload_bytes(weights_run, -1)  # both delivered float32 test_resnet models
+    assert delivered < sealed < delivered + SEAL_OVERHEAD
     relayed = [_payload_bytes(weights_run, k) for k in (0, 1)]  # relayed in the wire dtype
     assert relayed[0] == relayed[1] < delivered
+
+
+def test_sealed_run_puts_only_opaque_blobs_on_the_wire(weights_run: FederatedRun) -> None:
+    """No plaintext payload header or tensor crosses the coordinator: one uint8 blob per recipient."""
+    assert weights_run.wire
+    for msg in weights_run.wire:
+        assert not set(msg["configs"]) & {"payload-header", "model-header"}, msg["configs"].keys()
+        assert set(msg["arrays"]) <= {"sealed"}
+        for a in msg["arrays"].get("sealed", []):
+            assert a["dtype"] == "uint8" and len(a["shape"]) == 1 and a["bytes"] > 0
+    replies = [m for m in weights_run.wire if m["direction"] == "received" and m["type"] == "train"]
+    names = [{a["name"] for a in m["arrays"]["sealed"]} for m in replies]
+    assert names[0] == {"weights:A", "weights:B", "weights:C"}  # next site + every evaluating site
+    assert names[-1] == {"weights:A", "weights:B", "weights:C", "weights:coordinator"}  # + the recipients

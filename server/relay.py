@@ -1,0 +1,80 @@
+"""A link's output as the coordinator holds it, and the part of it each message to a site carries.
+
+Sealed federations (``federation.sealing``): the producing site seals its output once per recipient
+the coordinator names; the reply's ``sealed`` ArrayRecord holds one uint8 array per blob, keyed
+``<kind>:<recipient>`` (kind = ``weights`` or ``logits``). The coordinator stores and forwards blobs
+it cannot open. Unsealed federations: the payload itself, as bytes (``chain.payload.pack_bytes``),
+keyed by its kind. Either way a :class:`Relay` is plain bytes, so it checkpoints as files
+(``server.state``) and survives a coordinator restart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, RecordDict
+from weckd.chain.errors import LinkError
+from weckd.chain.payload import (
+    KEY_ARRAYS,
+    KEY_HEADER,
+    KEY_MODEL_ARRAYS,
+    KEY_MODEL_HEADER,
+    KEY_SEALED,
+    SEALED_ENTRY,
+    pack_bytes,
+)
+from weckd.client.records import payload_records_from_bytes
+
+
+def blob_key(kind: str, recipient: str) -> str:
+    return f"{kind}:{recipient}"
+
+
+@dataclass
+class Relay:
+    """Link ``link``'s output (produced at ``site``): sealed blobs per recipient, or plain payloads per kind."""
+
+    link: int
+    site: str
+    blobs: dict[str, bytes]
+    sealed: bool
+
+    def has(self, kind: str, recipient: str) -> bool:
+        return (blob_key(kind, recipient) if self.sealed else kind) in self.blobs
+
+    def blob(self, kind: str, recipient: str) -> bytes:
+        key = blob_key(kind, recipient) if self.sealed else kind
+        if key not in self.blobs:
+            what = f"sealed for {recipient}" if self.sealed else "in the reply"
+            raise LinkError(f"link {self.link + 1} (site {self.site}): no {kind} payload {what}; the site did not "
+                            "return what the coordinator asked for (mismatched weckd versions?)")
+        return self.blobs[key]
+
+    def records(self, kind: str, recipient: str) -> dict[str, Any]:
+        """The records that hand this output to ``recipient`` (a teacher or a model to evaluate)."""
+        data = self.blob(kind, recipient)
+        if self.sealed:
+            return {KEY_SEALED: ArrayRecord({SEALED_ENTRY: Array(np.frombuffer(data, dtype=np.uint8))})}
+        return payload_records_from_bytes(data)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(b) for b in self.blobs.values())
+
+
+def relay_from_reply(content: RecordDict, link: int, site: str, sealed: bool) -> Relay:
+    """What a site's train reply carries, as bytes (no payload is opened or decoded here)."""
+    if sealed:
+        if KEY_SEALED not in content.array_records:
+            raise LinkError(f"link {link + 1}: site {site} replied without sealed payloads; the federation requires "
+                            "sealing: give that site a sealing: section")
+        blobs = {name: arr.numpy().tobytes() for name, arr in content.array_records[KEY_SEALED].items()}
+        return Relay(link, site, blobs, True)
+    plain: dict[str, bytes] = {}
+    for hkey, akey in ((KEY_HEADER, KEY_ARRAYS), (KEY_MODEL_HEADER, KEY_MODEL_ARRAYS)):
+        if hkey in content.config_records and akey in content.array_records:
+            header = dict(content.config_records[hkey])
+            buffers = {name: arr.numpy() for name, arr in content.array_records[akey].items()}
+            plain[str(header.get("kind"))] = pack_bytes(header, buffers)
+    return Relay(link, site, plain, False)
