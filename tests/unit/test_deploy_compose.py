@@ -14,7 +14,6 @@ Not checked (no Docker engine on CI): ``docker compose config`` and bringing the
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -38,7 +37,7 @@ ALLOWED_PORTS = {
     "site.yaml": {9465},
 }
 READ_ONLY_ROOTS = ("/etc/", "/data")
-VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+VERSION = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), flags=re.M).group(1)
 
 
 def interpolate(value: Any) -> Any:

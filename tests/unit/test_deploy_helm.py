@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
@@ -31,7 +30,7 @@ from .deploy_cli import check_command
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "weckd"
-VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+VERSION = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), flags=re.M).group(1)
 SITE = {"role": "site", "site": {"name": "B", "data": {"existingClaim": "images-b"},
                                  "coordinator": {"to": [{"ipBlock": {"cidr": "203.0.113.10/32"}}]}}}
 
