@@ -205,11 +205,16 @@ def test_the_config_a_command_names_is_mounted_and_loads(name: str, service: str
     if PurePosixPath(argv[0]).name == "weckd-server":
         fed = load_federation(host)
         paths = [fed.settings.ca, fed.settings.cert, fed.settings.key, *(a.auth_key for a in fed.sites.values())]
+        sealing = fed.settings.sealing
+        assert sealing is not None, f"{name}: {service}: payloads not sealed end to end"
+        paths += [p for p in (sealing.keys, *sealing.peers.values()) if p]
         writable = [fed.settings.state_dir, fed.settings.output_dir]
         ports = {int(fed.settings.fleet_address.rsplit(":", 1)[1]), fed.settings.metrics_port}
     else:
         cfg = load_site_config(host, _flag(argv, "--site"))
-        paths, writable, ports = [cfg.ca, cfg.auth_key], [cfg.state_dir], {cfg.metrics_port}
+        assert cfg.sealing is not None, f"{name}: {service}: payloads not sealed end to end"
+        paths = [cfg.ca, cfg.auth_key, cfg.sealing.keys, *cfg.sealing.peers.values()]
+        writable, ports = [cfg.state_dir], {cfg.metrics_port}
         assert str(cfg.metrics_port) == svc["environment"]["WECKD_METRICS_PORT"], "healthcheck port != metrics port"
     for path in paths:
         m = covering_mount(svc, str(PurePosixPath(path)))
@@ -219,6 +224,17 @@ def test_the_config_a_command_names_is_mounted_and_loads(name: str, service: str
         assert m is not None and not m[2] and not m[0].startswith((".", "/")), f"{service}: {path} not in a volume"
     container_ports = {c for _, c in published(svc)}
     assert container_ports <= ports, f"{name}: {service} publishes {container_ports}, its config serves {ports}"
+
+
+def test_the_demo_pki_makes_sealing_keys_for_every_pinned_party() -> None:
+    made = {a[a.index("--site") + 1] for a in _commands(services("demo.yaml")["pki"]) if a[:2] == ["weckd", "keys"]}
+    fed = load_federation(COMPOSE / "demo" / "federation.yaml")
+    parties = set(fed.settings.sealing.deliver_to) | set(fed.settings.sealing.peers)
+    for site in fed.chain.chain.order:
+        cfg = load_site_config(COMPOSE / "demo" / f"site-{site}.yaml", site)
+        assert set(cfg.sealing.peers) == (set(fed.chain.chain.order) | {"coordinator"}) - {site}
+        parties |= set(cfg.sealing.peers) | {site}
+    assert made == parties
 
 
 def test_the_demo_aliases_match_the_shipped_prometheus_targets() -> None:
