@@ -6,7 +6,8 @@ With it, checked: ``helm lint --strict`` finds no warning; each role renders exa
 (coordinator: StatefulSet with a state PVC, Fleet Service, metrics Service; site: Deployment, metrics Service;
 both: ConfigMap, NetworkPolicy, ServiceMonitor only when enabled); the container args are commands whose
 flags exist in the CLIs' ``--help``; the rendered config loads with weckd's own loaders and names files that
-are mounted read-only and a state dir on the writable volume; ports agree across config, container, Services
+are mounted read-only and a state dir on the writable volume; sealing keys laid out as the keys Secret holds them
+(one flat folder) load with weckd's own key loader for both roles; ports agree across config, container, Services
 and NetworkPolicy, and the Control API is in no Service; a site may egress only to the coordinator's Fleet
 port and DNS; bad values (unknown keys, wrong role, bad ports or names, ``latest``, keys the chart owns) are
 refused by values.schema.json and clashing ports by the templates.
@@ -23,8 +24,10 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
+from weckd.chain.keys import generate_site_keys
+from weckd.chain.peers import COORDINATOR, load_party
 from weckd.client.site import load_site_config
-from weckd.server.settings import load_federation
+from weckd.server.settings import coordinator_sealing, load_federation
 
 from .deploy_cli import check_command
 
@@ -84,9 +87,10 @@ def mount_of(docs: list[dict[str, Any]], path: str) -> dict[str, Any] | None:
 
 
 def config_file(docs: list[dict[str, Any]], tmp_path: Path) -> tuple[str, Path]:
-    """The ConfigMap's config file, written where it can be loaded; and the path the pod mounts it at."""
+    """The ConfigMap's config file (its name, and a copy under ``tmp_path`` that the loaders can read)."""
     (name, text), = one(docs, "ConfigMap")["data"].items()
     path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return name, path
 
@@ -221,7 +225,10 @@ def test_the_coordinator_config_loads_and_points_into_its_mounts(tmp_path: Path)
     assert args[args.index("-c") + 1] == f"/etc/weckd/config/{name}"
     fed = load_federation(path)
     assert set(fed.sites) == set(fed.chain.chain.order)
-    for file in [fed.settings.ca, fed.settings.cert, fed.settings.key, *(s.auth_key for s in fed.sites.values())]:
+    sealing = fed.settings.sealing
+    assert sealing is not None and sealing.deliver_to == ("coordinator",)
+    for file in [fed.settings.ca, fed.settings.cert, fed.settings.key, *(s.auth_key for s in fed.sites.values()),
+                 sealing.keys, *sealing.peers.values()]:
         m = mount_of(docs, file)
         assert m is not None and m.get("readOnly") is True, file
     for out in (fed.settings.state_dir, fed.settings.output_dir):
@@ -237,7 +244,8 @@ def test_a_site_config_loads_and_points_into_its_mounts(tmp_path: Path) -> None:
     assert args[args.index("-c") + 1] == f"/etc/weckd/config/{name}"
     cfg = load_site_config(path, args[args.index("--site") + 1])
     assert cfg.site == "B" and cfg.data.sites == {"B": "/data"} and cfg.superlink == "coordinator.example.org:9092"
-    for file in (cfg.ca, cfg.auth_key, cfg.data.sites["B"]):
+    assert cfg.sealing is not None and set(cfg.sealing.peers) == {"A", "C", "coordinator"}
+    for file in (cfg.ca, cfg.auth_key, cfg.data.sites["B"], cfg.sealing.keys, *cfg.sealing.peers.values()):
         m = mount_of(docs, file)
         assert m is not None and m.get("readOnly") is True, file
     assert mount_of(docs, cfg.state_dir)["name"] == "state"
@@ -246,6 +254,30 @@ def test_a_site_config_loads_and_points_into_its_mounts(tmp_path: Path) -> None:
     assert env["WECKD_METRICS_PORT"] == str(cfg.metrics_port)
     data = next(v for v in pod(docs)["volumes"] if v["name"] == "data")
     assert data["persistentVolumeClaim"] == {"claimName": "images-b", "readOnly": True}
+
+
+def _with_keys_in(text: str, folder: Path) -> str:
+    return text.replace("/etc/weckd/keys", str(folder))
+
+
+def test_sealing_keys_load_from_the_flat_keys_secret(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"  # what the keys Secrets hold, all parties' files in one folder
+    for party in ("A", "B", "C", COORDINATOR):
+        generate_site_keys(party, keys)
+    _, fed_path = config_file(render(), tmp_path / "coordinator")
+    fed_path.write_text(_with_keys_in(fed_path.read_text(), keys))
+    own = coordinator_sealing(load_federation(fed_path))
+    assert set(load_party(COORDINATOR, own, str(fed_path)).peers) == {"A", "B", "C", COORDINATOR}
+    _, site_path = config_file(render(SITE), tmp_path / "site")
+    site_path.write_text(_with_keys_in(site_path.read_text(), keys))
+    cfg = load_site_config(site_path, "B")
+    assert set(load_party("B", cfg.sealing, str(site_path)).peers) == {"A", "B", "C", COORDINATOR}
+
+
+def test_sealing_can_be_switched_off() -> None:
+    docs = render({"role": "site", "site": {"name": "B", "sealing": {"enabled": False}}})
+    (text,) = one(docs, "ConfigMap")["data"].values()
+    assert "sealing" not in yaml.safe_load(text)
 
 
 def test_the_coordinator_state_lives_on_a_persistent_volume() -> None:
@@ -315,6 +347,8 @@ BAD_VALUES = {
     "site key the chart sets": {"role": "site", "site": {"config": {"auth_key": "/tmp/k"}}},
     "two data sources": {"role": "site", "site": {"data": {"existingClaim": "a", "hostPath": "/b"}}},
     "empty chain": {"coordinator": {"config": {"chain": {"order": []}}}},
+    "sealing in the config": {"role": "site", "site": {"config": {"sealing": {"keys": "/tmp"}}}},
+    "final model for nobody": {"coordinator": {"sealing": {"enabled": True, "deliverTo": []}}},
 }
 
 

@@ -80,6 +80,18 @@ federation.yaml
 {{- $_ := set $sites (toString .) (dict "auth_key" (printf "/etc/weckd/keys/site-%s.pub" (toString .))) -}}
 {{- end -}}
 {{- $_ := set $fed "sites" $sites -}}
+{{- if $c.sealing.enabled -}}
+{{- $sealing := dict "deliver_to" $c.sealing.deliverTo -}}
+{{- if has "coordinator" $c.sealing.deliverTo -}}
+{{- $peers := dict -}}
+{{- range $cfg.chain.order -}}
+{{- $_ := set $peers (toString .) "/etc/weckd/keys" -}}
+{{- end -}}
+{{- $_ := set $sealing "keys" "/etc/weckd/keys" -}}
+{{- $_ := set $sealing "peers" $peers -}}
+{{- end -}}
+{{- $_ := set $fed "sealing" $sealing -}}
+{{- end -}}
 {{- $_ := set $cfg "federation" $fed -}}
 {{- toYaml $cfg -}}
 {{- else -}}
@@ -102,6 +114,15 @@ federation.yaml
 {{- $_ := set $data "sites" $paths -}}
 {{- end -}}
 {{- $_ := set $cfg "data" $data -}}
+{{- if $s.sealing.enabled -}}
+{{- $peers := dict -}}
+{{- range $s.sealing.peers -}}
+{{- if ne (toString .) (toString $s.name) -}}
+{{- $_ := set $peers (toString .) "/etc/weckd/keys" -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $cfg "sealing" (dict "keys" "/etc/weckd/keys" "peers" $peers) -}}
+{{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
 {{- end -}}
