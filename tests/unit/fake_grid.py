@@ -1,0 +1,78 @@
+"""A stand-in for Flower's Grid and the sites behind it: the coordinator's chain logic (retries, skips,
+checkpoints, sealing requests) tested in-process, with scripted site behaviour per link."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable
+
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from weckd.chain.payload import KEY_CONFIG, KEY_INFO, KEY_METRICS, MSG_TRAIN, encode_state, payload_bytes
+from weckd.client.records import payload_records_from_bytes, read_payload
+from weckd.server.settings import Federation, load_federation
+from weckd.server.transport import Exchange, Reply, SiteFailure, Timing, Transport
+from weckd.server.wire import WireLog
+
+from .helpers import write_yaml
+
+Behaviour = Callable[[str, int], SiteFailure | None]  # (site, link) → a failure to report, or None to answer
+
+
+def federation(tmp_path: Path, order: list[str], cycles: int = 1, **settings: Any) -> Federation:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    fed = {"sites": {s: {"auth_key": f"keys/site-{s}.pub"} for s in dict.fromkeys(order)},
+           "poll_interval": 0.01, "retry_wait": 0.0, **settings}
+    cfg = {"seed": 1, "chain": {"order": order, "cycles": cycles}, "link": {"arch": "test_resnet"},
+           "data": {"dataset": "synthetic", "classes": ["a", "b"], "image_size": 32}, "federation": fed}
+    return load_federation(write_yaml(tmp_path / "federation.yaml", cfg))
+
+
+@dataclass
+class FakeGrid:
+    online: set[str]
+
+    def get_nodes(self) -> list[SimpleNamespace]:
+        return [SimpleNamespace(name=s, node_id=100 + ord(s[0])) for s in sorted(self.online)]
+
+
+@dataclass
+class FakeSites(Transport):
+    """Answers train and evaluate messages like weckd sites would (unsealed), unless ``behaviour`` fails them."""
+
+    behaviour: Behaviour = lambda site, link: None
+    calls: list[tuple[str, str, int]] = field(default_factory=list)
+    teachers: dict[int, int | None] = field(default_factory=dict)  # link → link of the teacher it was sent
+
+    def __init__(self, sites: list[str], behaviour: Behaviour | None = None) -> None:
+        super().__init__(FakeGrid(set(sites)), {}, Timing(60.0, 60.0, 0.01), WireLog(""))
+        self.behaviour = behaviour or (lambda site, link: None)
+        self.calls, self.teachers = [], {}
+
+    def exchange_all(self, kind: str, contents: dict[str, RecordDict], group: str, timeout: float | None = None
+                     ) -> Exchange:
+        replies, failures = {}, {}
+        for site, content in contents.items():
+            link = int(content.config_records[KEY_CONFIG]["link"])
+            self.calls.append((kind, site, link))
+            failure = self.behaviour(site, link) if kind == MSG_TRAIN else None
+            if failure is not None:
+                failures[site] = failure
+                continue
+            if kind == MSG_TRAIN:
+                teacher = read_payload(content, "test")
+                self.teachers[link] = None if teacher is None else int(teacher[0]["link"])
+            replies[site] = Reply(site, SimpleNamespace(content=_answer(kind, site, link)), 0.1, 10, 20)
+        return Exchange(replies, failures)
+
+
+def _answer(kind: str, site: str, link: int) -> RecordDict:
+    if kind != MSG_TRAIN:
+        return RecordDict({KEY_METRICS: MetricRecord({"accuracy": 0.5, "n": 10, "confusion": [3, 2, 3, 2]})})
+    weights = payload_bytes(encode_state({"w": torch.full((2,), float(link))}, "test_resnet", link))
+    metrics = MetricRecord({"val-accuracy": 0.5 + link / 10, "val-n": 10, "val-recall": [0.5, 0.5],
+                            "val-confusion": [3, 2, 3, 2], "epoch-loss": [1.0], "epoch-ce": [0.7],
+                            "epoch-kd": [0.3], "epoch-seconds": [0.1], "seconds": 0.1})
+    return RecordDict({**payload_records_from_bytes(weights), KEY_METRICS: metrics,
+                       KEY_INFO: ConfigRecord({"site-id": site, "arch": "test_resnet", "init": "scratch"})})

@@ -1,0 +1,134 @@
+"""The coordinator's chain logic with scripted sites: retries, fail or skip, checkpoint and resume."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from weckd.chain.errors import LinkError
+from weckd.chain.payload import MSG_TRAIN
+from weckd.server.schedule import ChainRun
+from weckd.server.state import load_state, new_state
+from weckd.server.transport import SiteFailure, failure_from_error
+
+from .fake_grid import FakeSites, federation
+
+
+def _run(tmp_path: Path, sites: FakeSites, order: list[str] | None = None, cycles: int = 1, **settings: Any
+         ) -> tuple[ChainRun, list[dict[str, Any]]]:
+    fed = federation(tmp_path, order or ["A", "B", "C"], cycles, **settings)
+    events: list[dict[str, Any]] = []
+    state = load_state(tmp_path / "state", fed) or new_state(fed)
+    return ChainRun(sites, fed, {}, events.append, state, tmp_path / "state"), events
+
+
+def _trained(sites: FakeSites) -> list[tuple[str, int]]:
+    return [(site, link) for kind, site, link in sites.calls if kind == MSG_TRAIN]
+
+
+def _gone(site: str) -> SiteFailure:
+    return SiteFailure(site, "unavailable", "node-unavailable", f"train at site {site} failed: Node Unavailable")
+
+
+def test_every_link_runs_in_order_with_its_predecessor_as_teacher(tmp_path: Path) -> None:
+    sites = FakeSites(["A", "B", "C"])
+    run, events = _run(tmp_path, sites)
+    outcome = run.run()
+    assert [r.site for r in outcome.links] == ["A", "B", "C"]
+    assert sites.teachers == {0: None, 1: 0, 2: 1}
+    assert [e["link"] for e in events if e["event"] == "link-done"] == [1, 2, 3]
+
+
+def test_a_transient_failure_is_retried_and_the_chain_completes(tmp_path: Path) -> None:
+    failures = iter([_gone("B"), _gone("B")])
+    sites = FakeSites(["A", "B", "C"], lambda s, k: next(failures, None) if s == "B" else None)
+    run, events = _run(tmp_path, sites, retries=2)
+    outcome = run.run()
+    assert _trained(sites) == [("A", 0), ("B", 1), ("B", 1), ("B", 1), ("C", 2)]
+    assert [r.site for r in outcome.links] == ["A", "B", "C"]
+    assert [e["attempt"] for e in events if e["event"] == "retry"] == [2, 3]
+
+
+def test_a_site_failing_every_retry_fails_the_run_naming_it(tmp_path: Path) -> None:
+    sites = FakeSites(["A", "B", "C"], lambda s, k: _gone(s) if s == "B" else None)
+    run, events = _run(tmp_path, sites, retries=1, on_site_failure="fail")
+    with pytest.raises(LinkError, match=r"link 2: site B failed after 2 attempt\(s\).*on_site_failure: fail"):
+        run.run()
+    assert _trained(sites) == [("A", 0), ("B", 1), ("B", 1)]
+    assert load_state(tmp_path / "state", run.fed).links[0].site == "A"  # link 1 is kept for a resume
+
+
+def test_skip_hands_the_last_good_output_to_the_next_site(tmp_path: Path) -> None:
+    sites = FakeSites(["A", "B", "C"], lambda s, k: _gone(s) if s == "B" else None)
+    run, events = _run(tmp_path, sites, retries=1, on_site_failure="skip")
+    outcome = run.run()
+    assert [r.site for r in outcome.links] == ["A", "C"]
+    assert sites.teachers[1] == 0  # C, now link 2, learns from A's link 1
+    assert outcome.skipped == ["B"]
+    assert [e for e in events if e["event"] == "site-skipped"][0]["site"] == "B"
+
+
+def test_skip_drops_the_site_from_later_cycles_too(tmp_path: Path) -> None:
+    sites = FakeSites(["A", "B"], lambda s, k: _gone(s) if s == "B" else None)
+    run, _ = _run(tmp_path, sites, order=["A", "B"], cycles=2, retries=0, on_site_failure="skip")
+    outcome = run.run()
+    assert [r.site for r in outcome.links] == ["A", "A"]  # A B A B without B
+    assert _trained(sites) == [("A", 0), ("B", 1), ("A", 1)]
+    assert sites.teachers[1] == 0
+
+
+def test_a_refused_payload_fails_at_once_without_retry_even_with_skip(tmp_path: Path) -> None:
+    refused = failure_from_error("B", "train", 2, "SealError[replay]: site B link 2: payload is from run 'x' link 0")
+    sites = FakeSites(["A", "B", "C"], lambda s, k: refused if s == "B" else None)
+    run, events = _run(tmp_path, sites, retries=3, on_site_failure="skip")
+    with pytest.raises(LinkError, match=r"site B refused the payload \(replay\)"):
+        run.run()
+    assert _trained(sites) == [("A", 0), ("B", 1)]
+    assert [e["reason"] for e in events if e["event"] == "site-failure"] == ["replay"]
+
+
+def test_a_site_offline_beyond_retry_wait_counts_as_a_failure(tmp_path: Path) -> None:
+    sites = FakeSites(["A", "C"])  # B never comes online
+    run, events = _run(tmp_path, sites, retries=1, on_site_failure="skip", retry_wait=0.05)
+    outcome = run.run()
+    assert [r.site for r in outcome.links] == ["A", "C"]
+    assert [e["kind"] for e in events if e["event"] == "site-failure"] == ["offline", "offline"]
+
+
+def test_a_restarted_coordinator_resumes_at_the_next_link(tmp_path: Path) -> None:
+    crash = FakeSites(["A", "B", "C"], lambda s, k: _gone(s) if s == "B" else None)
+    first, _ = _run(tmp_path, crash, retries=0, on_site_failure="fail")
+    with pytest.raises(LinkError):
+        first.run()
+    sites = FakeSites(["A", "B", "C"])
+    second, events = _run(tmp_path, sites)
+    outcome = second.run()
+    assert second.state.run_id == first.state.run_id
+    assert _trained(sites) == [("B", 1), ("C", 2)]  # link 1 is not trained again
+    assert sites.teachers[1] == 0  # B gets A's checkpointed output
+    assert [r.site for r in outcome.links] == ["A", "B", "C"]
+    assert events[0] == {"event": "resumed", "links_done": 1, "links": 3, "run_id": first.state.run_id}
+
+
+def test_sealed_federation_asks_for_blobs_for_next_evaluators_and_recipients(tmp_path: Path) -> None:
+    sealing = {"deliver_to": ["coordinator", "A"], "keys": "k", "peers": {"A": "p", "B": "p", "C": "p"}}
+    run, _ = _run(tmp_path, FakeSites(["A", "B", "C"]), sealing=sealing, evaluate="next")
+    schedule = run.schedule()
+    assert run._seal_for(0, schedule) == ["weights:B"]
+    assert run._seal_for(2, schedule) == ["weights:A", "weights:B", "weights:C", "weights:coordinator"]
+    run_skip, _ = _run(tmp_path / "skip", FakeSites(["A", "B", "C"]), sealing=sealing, evaluate="none",
+                       on_site_failure="skip")
+    assert run_skip._seal_for(0, schedule) == ["weights:B", "weights:C"]  # C may have to take over from B
+
+
+@pytest.mark.parametrize(("code", "reason", "kind", "label"), [
+    (5, "Node Unavailable", "unavailable", "node-unavailable"),
+    (3, "Message unavailable", "unavailable", "node-unavailable"),
+    (2, "SealError[tampered]: site B link 2: does not decrypt", "security", "tampered"),
+    (2, "PayloadError: site B: tensor 'w' holds 3 NaN/Inf value(s)", "security", "payload-refused"),
+    (2, "SiteDataError: /data/A: no images", "error", "site-error"),
+])
+def test_site_errors_are_classified(code: int, reason: str, kind: str, label: str) -> None:
+    failure = failure_from_error("B", "train", code, reason)
+    assert (failure.kind, failure.reason, failure.site) == (kind, label, "B")
+    assert failure.transient == (kind == "unavailable")
