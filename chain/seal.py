@@ -262,7 +262,7 @@ def open_sealed(
 ) -> Opened:
     """Verify, then decrypt a payload sealed for this site by its pinned predecessor."""
     frame = _parse(blob, max_bytes)
-    where = f"site {expected.recipient} link {expected.link}"
+    where = f"site {expected.recipient}, payload of link {expected.link + 1}"
     _verify_signature(frame, expected_sender_ed25519_pub, expected.sender, where)
     header = SealHeader.from_bytes(frame.header_bytes)
     _check_header(header, expected, expected_sender_ed25519_pub, recipient_x25519_priv.public_key(), where)

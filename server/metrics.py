@@ -25,7 +25,8 @@ from weckd.client.metrics import serve_registry
 log = logging.getLogger(__name__)
 
 RUN_STATES = ("starting", "discovering", "training", "completed", "failed")
-FAILURE_REASONS = ("discovery-timeout", "site-mismatch", "link-timeout", "site-error", "deadline", "other")
+FAILURE_REASONS = ("discovery-timeout", "site-mismatch", "link-timeout", "site-error", "site-failed",
+                   "payload-refused", "deadline", "other")
 DIRECTIONS = ("to_site", "from_site")
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
@@ -33,6 +34,10 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86
 def failure_reason(message: str) -> str:
     """A low-cardinality label for a failure message (the message itself goes to the log)."""
     text = message.lower()
+    if "refused the payload" in text:
+        return "payload-refused"
+    if "failed after" in text and "attempt(s)" in text:
+        return "site-failed"
     if "not online after" in text:
         return "discovery-timeout"
     if text.startswith("discovery:"):
@@ -134,6 +139,13 @@ class ServerMetrics:
                              ["site", "split"], registry=r)
         self.failures = Counter("weckd_failures_total", "Run failures by reason", ["reason"], registry=r)
         self.retries = Counter("weckd_retries_total", "Retried messages by reason", ["reason"], registry=r)
+        self.site_failures = Counter("weckd_site_failures_total", "A site failed a link or an evaluation, by reason",
+                                     ["site", "reason"], registry=r)
+        self.skipped = Gauge("weckd_site_skipped", "1 once a site is skipped for the rest of the chain", ["site"],
+                             registry=r)
+        self.resumes = Counter("weckd_chain_resumes_total", "Runs that continued a checkpointed chain", registry=r)
+        self.epsilon = Gauge("weckd_link_privacy_epsilon", "DP-SGD privacy budget spent by a link (epsilon)",
+                             ["link", "site"], registry=r)
         self._initial(links)
 
     def _initial(self, links: int) -> None:
@@ -144,6 +156,7 @@ class ServerMetrics:
         for site in self._sites:
             self.current_site.labels(site).set(0)
             self.connected.labels(site).set(0)
+            self.skipped.labels(site).set(0)
             for d in DIRECTIONS:
                 self.relay.labels(site, d)
         for reason in FAILURE_REASONS:
@@ -169,6 +182,13 @@ class ServerMetrics:
             self._link_done(event)
         elif kind == "retry":
             self.retries.labels(str(event.get("reason", "other"))).inc()
+        elif kind in ("site-failure", "evaluation-missing"):
+            self.site_failures.labels(str(event["site"]), str(event.get("reason", "other"))).inc()
+        elif kind == "site-skipped":
+            self.skipped.labels(str(event["site"])).set(1)
+        elif kind == "resumed":
+            self.resumes.inc()
+            self.links_done.set(int(event["links_done"]))
         elif kind == "completed":
             self.state.state("completed")
             self._idle()
@@ -205,7 +225,7 @@ class ServerMetrics:
         self.accuracy.labels(link, site, "val").set(e["val_accuracy"])
         for other, acc in e.get("evaluations", {}).items():
             self.accuracy.labels(link, other, "val").set(acc)
-        for gauge, key in ((self.loss, "loss"), (self.ce, "ce"), (self.kd, "kd")):
+        for gauge, key in ((self.loss, "loss"), (self.ce, "ce"), (self.kd, "kd"), (self.epsilon, "epsilon")):
             if key in e:
                 gauge.labels(link, site).set(e[key])
         self.relay.labels(site, "to_site").inc(e.get("bytes_to_site", 0))

@@ -48,10 +48,30 @@ def test_failed_event_sets_state_and_counts_its_reason() -> None:
     ("discovery: site(s) B not online after 120s; start weckd-client", "discovery-timeout"),
     ("discovery: site A runs weckd 0.0.9, the coordinator 0.1.0", "site-mismatch"),
     ("train at site A failed: boom (code 1); see that site's weckd-client log", "site-error"),
+    ("link 2: site B failed after 3 attempt(s): train at site B failed: Node Unavailable", "site-failed"),
+    ("evaluating link 2: ... site C refused the payload (unexpected-sender); the run stops", "payload-refused"),
     ("something else", "other"),
 ])
 def test_failure_messages_map_to_few_reasons(message: str, reason: str) -> None:
     assert failure_reason(message) == reason
+
+
+def test_site_failures_skips_and_resumes_are_counted() -> None:
+    m = ServerMetrics(3, ["A", "B", "C"], 600.0)
+    assert _value(m.registry, "weckd_site_skipped", site="B") == 0
+    m.observe({"event": "resumed", "links_done": 1, "links": 3, "run_id": "r"})
+    m.observe({"event": "site-failure", "site": "B", "link": 2, "attempt": 1, "kind": "unavailable",
+               "reason": "node-unavailable", "message": "..."})
+    m.observe({"event": "retry", "site": "B", "link": 2, "reason": "node-unavailable", "attempt": 2})
+    m.observe({"event": "site-failure", "site": "B", "link": 2, "attempt": 2, "kind": "offline",
+               "reason": "offline", "message": "..."})
+    m.observe({"event": "site-skipped", "site": "B", "link": 2, "reason": "offline"})
+    r = m.registry
+    assert _value(r, "weckd_chain_resumes_total") == 1 and _value(r, "weckd_chain_links_completed") == 1
+    assert _value(r, "weckd_site_failures_total", site="B", reason="node-unavailable") == 1
+    assert _value(r, "weckd_site_failures_total", site="B", reason="offline") == 1
+    assert _value(r, "weckd_retries_total", reason="node-unavailable") == 1
+    assert _value(r, "weckd_site_skipped", site="B") == 1 and _value(r, "weckd_site_skipped", site="C") == 0
 
 
 def test_eta_is_mean_link_time_times_links_left() -> None:

@@ -1,0 +1,184 @@
+"""A site killed mid-link, the coordinator killed mid-chain, a wrong pinned key: real processes on
+loopback (TLS, SuperNode auth, sealed payloads). Each scenario runs one federation; every process is
+stopped in a ``finally``.
+
+Loss detection: a SIGKILLed site is noticed by Flower's heartbeat (its message comes back as
+``Node Unavailable``) or, where the site came back before that, by the link timeout; the measured
+time from the kill to the coordinator's ``site-failure`` event is printed (``pytest -s``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+from weckd.server.demo import LocalFederation
+from weckd.server.scaffold import Scaffold, chain_settings, make_scaffold
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 4
+TIMEOUT = 420.0
+
+
+def _events(scaffold: Scaffold) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted((scaffold.root / "state" / "server").glob("progress-*.jsonl")):
+        out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return out
+
+
+def _wait_event(fed: LocalFederation, match: Callable[[dict[str, Any]], bool], timeout: float = 240.0
+                ) -> dict[str, Any]:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        found = [e for e in _events(fed.scaffold) if match(e)]
+        if found:
+            return found[-1]
+        assert fed.server.poll() is None, f"weckd-server exited ({fed.server.returncode}) before the event"
+        time.sleep(0.2)
+    raise AssertionError(f"no such event within {timeout:.0f}s: {_events(fed.scaffold)[-3:]}")
+
+
+def _link_start(link: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda e: e.get("event") == "link-start" and e.get("link") == link
+
+
+def _kill(fed: LocalFederation, name: str) -> float:
+    """SIGKILL a process (its SuperNode/SuperLink and executor die with it); return when."""
+    proc = dict(fed.group.procs)[name]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return time.time()
+
+
+def _trained_links(scaffold: Scaffold) -> list[tuple[str, int]]:
+    """(site, link) of every link a site actually trained, from the sites' executor logs."""
+    out = []
+    for log in sorted((scaffold.root / "state").glob("site-*/logs/executor-*.log")):
+        site = log.stem.split("-", 1)[1]
+        for line in log.read_text(errors="replace").splitlines():
+            if ": training (teacher" in line:
+                out.append((site, int(line.split(" link ", 1)[1].split(":", 1)[0])))
+    return sorted(out)
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Callable[..., LocalFederation]]:
+    started: list[LocalFederation] = []
+
+    def start(settings: dict[str, Any], before: Callable[[Scaffold], None] | None = None) -> LocalFederation:
+        scaffold = make_scaffold(tmp_path, chain_settings({"link": {"epochs": EPOCHS}}),
+                                 {"retry_wait": 10.0, **settings})
+        if before is not None:
+            before(scaffold)
+        fed = LocalFederation(scaffold, stop_timeout=10.0)
+        started.append(fed)
+        fed.start_server()
+        fed.wait_ready()
+        for site in scaffold.sites:
+            fed.start_site(site)
+        return fed
+
+    try:
+        yield start
+    finally:
+        for fed in started:
+            fed.stop()
+
+
+def _results(fed: LocalFederation) -> dict[str, Any]:
+    return json.loads((fed.scaffold.root / "out" / "results.json").read_text())
+
+
+def test_skip_completes_the_chain_without_a_killed_site(federation: Callable[..., LocalFederation]) -> None:
+    fed = federation({"on_site_failure": "skip", "retries": 1})
+    _wait_event(fed, _link_start(2))
+    time.sleep(1.0)
+    killed = _kill(fed, "weckd-client-B")
+    assert fed.wait_server(TIMEOUT) == 0
+    res = _results(fed)
+    assert [r["site"] for r in res["links"]] == ["A", "C"] and res["skipped"] == ["B"]
+    failure = next(e for e in _events(fed.scaffold) if e["event"] == "site-failure")
+    print(f"\nsite B killed; loss detected after {failure['t'] - killed:.1f}s ({failure['reason']})")
+    assert failure["site"] == "B" and failure["kind"] in ("unavailable", "timeout")
+    assert res["links"][-1]["eval_accuracy"] > 0.4  # chance is 0.25: C learnt from A's model and its own data
+
+
+def test_fail_stops_the_run_naming_the_killed_site(federation: Callable[..., LocalFederation]) -> None:
+    fed = federation({"on_site_failure": "fail", "retries": 0})
+    _wait_event(fed, _link_start(2))
+    time.sleep(1.0)
+    _kill(fed, "weckd-client-B")
+    assert fed.wait_server(TIMEOUT) == 1
+    failed = next(e for e in _events(fed.scaffold) if e["event"] == "failed")
+    assert "site B failed after 1 attempt(s)" in failed["reason"] and "on_site_failure: fail" in failed["reason"]
+    assert not (fed.scaffold.root / "out" / "results.json").exists()
+
+
+def test_a_restarted_site_is_retried_and_the_chain_completes(federation: Callable[..., LocalFederation]) -> None:
+    fed = federation({"on_site_failure": "fail", "retries": 2, "retry_wait": 120.0, "link_timeout": 60.0})
+    _wait_event(fed, _link_start(2))
+    time.sleep(1.0)
+    killed = _kill(fed, "weckd-client-B")
+    time.sleep(2.0)
+    fed.start_site("B", name="B-restarted")
+    assert fed.wait_server(TIMEOUT) == 0
+    res = _results(fed)
+    assert [r["site"] for r in res["links"]] == ["A", "B", "C"] and res["skipped"] == []
+    failure = next(e for e in _events(fed.scaffold) if e["event"] == "site-failure")
+    print(f"\nsite B killed and restarted; loss detected after {failure['t'] - killed:.1f}s ({failure['reason']})")
+    assert any(e["event"] == "retry" and e["site"] == "B" for e in _events(fed.scaffold))
+
+
+def test_a_killed_coordinator_resumes_at_the_next_link(federation: Callable[..., LocalFederation]) -> None:
+    fed = federation({})
+    done = _wait_event(fed, lambda e: e.get("event") == "link-done" and e.get("link") == 1)
+    _wait_event(fed, _link_start(2))
+    _kill(fed, "weckd-server")
+    (fed.scaffold.root / "state" / "server" / "ready").unlink()
+    fed.start_server()
+    fed.wait_ready()
+    assert fed.wait_server(TIMEOUT) == 0
+    res = _results(fed)
+    resumed = next(e for e in _events(fed.scaffold) if e["event"] == "resumed")
+    assert resumed["links_done"] == 1 and resumed["run_id"] == res["run_id"]
+    assert [r["site"] for r in res["links"]] == ["A", "B", "C"]  # as many links as an uninterrupted run
+    assert _trained_links(fed.scaffold) == [("A", 1), ("B", 2), ("C", 3)]  # none trained twice
+    assert res["links"][0]["val"]["accuracy"] == pytest.approx(done["val_accuracy"])
+    model = fed.scaffold.root / "out" / "model"
+    assert (model / "model.safetensors").is_file() and json.loads((model / "card.json").read_text())["arch"]
+
+
+def _impostor_pinned_as_b_at_c(scaffold: Scaffold) -> None:
+    """Site C pins another Ed25519 key as B's (a mistake in onboarding, or a swapped file)."""
+    from weckd.chain.keys import generate_site_keys
+
+    impostor = generate_site_keys("B", scaffold.root / "impostor")
+    pins = scaffold.root / "keys" / "pins-C"
+    pins.mkdir()
+    for pub in (scaffold.root / "keys" / "public").glob("*.pub"):
+        (pins / pub.name).write_bytes(pub.read_bytes())
+    (pins / "site-B.ed25519.pub").write_bytes(impostor.ed25519_pub.read_bytes())
+    cfg = scaffold.sites["C"]
+    cfg.write_text(cfg.read_text().replace("B: keys/public", "B: keys/pins-C"))
+
+
+def test_a_payload_not_signed_by_the_pinned_key_fails_the_run_with_the_reason(
+        federation: Callable[..., LocalFederation]) -> None:
+    fed = federation({"retries": 2, "on_site_failure": "skip"}, before=_impostor_pinned_as_b_at_c)
+    assert fed.wait_server(TIMEOUT) == 1
+    events = _events(fed.scaffold)
+    refused = [e for e in events if e["event"] in ("site-failure", "evaluation-missing")]
+    assert len(refused) == 1  # never retried, never skipped: the first refusal stops the run
+    # C meets B's output first when it evaluates link 2's model (evaluate: all), before training link 3
+    assert (refused[0]["site"], refused[0]["link"], refused[0]["reason"]) == ("C", 2, "unexpected-sender")
+    failed = next(e for e in events if e["event"] == "failed")
+    assert "site C refused the payload (unexpected-sender)" in failed["reason"]
+    assert "not by site B's pinned key" in failed["reason"]
+    metrics = json.loads((fed.scaffold.root / "state" / "site-C" / "metrics.json").read_text())
+    assert metrics["rejected"] == {"unexpected-sender": 1} and metrics["links_trained"] == 0
