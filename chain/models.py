@@ -2,28 +2,55 @@
 
 Nothing is fetched from a hub at run time: hospitals are often offline, and a download would be a
 hidden dependency of the result.
+
+An architecture name may end in ``+gn`` (e.g. ``resnet18+gn``): the timm model with every BatchNorm
+replaced by GroupNorm (``gcd(32, channels)`` groups, as Opacus' ``ModuleValidator.fix`` does). That
+is the variant differentially private links train (BatchNorm mixes the samples of a batch, which
+DP-SGD cannot account for); the suffix travels with the weights so any site rebuilds the same model.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import math
 from pathlib import Path
 
 import timm
 import torch
 from safetensors.torch import load_file
+from timm.layers import GroupNormAct
 
 from .errors import ConfigError, PayloadError
 
 log = logging.getLogger(__name__)
 
+GROUP_NORM_SUFFIX = "+gn"
+
+
+def split_arch(arch: str) -> tuple[str, bool]:
+    """``'resnet18+gn'`` → ``('resnet18', True)``; a plain timm name → ``(name, False)``."""
+    if arch.endswith(GROUP_NORM_SUFFIX):
+        return arch[: -len(GROUP_NORM_SUFFIX)], True
+    return arch, False
+
+
+def group_norm_arch(arch: str) -> str:
+    """The GroupNorm variant's name of ``arch`` (unchanged when it already is one)."""
+    return arch if split_arch(arch)[1] else arch + GROUP_NORM_SUFFIX
+
+
+def is_arch(name: str) -> bool:
+    """Whether ``name`` is a timm architecture, optionally with the ``+gn`` suffix."""
+    return timm.is_model(split_arch(name)[0])
+
 
 def check_arch(name: str, where: str = "link.arch") -> None:
-    """Fail with close matches when ``name`` is not a timm architecture."""
-    if timm.is_model(name):
+    """Fail with close matches when ``name`` is not a timm architecture (``+gn`` allowed)."""
+    base, _ = split_arch(name)
+    if timm.is_model(base):
         return
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; see timm.list_models()"
     raise ConfigError(f"{where}: unknown timm architecture {name!r}{hint}")
 
@@ -31,10 +58,39 @@ def check_arch(name: str, where: str = "link.arch") -> None:
 def create_model(arch: str, num_classes: int, in_chans: int, weights: str | None = None) -> torch.nn.Module:
     """Build ``arch`` with random weights, then load a local weights file if one is given."""
     check_arch(arch)
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    base, group_norm = split_arch(arch)
+    model = timm.create_model(base, pretrained=False, num_classes=num_classes, in_chans=in_chans)
+    if group_norm:
+        model = to_group_norm(model)
     if weights is not None:
         load_backbone(model, Path(weights))
     return model
+
+
+def to_group_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """Replace every BatchNorm of ``model`` in place by GroupNorm with ``gcd(32, channels)`` groups.
+
+    timm's fused norm+activation layers (``BatchNormAct2d``) become ``GroupNormAct`` with the same
+    activation and dropout, so the network computes the same function apart from the normalisation.
+    Parameter names stay (``bn1.weight``, ``bn1.bias``); the running statistics disappear.
+    """
+    for name, child in list(model.named_children()):
+        if isinstance(child, torch.nn.modules.batchnorm._BatchNorm):
+            setattr(model, name, _group_norm_like(child))
+        else:
+            to_group_norm(child)
+    return model
+
+
+def _group_norm_like(bn: torch.nn.modules.batchnorm._BatchNorm) -> torch.nn.Module:
+    channels = bn.num_features
+    groups = math.gcd(32, channels)
+    act, drop = getattr(bn, "act", None), getattr(bn, "drop", None)
+    if isinstance(act, torch.nn.Module) and isinstance(drop, torch.nn.Module):
+        fused = GroupNormAct(channels, num_groups=groups, eps=bn.eps, affine=bn.affine, apply_act=False)
+        fused.act, fused.drop = act, drop
+        return fused
+    return torch.nn.GroupNorm(groups, channels, eps=bn.eps, affine=bn.affine)
 
 
 def load_backbone(model: torch.nn.Module, path: Path) -> None:
