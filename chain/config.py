@@ -8,6 +8,7 @@ are rebuilt from the run config a federation sends to its sites (:func:`link_fro
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -130,6 +131,20 @@ class ChainConfig:
         return self.chain.order[index % len(self.chain.order)]
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads exponents without a dot (``1e-5``) as numbers, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text like ``yaml.safe_load``, with ``1e-5`` read as a number rather than a string."""
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ChainConfig:
     """Load and validate a chain config file; ``overrides`` are ``dotted.key=value`` strings."""
     raw, origin = read_yaml(path)
@@ -144,7 +159,7 @@ def read_yaml(path: str | Path) -> tuple[dict[str, Any], Origin]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found; pass an existing YAML file with -c")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+        raw = parse_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -165,7 +180,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     if not sep or not key.strip():
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. link.epochs=3")
     try:
-        value = yaml.safe_load(text)
+        value = parse_yaml(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"--set {item!r}: value is not valid YAML") from err
     node = raw
