@@ -16,11 +16,23 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from .errors import ConfigError
+from .privacy import student_arch, warm_start_mismatch
 from .schema import Origin, build
 
 
 def _m(**meta: Any) -> Any:
     return meta
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """Differential privacy of one link's training (DP-SGD, see :mod:`chain.privacy`)."""
+
+    epsilon: float = field(metadata=_m(gt=0.0, max=1000.0))
+    delta: float = field(default=1e-5, metadata=_m(gt=0.0, lt=1.0))
+    max_grad_norm: float = field(default=1.0, metadata=_m(gt=0.0, max=1000.0))
+    # Opacus accountant: prv (tighter ε, the default) or rdp (the classic bound, much faster to compute)
+    accountant: str = field(default="prv", metadata=_m(choices=("prv", "rdp")))
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,8 @@ class LinkSettings:
     init: str = field(default="predecessor", metadata=_m(choices=("scratch", "predecessor")))
     distill: str = field(default="kl", metadata=_m(choices=("kl", "mse")))
     weights: str | None = field(default=None, metadata=_m(path=True))
+    # DP-SGD for this link (chain.privacy); absent or null: ordinary training
+    privacy: PrivacySettings | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +234,9 @@ def _resolve_links(base: ChainConfig, links_raw: Any, origin: Origin) -> tuple[L
         if entry is not None and not isinstance(entry, dict):
             raise ConfigError(f"{origin.source}: links[{i}]: expected a mapping of link settings")
         merged = {**default, **(entry or {})}
+        for key, value in (entry or {}).items():  # a nested mapping (privacy) overrides key by key
+            if isinstance(value, dict) and isinstance(default.get(key), dict):
+                merged[key] = {**default[key], **value}
         resolved.append(build(LinkSettings, merged, f"links[{i}]", origin))
     return tuple(resolved)
 
@@ -252,6 +269,23 @@ def _check_consistency(cfg: ChainConfig, origin: Origin) -> None:
             raise ConfigError(f"{src}: data.unlabelled.{site}: not a site of chain.order {list(order)}")
     if cfg.chain.mode == "logits" and data.proxy is None:
         raise ConfigError(f"{src}: data.proxy: logits mode needs a proxy set of unlabelled images")
+    _check_privacy(cfg, src)
+
+
+def _check_privacy(cfg: ChainConfig, src: str) -> None:
+    """DP links need weights mode past link 1 and cannot warm-start across BatchNorm/GroupNorm."""
+    for k in range(1, cfg.n_links):
+        settings, before = cfg.link_settings(k), cfg.link_settings(k - 1)
+        where = f"links[{k}]" if k < len(cfg.links) else "link"
+        if settings.privacy is not None and cfg.chain.mode == "logits":
+            raise ConfigError(
+                f"{src}: {where}.privacy: DP-SGD covers the site's labelled images but not the proxy-set "
+                "distillation of logits mode past link 1; use chain.mode: weights"
+            )
+        if cfg.chain.mode == "weights" and settings.init == "predecessor":
+            mismatch = warm_start_mismatch(student_arch(settings), student_arch(before))
+            if mismatch:
+                raise ConfigError(f"{src}: {where}.init: link {k + 1} {mismatch}")
 
 
 def resolve_site_paths(cfg: ChainConfig, base_dir: Path) -> ChainConfig:
@@ -270,15 +304,34 @@ def resolve_site_paths(cfg: ChainConfig, base_dir: Path) -> ChainConfig:
 
 
 def link_to_mapping(settings: LinkSettings) -> dict[str, Any]:
-    """Flatten link settings for a message's ConfigRecord (site-local paths stay behind)."""
-    out = dataclasses.asdict(settings)
-    out.pop("weights")
+    """Flatten link settings for a message's ConfigRecord (site-local paths stay behind).
+
+    A ConfigRecord holds scalars only: nested settings become dotted keys (``privacy.epsilon``) and
+    unset optional ones (``privacy: null``) are left out.
+    """
+    out: dict[str, Any] = {}
+    for key, value in dataclasses.asdict(settings).items():
+        if key == "weights" or value is None:
+            continue
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
     return out
 
 
 def link_from_mapping(values: Mapping[str, Any], source: str = "run config") -> LinkSettings:
     """Rebuild link settings from a ConfigRecord with the same validation as the YAML loader."""
-    return build(LinkSettings, dict(values), "link", Origin(source, Path.cwd()))
+    raw: dict[str, Any] = {}
+    for key, value in values.items():
+        head, dot, tail = str(key).partition(".")
+        if dot:
+            nested = raw.setdefault(head, {})
+            if isinstance(nested, dict):
+                nested[tail] = value
+                continue
+        raw[key] = value
+    return build(LinkSettings, raw, "link", Origin(source, Path.cwd()))
 
 
 def config_to_mapping(cfg: ChainConfig) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 A link is a student trained on one site's labelled data with cross-entropy plus distillation from
 its predecessor: a live teacher model (weights mode) or the predecessor's logits on a shared proxy
 set of unlabelled images (logits mode). Where the architectures match and ``init: predecessor``,
-the student starts from the predecessor's weights.
+the student starts from the predecessor's weights. With ``privacy`` set, the link trains with DP-SGD
+(:mod:`chain.privacy`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .data import ImageSet, ImageSpec, SiteData, augment, to_input
 from .errors import LinkError
 from .losses import kd_loss, kd_term
 from .models import create_model, load_state, state_of
+from .privacy import PrivacySpent, PrivateTraining, make_private, student_arch, warm_start_mismatch
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class LinkResult:
     seconds: float
     images_per_s: float
     proxy_logits: torch.Tensor | None = field(default=None, repr=False)
+    privacy: PrivacySpent | None = None  # ε spent at δ when the link trained with DP-SGD
 
 
 EpochHook = Callable[[EpochStats], None]
@@ -90,14 +93,16 @@ def train_link(
     ``initial_state`` starts the student from given weights without a teacher (FedAvg rounds).
     """
     torch.manual_seed(seed)
-    student = create_model(settings.arch, len(spec.classes), spec.channels, settings.weights)
+    arch = student_arch(settings)
+    student = create_model(arch, len(spec.classes), spec.channels, settings.weights)
     if initial_state is not None:
         load_state(student, initial_state, label)
         init = "given"
     else:
-        init = _warm_start(student, settings, teacher, label)
+        init = _warm_start(student, arch, settings, teacher, label)
     if teacher is not None and teacher.proxy_logits is not None and proxy is None:
         raise LinkError(f"{label}: logits mode needs the proxy set at this site")
+    _check_private_inputs(settings, site, teacher, label)
     loop = _Loop(
         settings,
         site,
@@ -111,11 +116,50 @@ def train_link(
         label,
     )
     history = loop.run(on_epoch)
+    spent = _close_private(loop.private, label)
     val = evaluate(student, site.val, len(spec.classes), device)
     own_proxy = predict_logits(student, proxy.images, device) if proxy is not None else None
     samples = {"train": len(site.train), "val": len(site.val), "unlabelled": len(loop.extra) if loop.extra else 0}
     rate = loop.seen / loop.seconds if loop.seconds > 0 else 0.0
-    return LinkResult(settings.arch, state_of(student), val, history, samples, init, loop.seconds, rate, own_proxy)
+    return LinkResult(arch, state_of(student), val, history, samples, init, loop.seconds, rate, own_proxy, spent)
+
+
+def _check_private_inputs(settings: LinkSettings, site: SiteData, teacher: Teacher | None, label: str) -> None:
+    """What DP-SGD here does not cover is refused (proxy distillation) or left out (unlabelled images)."""
+    if settings.privacy is None:
+        return
+    if teacher is not None and teacher.proxy_logits is not None:
+        raise LinkError(f"{label}: privacy is not supported in logits mode past link 1; use chain.mode: weights")
+    if teacher is not None and site.unlabelled is not None and len(site.unlabelled) > 0:
+        log.warning(
+            "%s: privacy on: the site's %d unlabelled images are not used (DP-SGD covers labelled images only)",
+            label,
+            len(site.unlabelled),
+        )
+
+
+def _close_private(private: PrivateTraining | None, label: str) -> PrivacySpent | None:
+    """Detach Opacus and account: the ε spent, logged and checked against the target."""
+    if private is None:
+        return None
+    private.close()
+    spent = private.spent()
+    log.info(
+        "%s privacy: epsilon=%.3f spent (target %.3f) at delta=%g, noise=%.3f, clip=%g, %d steps",
+        label,
+        spent.epsilon,
+        spent.target_epsilon,
+        spent.delta,
+        spent.noise_multiplier,
+        spent.max_grad_norm,
+        spent.steps,
+    )
+    if spent.epsilon > spent.target_epsilon * (1 + 1e-9):
+        raise LinkError(
+            f"{label}: spent epsilon {spent.epsilon:.4f} exceeds the target {spent.target_epsilon}; "
+            "the model is withheld (a bug in the step budget: please report it)"
+        )
+    return spent
 
 
 class _Loop:
@@ -136,11 +180,21 @@ class _Loop:
     ) -> None:
         self.s, self.site, self.student, self.teacher_model = settings, site, student, teacher_model
         self.device, self.augment, self.gen, self.label = device, augment_images, gen, label
-        self.optimizer = _optimizer(settings, student)
+        optimizer = _optimizer(settings, student)
+        self.optimizer: torch.optim.Optimizer = optimizer
+        self.model = student  # what the training forward calls: Opacus' wrapper when private
+        self.private: PrivateTraining | None = None
         total = _n_batches(len(site.train), settings.batch_size) * settings.epochs
-        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=max(total, 1))
+        if settings.privacy is not None:
+            sample = to_input(site.train.images[:2], device)
+            self.private = make_private(student, optimizer, settings, len(site.train), sample, gen, label)
+            self.model, self.optimizer = self.private.model, self.private.optimizer
+            total = min(self.private.steps_per_epoch * settings.epochs, self.private.budget)
+        # on the plain optimizer: with DP-SGD it takes its step after the noise is added
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
         self.bar = Progress(total, label)
-        self.extra = site.unlabelled if teacher_model is not None and site.unlabelled is not None else None
+        use_extra = teacher_model is not None and site.unlabelled is not None and settings.privacy is None
+        self.extra = site.unlabelled if use_extra else None
         self.extra_iter = _cycle(len(self.extra), settings.batch_size, gen) if self.extra else None
         self.proxy_logits = teacher.proxy_logits if teacher is not None else None
         self.proxy = proxy if self.proxy_logits is not None else None
@@ -174,10 +228,18 @@ class _Loop:
     def _epoch(self, epoch: int) -> EpochStats:
         t0 = time.perf_counter()
         sums = np.zeros(3)
-        self.student.train()
-        for idx in _batches(len(self.site.train), self.s.batch_size, self.gen):
+        self.model.train()
+        private = self.private
+        batches = private.batches() if private else _batches(len(self.site.train), self.s.batch_size, self.gen)
+        seen = 0
+        for idx in batches:
+            if private is not None and len(idx) == 0:  # an empty Poisson batch: noise only
+                private.noise_only_step()
+                self.schedule.step()
+                self.bar.update(1, f"ep {epoch}/{self.s.epochs} (empty batch)")
+                continue
+            self.optimizer.zero_grad(set_to_none=True)  # before the forward: Opacus checks it
             total, ce, kd = self._loss(idx)
-            self.optimizer.zero_grad(set_to_none=True)
             total.backward()
             self.optimizer.step()
             self.schedule.step()
@@ -185,8 +247,10 @@ class _Loop:
                 raise LinkError(f"{self.label}: loss became {total.item()} at epoch {epoch}; lower link.lr")
             sums += (total.item() * len(idx), ce.item() * len(idx), kd.item() * len(idx))
             self.seen += len(idx)
+            seen += len(idx)
             self.bar.update(1, f"ep {epoch}/{self.s.epochs} loss {total.item():.3f}")
-        return _epoch_stats(epoch, sums, len(self.site.train), time.perf_counter() - t0)
+        n = seen if private is not None else len(self.site.train)  # Poisson batches vary in size
+        return _epoch_stats(epoch, sums, n, time.perf_counter() - t0)
 
     def _loss(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Total, CE and KD of one step: labelled batch, plus unlabelled or proxy distillation."""
@@ -194,7 +258,7 @@ class _Loop:
         x = to_input(self.site.train.images[idx], self.device)
         if self.augment:
             x = augment(x, self.gen)
-        logits = self.student(x)
+        logits = self.model(x)
         with torch.no_grad():
             t_logits = self.teacher_model(x) if self.teacher_model is not None else None
         parts = kd_loss(
@@ -214,18 +278,23 @@ class _Loop:
         return parts.total, parts.ce, parts.kd
 
 
-def _warm_start(student: torch.nn.Module, settings: LinkSettings, teacher: Teacher | None, label: str) -> str:
+def _warm_start(
+    student: torch.nn.Module, arch: str, settings: LinkSettings, teacher: Teacher | None, label: str
+) -> str:
     if settings.init != "predecessor" or teacher is None:
         return "scratch"
     if teacher.state is None:
         log.warning("%s: init=predecessor but only logits travel in logits mode: starting from scratch", label)
         return "scratch"
-    if teacher.arch != settings.arch:
+    mismatch = warm_start_mismatch(arch, teacher.arch)
+    if mismatch:
+        raise LinkError(f"{label}: init=predecessor: this link {mismatch}")
+    if teacher.arch != arch:
         log.warning(
             "%s: init=predecessor but architectures differ (%s → %s): starting from scratch",
             label,
             teacher.arch,
-            settings.arch,
+            arch,
         )
         return "scratch"
     load_state(student, teacher.state, label)

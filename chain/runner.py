@@ -152,7 +152,7 @@ def results_json(run: ChainRun) -> dict[str, Any]:
     cfg = run.config
 
     def row_json(r: Row) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "kind": r.kind,
             "name": r.name,
             "site": r.site,
@@ -163,6 +163,9 @@ def results_json(run: ChainRun) -> dict[str, Any]:
             "samples": r.result.samples,
             "epochs": [{"epoch": e.epoch, "loss": e.loss, "ce": e.ce, "kd": e.kd} for e in r.result.epochs],
         }
+        if r.result.privacy is not None:  # DP-SGD links only: the ε spent at δ and how
+            out["privacy"] = dict(r.result.privacy)
+        return out
 
     first, last = run.links[0].test.accuracy, run.final.test.accuracy
     pooled = next((r.test.accuracy for r in run.baselines if r.kind == "pooled"), None)
@@ -200,13 +203,20 @@ def timings_json(run: ChainRun) -> dict[str, Any]:
 
 def format_table(run: ChainRun) -> str:
     """The run's table: every link, then the baselines, then the gain over link 1."""
+    rows = run.links + run.baselines
+    private = any(r.result.privacy is not None for r in rows)  # an ε column only where DP-SGD ran
     head = f"{'model':<18} {'site':<6} {'arch':<24} {'init':<12} {'val acc':>8} {'test acc':>9} {'seconds':>8}"
+    head += f" {'epsilon':>8}" if private else ""
     lines = [head, "-" * len(head)]
-    for r in run.links + run.baselines:
-        lines.append(
+    for r in rows:
+        line = (
             f"{r.name:<18} {r.site:<6} {r.arch:<24} {r.init:<12} {r.result.val.accuracy:>8.3f} "
             f"{r.test.accuracy:>9.3f} {r.result.seconds:>8.1f}"
         )
+        if private:
+            spent = r.result.privacy
+            line += f" {spent.epsilon:>8.2f}" if spent is not None else f" {'-':>8}"
+        lines.append(line)
     summary = results_json(run)["summary"]
     lines.append(f"last link vs link 1 (single backbone): {100 * summary['gain_over_link1']:+.1f} points test accuracy")
     if "gap_to_pooled" in summary:
