@@ -23,6 +23,7 @@ from .errors import ConfigError
 from .link import evaluate, model_from_state, predict_logits, score, train_link
 from .models import pick_device
 from .prepare import Prepared, prepare
+from .privacy import student_arch
 from .runner import ChainRun, link_seed, run_chain
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def fedavg(cfg: ChainConfig, data: Prepared) -> float:
             weights.append(len(site.train))
         global_state = average_states(states, weights)
     assert global_state is not None
-    model = model_from_state(settings.arch, global_state, data.spec, device)
+    model = model_from_state(student_arch(settings), global_state, data.spec, device)
     return evaluate(model, data.test, len(data.spec.classes), device).accuracy
 
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import timm
 import torch
 
 from . import __version__
@@ -27,7 +26,7 @@ from .cli import run_command, setup_logging
 from .data import IMAGE_SUFFIXES, MEAN, STD, ImageSpec, read_image
 from .errors import ConfigError, PayloadError, SiteDataError
 from .link import model_from_state, predict_logits
-from .models import pick_device
+from .models import is_arch, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ def check_card(card: dict[str, Any], where: Path) -> ImageSpec:
     if version != __version__:
         log.warning("%s: written by weckd %s, running %s", where, version, __version__)
     arch = card.get("arch")
-    if not isinstance(arch, str) or not timm.is_model(arch):
+    if not isinstance(arch, str) or not is_arch(arch):
         raise bad("arch", arch, "not a timm architecture known to this install; upgrade timm")
     classes = card.get("classes")
     if not (isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)):

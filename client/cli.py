@@ -65,8 +65,10 @@ def _serve(args: argparse.Namespace) -> int:
     metrics = SiteMetrics(status_path(cfg.state_dir), site_counts(data.site))
     metrics.serve(cfg.metrics_address, cfg.metrics_port if cfg.metrics else 0)
     try:
+        node_log = group.log_dir / f"supernode-{cfg.site}.log"
+        offset = node_log.stat().st_size if node_log.is_file() else 0  # the log is appended across restarts
         _start(cfg, group, state, args.insecure)
-        return _supervise(group, cfg)
+        return _supervise(group, cfg, metrics, offset)
     finally:
         metrics.close()
         group.stop_all()
@@ -95,7 +97,9 @@ def _start(cfg: SiteConfig, group: Group, state: Path, insecure: bool) -> None:
              " OFF" if insecure else ", pinned CA, auth key")
 
 
-def _supervise(group: Group, cfg: SiteConfig) -> int:
+def _supervise(group: Group, cfg: SiteConfig, metrics: SiteMetrics, offset: int) -> int:
+    node_log = group.log_dir / f"supernode-{cfg.site}.log"
+    connected = False
     while True:
         died = group.exited()
         if died is not None:
@@ -103,7 +107,29 @@ def _supervise(group: Group, cfg: SiteConfig) -> int:
             raise WeckdError(f"site {cfg.site}: {name} exited with code {code}; see "
                              f"{group.log_dir / (name + '.log')} (refused by the coordinator? wrong CA or "
                              "unregistered auth key?)")
+        if not connected:
+            node = admitted_node(node_log, offset)
+            if node:
+                connected = True
+                metrics.set_connected(True)
+                log.info("site %s: connected to the coordinator at %s (TLS, auth key accepted; node id %s)",
+                         cfg.site, cfg.superlink, node)
         time.sleep(SUPERVISE_POLL_S)
+
+
+def admitted_node(node_log: Path, offset: int = 0) -> str:
+    """The node id the SuperNode logged (after byte ``offset``) once the coordinator admitted it
+    ('SuperNode ID: …'), or ''."""
+    try:
+        with node_log.open("rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        if "SuperNode ID:" in line:
+            return line.rsplit("SuperNode ID:", 1)[1].strip()
+    return ""
 
 
 if __name__ == "__main__":

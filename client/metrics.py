@@ -145,9 +145,12 @@ class SiteCollector(Collector):
     def __init__(self, path: Path, counts: dict[str, int]) -> None:
         self.path = path
         self.counts = counts
+        self.connected = 0  # set by the supervisor once the coordinator admitted the SuperNode
 
     def collect(self) -> Iterable[Metric]:
         s = read_status(self.path)
+        yield GaugeMetricFamily("weckd_site_connected", "1 once the coordinator admitted this site's SuperNode "
+                                "(TLS, pinned CA, auth key) and while it runs", value=self.connected)
         state = GaugeMetricFamily("weckd_site_state", "What the site is doing", labels=["weckd_site_state"])
         for name in STATES:
             state.add_metric([name], 1.0 if s["state"] == name else 0.0)
@@ -183,10 +186,10 @@ class SiteCollector(Collector):
                                 value=s["updated"])
 
 
-def site_registry(path: Path, counts: dict[str, int]) -> CollectorRegistry:
+def site_registry(path: Path, counts: dict[str, int], collector: SiteCollector | None = None) -> CollectorRegistry:
     """A dedicated registry holding the site's collector (never the global default registry)."""
     registry = CollectorRegistry()
-    registry.register(SiteCollector(path, counts))
+    registry.register(collector or SiteCollector(path, counts))
     return registry
 
 
@@ -194,8 +197,12 @@ class SiteMetrics:
     """``/metrics`` of one site, served by the ``weckd-client`` supervisor."""
 
     def __init__(self, path: Path, counts: dict[str, int]) -> None:
-        self.registry = site_registry(path, counts)
+        self.collector = SiteCollector(path, counts)
+        self.registry = site_registry(path, counts, self.collector)
         self._server: Any = None
+
+    def set_connected(self, connected: bool) -> None:
+        self.collector.connected = int(connected)
 
     def serve(self, address: str, port: int) -> None:
         self._server = serve_registry(self.registry, address, port, "metrics_port in the site config")

@@ -115,31 +115,24 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def record_group(path: Path, proc: subprocess.Popen) -> None:
-    """Remember a child's process group (see :func:`kill_stale_group`)."""
-    path.write_text(f"{proc.pid}\n", encoding="utf-8")
-
-
-def kill_stale_group(path: Path, markers: tuple[str, ...]) -> int:
-    """SIGKILL what is left of a process group recorded by a previous, killed instance: only processes
-    still in that group whose command line contains one of ``markers``. Returns how many were killed."""
-    try:
-        pgid = int(path.read_text(encoding="utf-8").strip())
-    except (OSError, ValueError):
-        return 0
+def kill_leftovers(markers: Sequence[str], programs: Sequence[str] = ("flower", "flwr")) -> int:
+    """SIGKILL this user's processes left by a previous, killed instance: those whose command line names
+    one of ``programs`` and contains one of ``markers`` (e.g. our state dir or our loopback API address:
+    a SuperExec or ServerApp started by a SuperLink lives in a session of its own and outlives it).
+    Returns how many were killed."""
     killed = 0
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
-            if os.getpgid(int(proc.name)) != pgid or not any(m in cmdline for m in markers):
+            if int(proc.name) == os.getpid() or proc.stat().st_uid != os.getuid():
                 continue
-            os.kill(int(proc.name), signal.SIGKILL)
-            killed += 1
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if any(p in cmdline for p in programs) and any(m in cmdline for m in markers):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
         except (OSError, ValueError):
             continue
     if killed:
-        log.warning("killed %d leftover process(es) of a previous instance (process group %d)", killed, pgid)
-    path.unlink(missing_ok=True)
+        log.warning("killed %d leftover Flower process(es) of a previous, interrupted instance", killed)
     return killed
 
 

@@ -16,7 +16,7 @@ from typing import IO, Any
 
 from weckd.chain import __version__
 from weckd.chain.errors import WeckdError
-from weckd.client.procs import Group, flower_env, kill_stale_group, record_group, wait_port
+from weckd.client.procs import Group, flower_env, kill_leftovers, wait_port
 
 from .settings import Federation
 
@@ -47,9 +47,8 @@ def start_superlink(fed: Federation, group: Group, paths: Paths, start_timeout: 
            "--enable-supernode-auth", "--fleet-api-address", s.fleet_address,
            "--host", "127.0.0.1", "--port", str(s.control_port),
            "--database", str(paths.state / "superlink.db"), "--disable-runtime-dependency-installation"]
-    kill_stale_group(paths.state / "superlink.pgid", ("flower", "flwr"))  # left by a weckd-server that was killed
+    kill_leftovers([str(paths.state / "superlink.db"), f"127.0.0.1:{s.control_port} "])  # of a killed weckd-server
     proc = group.start("superlink", cmd, flower_env(paths.state / "flwr-superlink"))
-    record_group(paths.state / "superlink.pgid", proc)
     host, _, port = s.fleet_address.rpartition(":")
     wait_port(host, int(port), start_timeout, proc, "flower-superlink (fleet API)")
     wait_port("127.0.0.1", s.control_port, start_timeout, proc, "flower-superlink (control API)")

@@ -163,3 +163,14 @@ def test_missing_model_dir_exits_2(image_root: Path, tmp_path: Path, capsys) -> 
 def test_missing_image_path_exits_2(model_dir: Path, tmp_path: Path, capsys) -> None:
     assert main(["predict", str(model_dir), str(tmp_path / "nowhere")]) == 2
     assert "no such image or folder" in _one_error_line(capsys.readouterr().err)
+
+
+def test_a_dp_trained_groupnorm_model_predicts(image_root: Path, tmp_path: Path, capsys) -> None:
+    """A model trained with DP-SGD is the GroupNorm variant ``<arch>+gn``; its card is accepted."""
+    from weckd.chain.artifacts import ModelCard, save_model
+    from weckd.chain.models import create_model
+
+    model = create_model("test_resnet+gn", len(CLASSES), 1)
+    save_model(tmp_path / "dp-model", model.state_dict(), ModelCard("test_resnet+gn", CLASSES, 32, 1, {}))
+    assert main(["predict", str(tmp_path / "dp-model"), str(image_root)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 48
