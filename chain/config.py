@@ -207,14 +207,15 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def config_from_mapping(raw: dict[str, Any], origin: Origin) -> ChainConfig:
-    """Validate a raw mapping into a :class:`ChainConfig`."""
+def config_from_mapping(raw: dict[str, Any], origin: Origin, data_paths: bool = True) -> ChainConfig:
+    """Validate a raw mapping into a :class:`ChainConfig`. With ``data_paths`` false (the coordinator's
+    config: it reads no images) the data section needs only the settings every site must share."""
     raw = dict(raw)
     links_raw = raw.pop("links", None)
     base = build(ChainConfig, raw, "", origin)
     links = _resolve_links(base, links_raw, origin)
     cfg = dataclasses.replace(base, links=links, source=origin.source)
-    _check_consistency(cfg, origin)
+    _check_consistency(cfg, origin, data_paths)
     return resolve_site_paths(cfg, origin.base_dir)
 
 
@@ -241,7 +242,7 @@ def _resolve_links(base: ChainConfig, links_raw: Any, origin: Origin) -> tuple[L
     return tuple(resolved)
 
 
-def _check_consistency(cfg: ChainConfig, origin: Origin) -> None:
+def _check_consistency(cfg: ChainConfig, origin: Origin, data_paths: bool = True) -> None:
     src = origin.source
     order = cfg.chain.order
     if not order:
@@ -251,6 +252,18 @@ def _check_consistency(cfg: ChainConfig, origin: Origin) -> None:
     if len(cfg.data.classes) < 2 or len(set(cfg.data.classes)) != len(cfg.data.classes):
         raise ConfigError(f"{src}: data.classes: list at least two distinct class names")
     data = cfg.data
+    if data_paths:
+        _check_data_paths(cfg, src)
+    for site in list(data.unlabelled):
+        if site not in order:
+            raise ConfigError(f"{src}: data.unlabelled.{site}: not a site of chain.order {list(order)}")
+    if cfg.chain.mode == "logits" and data.proxy is None and data_paths:
+        raise ConfigError(f"{src}: data.proxy: logits mode needs a proxy set of unlabelled images")
+    _check_privacy(cfg, src)
+
+
+def _check_data_paths(cfg: ChainConfig, src: str) -> None:
+    data, order = cfg.data, cfg.chain.order
     if data.dataset is None and not data.sites:
         raise ConfigError(
             f"{src}: data: set data.dataset (one dataset split across the sites, or 'synthetic') "
@@ -264,12 +277,6 @@ def _check_consistency(cfg: ChainConfig, origin: Origin) -> None:
             raise ConfigError(f"{src}: data.sites: no data path for site(s) {', '.join(missing)}")
         if data.test is None:
             raise ConfigError(f"{src}: data.test: a held-out test set is required with data.sites")
-    for site in list(data.unlabelled):
-        if site not in order:
-            raise ConfigError(f"{src}: data.unlabelled.{site}: not a site of chain.order {list(order)}")
-    if cfg.chain.mode == "logits" and data.proxy is None:
-        raise ConfigError(f"{src}: data.proxy: logits mode needs a proxy set of unlabelled images")
-    _check_privacy(cfg, src)
 
 
 def _check_privacy(cfg: ChainConfig, src: str) -> None:

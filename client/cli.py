@@ -26,6 +26,8 @@ from .site import SiteConfig, load_local_data, load_site_config
 log = logging.getLogger(__name__)
 
 SUPERVISE_POLL_S = 0.5
+REJOIN_EVERY_S = 5.0
+ADMITTED_FILE = "admitted"  # written once the coordinator admitted this site's SuperNode
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -68,7 +70,7 @@ def _serve(args: argparse.Namespace) -> int:
         node_log = group.log_dir / f"supernode-{cfg.site}.log"
         offset = node_log.stat().st_size if node_log.is_file() else 0  # the log is appended across restarts
         _start(cfg, group, state, args.insecure)
-        return _supervise(group, cfg, metrics, offset)
+        return _supervise(group, cfg, metrics, offset, args.insecure)
     finally:
         metrics.close()
         group.stop_all()
@@ -88,8 +90,7 @@ def _supernode_cmd(cfg: SiteConfig, insecure: bool) -> list[str]:
 
 def _start(cfg: SiteConfig, group: Group, state: Path, insecure: bool) -> None:
     env = flower_env(state / "flwr-supernode")
-    node = group.start(f"supernode-{cfg.site}", _supernode_cmd(cfg, insecure), env)
-    wait_port("127.0.0.1", cfg.clientappio_port, 60.0, node, f"SuperNode of site {cfg.site}")
+    _start_supernode(cfg, group, state, insecure)
     group.start(f"executor-{cfg.site}", [sys.executable, "-m", "weckd.client.executor", "--clientappio",
                                          f"127.0.0.1:{cfg.clientappio_port}",
                                          "--site-config", str(Path(cfg.source).resolve())], env)
@@ -97,20 +98,48 @@ def _start(cfg: SiteConfig, group: Group, state: Path, insecure: bool) -> None:
              " OFF" if insecure else ", pinned CA, auth key")
 
 
-def _supervise(group: Group, cfg: SiteConfig, metrics: SiteMetrics, offset: int) -> int:
-    node_log = group.log_dir / f"supernode-{cfg.site}.log"
-    connected = False
+def _start_supernode(cfg: SiteConfig, group: Group, state: Path, insecure: bool) -> None:
+    node = group.start(f"supernode-{cfg.site}", _supernode_cmd(cfg, insecure), flower_env(state / "flwr-supernode"))
+    wait_port("127.0.0.1", cfg.clientappio_port, 60.0, node, f"SuperNode of site {cfg.site}")
+
+
+def _supervise(group: Group, cfg: SiteConfig, metrics: SiteMetrics, offset: int, insecure: bool = False) -> int:
+    """Watch the SuperNode and the executor; report when the coordinator admits the site.
+
+    A site the coordinator admitted before (``<state_dir>/admitted``) that loses its SuperNode — the
+    coordinator restarted, or this site restarted while the coordinator still holds its previous
+    session (Flower refuses a second activation until that session's heartbeat expires) — starts a new
+    SuperNode every ``REJOIN_EVERY_S`` for up to ``rejoin_wait`` seconds. A site never admitted fails at
+    once: a wrong CA or an unregistered key does not heal by waiting.
+    """
+    state = Path(cfg.state_dir).resolve()
+    node_log, admitted = group.log_dir / f"supernode-{cfg.site}.log", state / ADMITTED_FILE
+    connected, deadline = False, None
     while True:
         died = group.exited()
         if died is not None:
             name, code = died
+            if name == f"supernode-{cfg.site}" and admitted.is_file():
+                deadline = deadline or time.monotonic() + cfg.rejoin_wait
+                if time.monotonic() < deadline:
+                    log.warning("site %s: SuperNode exited (code %d); this site was admitted before, so the "
+                                "coordinator may be restarting or still hold the previous session: rejoining in "
+                                "%.0fs (up to rejoin_wait %.0fs)", cfg.site, code, REJOIN_EVERY_S, cfg.rejoin_wait)
+                    metrics.set_connected(False)
+                    connected = False
+                    group.procs = [(n, p) for n, p in group.procs if n != name]
+                    time.sleep(REJOIN_EVERY_S)
+                    offset = node_log.stat().st_size if node_log.is_file() else 0
+                    _start_supernode(cfg, group, state, insecure)
+                    continue
             raise WeckdError(f"site {cfg.site}: {name} exited with code {code}; see "
                              f"{group.log_dir / (name + '.log')} (refused by the coordinator? wrong CA or "
                              "unregistered auth key?)")
         if not connected:
             node = admitted_node(node_log, offset)
             if node:
-                connected = True
+                connected, deadline = True, None
+                admitted.write_text(f"{node}\n", encoding="utf-8")
                 metrics.set_connected(True)
                 log.info("site %s: connected to the coordinator at %s (TLS, auth key accepted; node id %s)",
                          cfg.site, cfg.superlink, node)

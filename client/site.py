@@ -60,6 +60,7 @@ class SiteConfig:
     clientappio_port: int = field(default=9094, metadata=_m(min=1, max=65535))
     state_dir: str = field(default="state", metadata=_m(path=True))
     max_wait: float = field(default=60.0, metadata=_m(gt=0.0, max=86_400.0))
+    rejoin_wait: float = field(default=180.0, metadata=_m(min=0.0, max=86_400.0))  # see weckd.client.cli
     metrics: bool = True  # Prometheus /metrics (weckd.client.metrics); false or metrics_port 0: off
     metrics_address: str = "0.0.0.0"
     metrics_port: int = field(default=9465, metadata=_m(min=0, max=65535))

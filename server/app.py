@@ -56,7 +56,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         state = load_state(state_dir, fed) or new_state(fed)
         wanted = [site for site in dict.fromkeys(fed.chain.chain.order) if site not in state.skipped]
-        nodes = wait_for_sites(grid, wanted, s.discovery_timeout, s.poll_interval)
+        nodes = wait_for_sites(grid, wanted, s.discovery_timeout, s.poll_interval,
+                               lambda site: progress({"event": "site-online", "site": site}))
         _offline_at_discovery(fed, state, [site for site in wanted if site not in nodes], progress)
         transport = Transport(grid, nodes, Timing(s.message_ttl, s.link_timeout, s.poll_interval),
                               WireLog(str(rc["wire-log"])))

@@ -169,7 +169,10 @@ class ServerMetrics:
         """Apply one ServerApp progress event (unknown events are ignored: newer ServerApps add some)."""
         self.clock.observe(event)
         kind = event.get("event")
-        if kind == "sites-online":
+        if kind == "site-online":
+            self.connected.labels(str(event["site"])).set(1)
+            self.sites_connected.set(sum(1 for s in self._sites if self._is_connected(s)))
+        elif kind == "sites-online":
             self._online(list(event["sites"]))
         elif kind == "discovered":
             self.state.state("discovering")
@@ -202,6 +205,9 @@ class ServerMetrics:
         self.state.state("failed")
         self.failures.labels(failure_reason(message)).inc()
         self._idle()
+
+    def _is_connected(self, site: str) -> bool:
+        return bool(self.registry.get_sample_value("weckd_site_connected", {"site": site}))
 
     def _online(self, sites: list[str]) -> None:
         self.state.state("discovering")

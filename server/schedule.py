@@ -49,7 +49,7 @@ class ChainOutcome:
 def discover(transport: Transport, fed: Federation) -> dict[str, dict[str, Any]]:
     """Query every connected site; refuse version, class, image-format, proxy or sealing mismatches."""
     ask = {site: RecordDict({KEY_CONFIG: ConfigRecord({"weckd-version": __version__})}) for site in transport.nodes}
-    replies = transport.exchange(MSG_QUERY, ask, "discovery")
+    replies = transport.exchange(MSG_QUERY, ask, "discovery", fed.settings.discovery_timeout)
     infos: dict[str, dict[str, Any]] = {}
     data = fed.chain.data
     for site, rep in replies.items():

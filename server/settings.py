@@ -93,7 +93,7 @@ def load_federation(path: str | Path, overrides: tuple[str, ...] = ()) -> Federa
     fed_raw = dict(fed_raw)
     sites_raw = fed_raw.pop("sites", None)
     settings = build(FederationSettings, fed_raw, "federation", origin)
-    chain = config_from_mapping(raw, origin)
+    chain = config_from_mapping(raw, origin, data_paths=False)  # the coordinator reads no images
     sites = _sites(sites_raw, chain, origin)
     _check_address(settings.fleet_address, origin)
     _check_sealing(settings.sealing, chain, origin)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -42,9 +42,10 @@ def online_sites(grid: Grid) -> dict[str, int]:
     return {n.name: n.node_id for n in grid.get_nodes() if n.name}
 
 
-def wait_for_sites(grid: Grid, sites: Sequence[str], timeout: float, poll: float) -> dict[str, int]:
+def wait_for_sites(grid: Grid, sites: Sequence[str], timeout: float, poll: float,
+                   on_online: Callable[[str], None] | None = None) -> dict[str, int]:
     """Map every given site to its node id, waiting up to ``timeout`` for them; those still offline are
-    left out (the caller decides: fail or skip)."""
+    left out (the caller decides: fail or skip). ``on_online`` hears of each site as it comes online."""
     start = time.monotonic()
     announced: set[str] = set()
     while True:
@@ -52,6 +53,8 @@ def wait_for_sites(grid: Grid, sites: Sequence[str], timeout: float, poll: float
         for name in sorted(set(online) & set(sites) - announced):
             log.info("site %s online (node %d)", name, online[name])
             announced.add(name)
+            if on_online is not None:
+                on_online(name)
         if all(s in online for s in sites) or time.monotonic() - start > timeout:
             return {s: online[s] for s in sites if s in online}
         time.sleep(poll)

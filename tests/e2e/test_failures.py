@@ -48,6 +48,19 @@ def _link_start(link: int) -> Callable[[dict[str, Any]], bool]:
     return lambda e: e.get("event") == "link-start" and e.get("link") == link
 
 
+def _wait_training(scaffold: Scaffold, site: str, link: int, timeout: float = 120.0) -> None:
+    """Until ``site`` reports (its metrics status file) that it trains ``link``: the message has arrived."""
+    status = scaffold.root / "state" / f"site-{site}" / "metrics.json"
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if status.is_file():
+            s = json.loads(status.read_text())
+            if s.get("state") == "training" and s.get("link") == link:
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"site {site} did not start training link {link} within {timeout:.0f}s")
+
+
 def _kill(fed: LocalFederation, name: str) -> float:
     """SIGKILL a process (its SuperNode/SuperLink and executor die with it); return when."""
     proc = dict(fed.group.procs)[name]
@@ -139,6 +152,7 @@ def test_a_killed_coordinator_resumes_at_the_next_link(federation: Callable[...,
     fed = federation({})
     done = _wait_event(fed, lambda e: e.get("event") == "link-done" and e.get("link") == 1)
     _wait_event(fed, _link_start(2))
+    _wait_training(fed.scaffold, "B", 2)
     _kill(fed, "weckd-server")
     (fed.scaffold.root / "state" / "server" / "ready").unlink()
     fed.start_server()
@@ -150,8 +164,11 @@ def test_a_killed_coordinator_resumes_at_the_next_link(federation: Callable[...,
     assert [r["site"] for r in res["links"]] == ["A", "B", "C"]  # as many links as an uninterrupted run
     assert _trained_links(fed.scaffold) == [("A", 1), ("B", 2), ("C", 3)]  # none trained twice
     assert res["links"][0]["val"]["accuracy"] == pytest.approx(done["val_accuracy"])
+    reused = (fed.scaffold.root / "state" / "site-B" / "logs" / "executor-B.log").read_text()
+    assert reused.count("was trained here already") == 1  # B had finished link 2: it answered from its store
     model = fed.scaffold.root / "out" / "model"
-    assert (model / "model.safetensors").is_file() and json.loads((model / "card.json").read_text())["arch"]
+    assert (model / "model.safetensors").is_file()
+    assert json.loads((model / "model_card.json").read_text())["provenance"]["run_id"] == res["run_id"]
 
 
 def _impostor_pinned_as_b_at_c(scaffold: Scaffold) -> None:

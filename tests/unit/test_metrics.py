@@ -74,6 +74,14 @@ def test_site_failures_skips_and_resumes_are_counted() -> None:
     assert _value(r, "weckd_site_skipped", site="B") == 1 and _value(r, "weckd_site_skipped", site="C") == 0
 
 
+def test_each_site_counts_as_connected_when_it_comes_online() -> None:
+    m = ServerMetrics(3, ["A", "B", "C"], 600.0)
+    m.observe({"event": "site-online", "site": "A"})
+    assert _value(m.registry, "weckd_site_connected", site="A") == 1
+    assert _value(m.registry, "weckd_site_connected", site="B") == 0
+    assert _value(m.registry, "weckd_sites_connected") == 1
+
+
 def test_eta_is_mean_link_time_times_links_left() -> None:
     clock = ChainClock(start=0.0)
     clock.observe({"event": "link-start", "link": 1, "links": 3, "site": "A", "t": 0.0})
