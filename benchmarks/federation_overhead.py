@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,8 @@ def in_process_seconds(federation: Path) -> list[float]:
     return out
 
 
-def federated_run(root: Path, chain: dict[str, Any]) -> dict[str, Any]:
-    scaffold = make_scaffold(root, chain, {"evaluate": "none"}, threads=THREADS)
+def federated_run(root: Path, chain: dict[str, Any], sealed: bool) -> dict[str, Any]:
+    scaffold = make_scaffold(root, chain, {"evaluate": "none"}, threads=THREADS, sealed=sealed)
     fed = LocalFederation(scaffold)
     start = time.monotonic()
     try:
@@ -82,9 +83,30 @@ def machine() -> str:
             f"load average {load:.1f} at the end of the benchmark")
 
 
-def report(args: argparse.Namespace, fixed: list[float], local: list[float], trips: list[float],
-           to_site: list[int], from_site: list[int], walls: list[float]) -> str:
-    med = statistics.median
+@dataclass
+class Samples:
+    """Per-link samples of one mode (sealed or not) over every rep."""
+
+    fixed: list[float] = field(default_factory=list)
+    local: list[float] = field(default_factory=list)
+    trips: list[float] = field(default_factory=list)
+    to_site: list[int] = field(default_factory=list)
+    from_site: list[int] = field(default_factory=list)
+    walls: list[float] = field(default_factory=list)
+
+
+def _cell(values: list[float], fmt: str) -> str:
+    return f"{format(statistics.median(values), fmt)} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+
+
+def report(args: argparse.Namespace, modes: dict[str, Samples]) -> str:
+    rows = [("train round trip per link, federated (s)", "trips", ".2f"),
+            ("same link in one process (s)", "local", ".2f"),
+            ("**fixed cost per link** (s)", "fixed", ".2f"),
+            ("bytes to the site per link (teacher payload)", "to_site", ",.0f"),
+            ("bytes from the site per link (its output, per recipient)", "from_site", ",.0f"),
+            ("whole federated run incl. start-up (s)", "walls", ".1f")]
+    names = list(modes)
     return "\n".join([
         "# Federation overhead: fixed cost and bytes per chain link", "",
         f"Measured by `python benchmarks/federation_overhead.py --reps {args.reps} --epochs {args.epochs}` "
@@ -92,15 +114,14 @@ def report(args: argparse.Namespace, fixed: list[float], local: list[float], tri
         f"Machine: {machine()}.", "",
         f"Setup: weckd-server + 3 weckd-client processes on loopback (gRPC + TLS + SuperNode auth), weights mode, "
         f"{args.arch}, {args.epochs} epoch(s) per link, synthetic data (1200 images, 32 px, 1 channel), "
-        f"{THREADS} torch thread per site, evaluation off; {args.reps} federated runs × 3 links.", "",
-        "| quantity | median | min | max |", "|---|---|---|---|",
-        f"| train round trip per link, federated (s) | {med(trips):.2f} | {min(trips):.2f} | {max(trips):.2f} |",
-        f"| same link in one process (s) | {med(local):.2f} | {min(local):.2f} | {max(local):.2f} |",
-        f"| **fixed cost per link** (s) | **{med(fixed):.2f}** | {min(fixed):.2f} | {max(fixed):.2f} |",
-        f"| bytes to the site per link (teacher payload) | {med(to_site):,.0f} | {min(to_site):,} | {max(to_site):,} |",
-        f"| bytes from the site per link (student payload) | {med(from_site):,.0f} | {min(from_site):,} | "
-        f"{max(from_site):,} |",
-        f"| whole federated run incl. start-up (s) | {med(walls):.1f} | {min(walls):.1f} | {max(walls):.1f} |", "",
+        f"{THREADS} torch thread per site, evaluation off, relayed weights in float16 (the default); "
+        f"{args.reps} federated runs × 3 links per mode, sealed and unsealed runs alternating. Sealed: every "
+        "payload sealed end to end for its recipient (X25519 + HKDF + AES-256-GCM, Ed25519-signed); the last "
+        "link seals the float32 final model for two recipients (the coordinator and site A).", "",
+        "Median (min–max) over every link:", "",
+        "| quantity | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
+        *(f"| {label} | " + " | ".join(_cell(getattr(modes[m], key), fmt) for m in names) + " |"
+          for label, key, fmt in rows), "",
         "Link 1 carries no teacher (0 bytes to the site). Stock Flower 1.39 measured ~6.3 s fixed cost per link "
         "on this machine class; the target is ≤ 3 s.", ""])
 
@@ -113,21 +134,22 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/federation-overhead.md"))
     args = parser.parse_args()
     chain = chain_settings({"link": {"epochs": args.epochs, "arch": args.arch}})
-    fixed, local, trips, to_site, from_site, walls = [], [], [], [], [], []
+    modes = {"sealed": Samples(), "unsealed": Samples()}
     for rep in range(args.reps):
-        with tempfile.TemporaryDirectory(prefix="weckd-bench-") as tmp:
-            res = federated_run(Path(tmp), chain)
-            secs = in_process_seconds(Path(tmp) / "federation.yaml")
-        for link, own in zip(res["links"], secs, strict=True):
-            trips.append(link["round_trip_seconds"])
-            local.append(own)
-            fixed.append(link["round_trip_seconds"] - own)
-            to_site.append(link["bytes_to_site"])
-            from_site.append(link["bytes_from_site"])
-        walls.append(res["wall_seconds"])
-        print(f"rep {rep + 1}: round trips {[round(x, 2) for x in trips[-3:]]}, in-process "
-              f"{[round(x, 2) for x in secs]}", file=sys.stderr)
-    text = report(args, fixed, local, trips, to_site, from_site, walls)
+        for name, m in modes.items():
+            with tempfile.TemporaryDirectory(prefix="weckd-bench-") as tmp:
+                res = federated_run(Path(tmp), chain, sealed=name == "sealed")
+                secs = in_process_seconds(Path(tmp) / "federation.yaml")
+            for link, own in zip(res["links"], secs, strict=True):
+                m.trips.append(link["round_trip_seconds"])
+                m.local.append(own)
+                m.fixed.append(link["round_trip_seconds"] - own)
+                m.to_site.append(link["bytes_to_site"])
+                m.from_site.append(link["bytes_from_site"])
+            m.walls.append(res["wall_seconds"])
+            print(f"rep {rep + 1} {name}: round trips {[round(x, 2) for x in m.trips[-3:]]}, in-process "
+                  f"{[round(x, 2) for x in secs]}", file=sys.stderr)
+    text = report(args, modes)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text, encoding="utf-8")
     print(text)

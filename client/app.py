@@ -221,9 +221,8 @@ def link_metrics(result: LinkResult) -> dict[str, Any]:
         "seconds": result.seconds, "images-per-s": result.images_per_s,
         **{f"samples-{k}": int(v) for k, v in result.samples.items()},
     }
-    privacy = getattr(result, "privacy", None)
-    if privacy is not None:
-        metrics.update({f"privacy-{k}": float(v) for k, v in dict(privacy).items()})
+    if result.privacy is not None:  # DP-SGD: what the link spent (ε at δ) travels with its metrics
+        metrics.update({f"privacy-{k}": float(v) for k, v in dict(result.privacy).items()})
     return metrics
 
 

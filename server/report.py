@@ -60,6 +60,9 @@ def _link_json(r: LinkRecord) -> dict[str, Any]:
         "bytes_to_site": r.bytes_to_site, "bytes_from_site": r.bytes_from_site,
         "evaluations": r.evaluations, "eval_accuracy": mean_eval(r),
     }
+    privacy = {k[len("privacy-"):]: v for k, v in m.items() if k.startswith("privacy-")}
+    if privacy:  # DP-SGD at the site: the spent epsilon and the mechanism (chain.privacy.PrivacySpent)
+        row["privacy"] = privacy
     test = held_out(r, n_classes)
     if test is not None:
         row["test"] = test

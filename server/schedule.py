@@ -53,8 +53,8 @@ def discover(transport: Transport, fed: Federation) -> dict[str, dict[str, Any]]
     infos: dict[str, dict[str, Any]] = {}
     data = fed.chain.data
     for site, rep in replies.items():
-        info = dict(rep.message.content.config_records[KEY_INFO])
-        counts = dict(rep.message.content.metric_records[KEY_METRICS])
+        info: dict[str, Any] = dict(rep.message.content.config_records[KEY_INFO])
+        counts: dict[str, Any] = dict(rep.message.content.metric_records[KEY_METRICS])
         if info.get("site-id") != site:
             log.warning("site %s: its site config says %r; identity comes from the registered name",
                         site, info.get("site-id"))
@@ -244,7 +244,7 @@ class ChainRun:
                 raise LinkError(f"evaluating link {k + 1}: {err}; the run stops") from None
         out = {}
         for site, rep in done.replies.items():
-            m = dict(rep.message.content.metric_records[KEY_METRICS])
+            m: dict[str, Any] = dict(rep.message.content.metric_records[KEY_METRICS])
             out[site] = {"accuracy": float(m["accuracy"]), "n": int(m["n"]),
                          "confusion": [int(c) for c in m.get("confusion", [])]}
         return out

@@ -132,3 +132,24 @@ def test_site_errors_are_classified(code: int, reason: str, kind: str, label: st
     failure = failure_from_error("B", "train", code, reason)
     assert (failure.kind, failure.reason, failure.site) == (kind, label, "B")
     assert failure.transient == (kind == "unavailable")
+
+
+def test_a_dp_links_spent_epsilon_reaches_the_results_and_the_progress_event(tmp_path: Path) -> None:
+    """What a site reports (``client.app.link_metrics`` of a DP link) is kept per link by the coordinator."""
+    from flwr.app import MetricRecord
+    from weckd.chain.privacy import PrivacySpent
+    from weckd.server.report import _link_json
+    from weckd.server.schedule import link_event_extras
+
+    spent = PrivacySpent(epsilon=7.9, delta=1e-5, target_epsilon=8.0, max_grad_norm=1.0, noise_multiplier=0.7,
+                         sample_rate=0.1, steps=40)
+    metrics = {"val-accuracy": 0.5, "val-n": 4, "val-recall": [0.5, 0.5], "val-confusion": [1, 1, 1, 1],
+               "epoch-loss": [1.0], "epoch-ce": [1.0], "epoch-kd": [0.0], "epoch-seconds": [0.1], "seconds": 0.1,
+               **{f"privacy-{k}": float(v) for k, v in dict(spent).items()}}
+    MetricRecord(metrics)  # what the site sends must fit a Flower MetricRecord
+    from weckd.server.state import LinkRecord
+
+    record = LinkRecord(0, "A", "test_resnet+gn", "scratch", metrics, 1.0, 0, 10)
+    assert _link_json(record)["privacy"]["epsilon"] == 7.9
+    assert _link_json(record)["privacy"]["steps"] == 40
+    assert link_event_extras(record)["epsilon"] == 7.9
