@@ -104,7 +104,7 @@ def report(args: argparse.Namespace, modes: dict[str, Samples]) -> str:
             ("same link in one process (s)", "local", ".2f"),
             ("**fixed cost per link** (s)", "fixed", ".2f"),
             ("bytes to the site per link (teacher payload)", "to_site", ",.0f"),
-            ("bytes from the site per link (its output, per recipient)", "from_site", ",.0f"),
+            ("bytes from the site per link (every payload it returns)", "from_site", ",.0f"),
             ("whole federated run incl. start-up (s)", "walls", ".1f")]
     names = list(modes)
     return "\n".join([
