@@ -108,11 +108,15 @@ def stop(name: str, proc: subprocess.Popen, timeout: float) -> None:
     proc.wait()
 
 
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # loaded here, not in the forked child
+PR_SET_PDEATHSIG = 1
+
+
 def _die_with_parent() -> None:
     """In the child before exec (Linux): SIGKILL it when its parent dies, so a SIGKILLed weckd-server or
     weckd-client never leaves a SuperLink or SuperNode holding its ports."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if _LIBC is not None:
+        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def kill_leftovers(markers: Sequence[str], programs: Sequence[str] = ("flower", "flwr")) -> int:
