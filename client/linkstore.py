@@ -12,11 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
+
+from weckd.chain.artifacts import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +60,10 @@ class LinkStore:
         return LinkOutput(payloads, meta["metrics"], meta["info"])
 
     def put(self, key: str, out: LinkOutput) -> None:
-        """Replace the stored link (written to a temp folder, then renamed into place)."""
-        tmp = self.dir.with_name(f".{FOLDER}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for kind, data in out.payloads.items():
-            (tmp / f"{kind}.bin").write_bytes(data)
-        meta = {"key": key, "kinds": list(out.payloads), "metrics": out.metrics, "info": out.info,
-                "sha256": {k: hashlib.sha256(d).hexdigest() for k, d in out.payloads.items()}}
-        (tmp / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
-        old = self.dir.with_name(f".{FOLDER}.old{os.getpid()}")
-        if self.dir.exists():
-            os.replace(self.dir, old)
-        os.replace(tmp, self.dir)
-        shutil.rmtree(old, ignore_errors=True)
+        """Replace the stored link whole (staged beside it, then renamed into place)."""
+        with staged_dir(self.dir) as stage:
+            for kind, data in out.payloads.items():
+                (stage / f"{kind}.bin").write_bytes(data)
+            meta = {"key": key, "kinds": list(out.payloads), "metrics": out.metrics, "info": out.info,
+                    "sha256": {k: hashlib.sha256(d).hexdigest() for k, d in out.payloads.items()}}
+            (stage / "meta.json").write_text(json.dumps(meta), encoding="utf-8")

@@ -105,6 +105,7 @@ class ServerMetrics:
         self.clock = ChainClock()
         self._default_expected = expected_link_seconds
         self._sites = list(sites)
+        self._connected: set[str] = set()
         self._server: Any = None
         r = self.registry
         self.info = Info("weckd_run", "The run: Flower run id, chain mode, weckd version", registry=r)
@@ -170,8 +171,7 @@ class ServerMetrics:
         self.clock.observe(event)
         kind = event.get("event")
         if kind == "site-online":
-            self.connected.labels(str(event["site"])).set(1)
-            self.sites_connected.set(sum(1 for s in self._sites if self._is_connected(s)))
+            self._online([str(event["site"])])
         elif kind == "sites-online":
             self._online(list(event["sites"]))
         elif kind == "discovered":
@@ -206,14 +206,12 @@ class ServerMetrics:
         self.failures.labels(failure_reason(message)).inc()
         self._idle()
 
-    def _is_connected(self, site: str) -> bool:
-        return bool(self.registry.get_sample_value("weckd_site_connected", {"site": site}))
-
     def _online(self, sites: list[str]) -> None:
         self.state.state("discovering")
+        self._connected.update(sites)
         for site in sites:
             self.connected.labels(site).set(1)
-        self.sites_connected.set(len(sites))
+        self.sites_connected.set(len(self._connected))
 
     def _link_start(self, e: dict[str, Any]) -> None:
         self.state.state("training")

@@ -40,9 +40,6 @@ class Relay:
     blobs: dict[str, bytes]
     sealed: bool
 
-    def has(self, kind: str, recipient: str) -> bool:
-        return (blob_key(kind, recipient) if self.sealed else kind) in self.blobs
-
     def blob(self, kind: str, recipient: str) -> bytes:
         key = blob_key(kind, recipient) if self.sealed else kind
         if key not in self.blobs:
@@ -57,10 +54,6 @@ class Relay:
         if self.sealed:
             return {KEY_SEALED: ArrayRecord({SEALED_ENTRY: Array(np.frombuffer(data, dtype=np.uint8))})}
         return payload_records_from_bytes(data)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(len(b) for b in self.blobs.values())
 
 
 def relay_from_reply(content: RecordDict, link: int, site: str, sealed: bool) -> Relay:

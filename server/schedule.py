@@ -136,8 +136,8 @@ class ChainRun:
         record = link_record(k, rep)
         relay = relay_from_reply(rep.message.content, k, site, self.sealed)
         final = k == len(schedule) - 1
+        deliver = tuple(r for r in self._recipients() if r != COORDINATOR) if final else ()
         if self.fed.chain.chain.mode == "weights" or final:
-            deliver = tuple(r for r in self._recipients() if r != COORDINATOR) if final else ()
             targets = list(dict.fromkeys([*eval_targets(self.fed.settings.evaluate, schedule, k), *deliver]))
             record.evaluations = self._evaluate(k, relay, targets, deliver)
             missing = [s for s in deliver if s not in record.evaluations]
@@ -148,7 +148,7 @@ class ChainRun:
         self.state.links.append(record)
         self.state.next_slot, self.state.relay = slot + 1, relay
         save_state(self.state_dir, self.state)
-        if final and deliver:
+        if deliver:
             self.on_event({"event": "delivered", "sites": list(deliver)})
         self.on_event({"event": "link-done", "link": k + 1, "links": len(schedule), "site": site,
                        "val_accuracy": record.metrics["val-accuracy"], "seconds": record.round_trip_s,
