@@ -23,7 +23,7 @@ SYNTHETIC_CHAIN: dict[str, Any] = {
     "seed": 0,
     "chain": {"order": ["A", "B", "C"], "cycles": 1, "mode": "weights"},
     "link": {"arch": "test_resnet", "epochs": 8, "lr": 0.05, "batch_size": 32, "optimizer": "sgd",
-             "temperature": 4.0, "alpha": 0.5, "init": "predecessor"},
+             "temperature": 4.0, "alpha": 0.9, "init": "predecessor"},
     "data": {"dataset": "synthetic", "classes": ["class_0", "class_1", "class_2", "class_3"], "image_size": 32,
              "channels": 1, "val_fraction": 0.2, "test_fraction": 0.25,
              "synthetic": {"samples": 1200, "noise": 1.8, "seed": 1234}},
