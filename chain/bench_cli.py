@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
@@ -26,8 +26,9 @@ from .bench import (
 from .cli import check_archs, run_command, setup_logging
 from .config import load_config
 from .errors import ConfigError
-from .models import pick_device
-from .perf import trainer_throughput
+from .perf import Part, PerfOptions, TargetCheck, summary_markdown, trainer_part
+
+PARTS = ("trainer", "federation", "relay", "memory")
 
 
 def bench_command(argv: Sequence[str]) -> int:
@@ -47,15 +48,20 @@ def bench_command(argv: Sequence[str]) -> int:
     abl.add_argument("--variant", action="append", required=True, metavar="NAME:KEY=VALUE,…",
                      help="a named set of overrides, e.g. 'alpha0.8:link.alpha=0.8' (repeatable)")
     abl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every variant")
-    perf = sub.add_parser("perf", help="trainer throughput vs a bare PyTorch loop")
-    perf.add_argument("-o", "--out", required=True)
-    perf.add_argument("--arch", action="append", help="timm architectures (default: test_resnet, resnet18)")
-    perf.add_argument("--size", type=int, default=64)
-    perf.add_argument("--batch", type=int, default=32)
-    perf.add_argument("--images", type=int, default=320)
-    perf.add_argument("--epochs", type=int, default=2)
-    perf.add_argument("--reps", type=int, default=3)
-    perf.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    perf = sub.add_parser("perf", help="performance ratios: trainer, federation overhead, relay bytes, memory")
+    perf.add_argument("-o", "--out", required=True, help="output folder (one table and JSON per part, summary.md)")
+    perf.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
+    perf.add_argument("--reps", type=int, default=3, help="repetitions (trainer, federation)")
+    perf.add_argument("--arch", action="append", help="trainer: timm architectures (default: test_resnet, resnet18)")
+    perf.add_argument("--size", type=int, default=64, help="trainer: image size")
+    perf.add_argument("--batch", type=int, default=32, help="trainer: batch size")
+    perf.add_argument("--images", type=int, default=320, help="trainer: images")
+    perf.add_argument("--epochs", type=int, default=2, help="trainer: epochs per measurement")
+    perf.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="trainer: device")
+    perf.add_argument("--links", type=int, nargs="+", default=[3, 10, 30], help="memory: chain lengths")
+    perf.add_argument("--seeds", type=int, default=3, help="relay: seeds per config and wire dtype")
+    perf.add_argument("--relay-config", action="append", default=[], metavar="CONFIG",
+                      help="relay: chain configs to compare float32 and float16 on (default: built-in synthetic)")
     args = parser.parse_args(argv)
     setup_logging()
     body = {"protocol": _protocol, "ablation": _ablation, "perf": _perf}[args.what]
@@ -113,22 +119,27 @@ def _ablation(args: argparse.Namespace) -> int:
 
 
 def _perf(args: argparse.Namespace) -> int:
-    device = pick_device(args.device)
-    rows: list[dict[str, Any]] = []
-    for arch in args.arch or ["test_resnet", "resnet18"]:
-        result = trainer_throughput(arch, args.size, args.batch, args.images, args.epochs, args.reps, device)
-        rows.append({**dataclasses.asdict(result), "ratio": result.ratio})
-    lines = ["| arch | size | batch | threads | trainer img/s (median) | bare loop img/s (median) | ratio |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        t, b = sorted(r["trainer"])[len(r["trainer"]) // 2], sorted(r["bare"])[len(r["bare"]) // 2]
-        lines.append(f"| {r['arch']} | {r['image_size']} | {r['batch_size']} | {r['threads']} | {t:.1f} | {b:.1f} "
-                     f"| {r['ratio']:.3f} |")
-    table = "\n".join(lines) + "\n"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "trainer.json", {"device": str(device), "machine": machine(), "rows": rows})
-    (out / "trainer.md").write_text(table, encoding="utf-8")
-    print(table)
-    print(json.dumps(machine()))
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown or not parts:
+        raise ConfigError(f"--parts: unknown part(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(PARTS)}")
+    registered = {ep.name: ep for ep in entry_points(group="weckd.perf")}
+    missing = [p for p in parts if p != "trainer" and p not in registered]
+    if missing:
+        raise ConfigError(f"--parts {', '.join(missing)}: not installed (the weckd.perf entry points come with "
+                          "weckd's coordinator; reinstall weckd)")
+    if any(n < 1 for n in args.links) or args.reps < 1 or args.seeds < 1:
+        raise ConfigError("--links, --reps and --seeds take positive numbers")
+    opts = PerfOptions(out=Path(args.out), reps=args.reps, device=args.device,
+                       archs=tuple(args.arch or ("test_resnet", "resnet18")), image_size=args.size,
+                       batch_size=args.batch, images=args.images, epochs=args.epochs, links=tuple(args.links),
+                       seeds=args.seeds, relay_configs=tuple(args.relay_config))
+    checks: list[TargetCheck] = []
+    for name in parts:
+        part: Part = trainer_part if name == "trainer" else registered[name].load()
+        checks += part(opts)
+    text = summary_markdown(checks, parts)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / "summary.md").write_text(text, encoding="utf-8")
+    print(text)
     return 0

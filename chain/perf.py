@@ -1,22 +1,93 @@
-"""Performance benchmarks that need no federation, measured side by side in one process.
+"""``weckd bench perf``: performance ratios, each measured side by side in one run.
 
-Trainer throughput: the link trainer (``train_link``, no teacher, no augmentation) against a bare
-PyTorch loop with the same model, batch size, optimizer and thread count, alternating the order
-over repetitions so neither side profits from a warmer machine.
+Its parts: ``trainer`` (here: the link trainer against a bare PyTorch loop with the same model, batch
+size, optimizer and thread count, alternating the order over repetitions so neither side profits
+from a warmer machine) and the federation's parts, which live with the coordinator and register
+under the ``weckd.perf`` entry-point group (``federation``, ``relay``, ``memory``). Every part writes
+its table and JSON into the output folder and returns its checks against the targets; the command
+writes them all into ``summary.md``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
+from .artifacts import write_json
 from .config import LinkSettings
 from .data import ImageSpec, SiteData, make_site, read_labelled, to_input
 from .link import train_link
-from .models import create_model
+from .models import create_model, pick_device
+
+
+@dataclass(frozen=True)
+class PerfOptions:
+    """What ``weckd bench perf`` was asked to measure; each part reads the fields it needs."""
+
+    out: Path
+    reps: int = 3
+    device: str = "auto"
+    archs: tuple[str, ...] = ("test_resnet", "resnet18")
+    image_size: int = 64
+    batch_size: int = 32
+    images: int = 320
+    epochs: int = 2
+    links: tuple[int, ...] = (3, 10, 30)
+    seeds: int = 3
+    relay_configs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    """One measured figure against its target."""
+
+    part: str
+    what: str
+    measured: str
+    target: str
+    met: bool
+
+
+Part = Callable[[PerfOptions], list[TargetCheck]]
+
+
+def machine_line() -> str:
+    """The machine and software the figures were measured on, and how busy it was at the end."""
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        flwr = version("flwr")
+    except PackageNotFoundError:
+        flwr = "not installed"
+    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}, {platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, torch {torch.__version__}, flwr {flwr}; load average {load:.1f} "
+            "at the end of the part")
+
+
+def summary_markdown(checks: list[TargetCheck], parts: list[str]) -> str:
+    """Every part's figures against their targets, with the machine."""
+    lines = ["# weckd bench perf: summary", "",
+             f"Parts: {', '.join(parts)}; measured on {time.strftime('%Y-%m-%d', time.gmtime())}.", "",
+             f"Machine: {machine_line()}.", "",
+             "| part | what | measured | target | met |", "|---|---|---|---|---|"]
+    lines += [f"| {c.part} | {c.what} | {c.measured} | {c.target} | {'yes' if c.met else '**no**'} |"
+              for c in checks]
+    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -82,3 +153,29 @@ def trainer_throughput(arch: str, image_size: int, batch_size: int, n_images: in
                 trainer.append(result.images_per_s)
     return ThroughputResult(arch, image_size, batch_size, len(site.train), epochs, torch.get_num_threads(),
                             trainer, bare)
+
+
+def trainer_part(opts: PerfOptions) -> list[TargetCheck]:
+    """(a) The link trainer's images/s against a bare loop, per architecture: trainer.md, trainer.json."""
+    device = pick_device(opts.device)
+    rows: list[dict[str, Any]] = []
+    for arch in opts.archs:
+        result = trainer_throughput(arch, opts.image_size, opts.batch_size, opts.images, opts.epochs, opts.reps,
+                                    device)
+        rows.append({**dataclasses.asdict(result), "ratio": result.ratio})
+    lines = ["# Trainer throughput: the link trainer vs a bare PyTorch loop", "",
+             f"Measured by `weckd bench perf --parts trainer --reps {opts.reps}` on "
+             f"{time.strftime('%Y-%m-%d', time.gmtime())}, device {device}.", "", f"Machine: {machine_line()}.", "",
+             f"Setup: {opts.images} synthetic RGB images, {opts.epochs} epochs per measurement, SGD with momentum, "
+             f"no teacher, no augmentation; {opts.reps} repetitions alternating which side runs first, after one "
+             "warm-up of the bare loop. Images/s are medians over the repetitions.", "",
+             "| arch | size | batch | threads | trainer img/s | bare loop img/s | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arch']} | {r['image_size']} | {r['batch_size']} | {r['threads']} | "
+                     f"{statistics.median(r['trainer']):.1f} | {statistics.median(r['bare']):.1f} | {r['ratio']:.3f} |")
+    opts.out.mkdir(parents=True, exist_ok=True)
+    write_json(opts.out / "trainer.json", {"device": str(device), "machine": machine_line(), "rows": rows})
+    (opts.out / "trainer.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return [TargetCheck("trainer", f"{r['arch']} trainer / bare loop images/s", f"{r['ratio']:.3f}×", "≥ 0.95×",
+                        r["ratio"] >= 0.95) for r in rows]

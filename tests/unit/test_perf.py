@@ -1,0 +1,89 @@
+"""``weckd bench perf``: part selection, the trainer part, the memory and relay parts' figures and checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from weckd.chain.cli import main
+from weckd.chain.perf import PerfOptions
+from weckd.server import perf_memory, perf_relay
+
+from .helpers import TINY_CHAIN, write_yaml
+
+
+def test_unknown_part_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                               ) -> None:
+    out = tmp_path / "perf"
+    assert main(["bench", "perf", "-o", str(out), "--parts", "trainer,speed"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown part(s) speed" in err[0] and "federation" in err[0]
+    assert not out.exists()
+
+
+def test_trainer_part_writes_its_table_and_a_checked_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    out = tmp_path / "perf"
+    rc = main(["bench", "perf", "-o", str(out), "--parts", "trainer", "--arch", "test_resnet", "--size", "32",
+               "--images", "48", "--epochs", "1", "--reps", "1", "--device", "cpu"])
+    assert rc == 0
+    rows = json.loads((out / "trainer.json").read_text())["rows"]
+    assert [r["arch"] for r in rows] == ["test_resnet"]
+    assert rows[0]["trainer"][0] > 0 and rows[0]["bare"][0] > 0
+    summary = (out / "summary.md").read_text()
+    assert f"| trainer | test_resnet trainer / bare loop images/s | {rows[0]['ratio']:.3f}× | ≥ 0.95× |" in summary
+    assert "Machine:" in summary and "| 32 | 32 |" in (out / "trainer.md").read_text()
+
+
+def _run(links: int, serverapp: int, superlink: int = 150_000, server: int = 480_000) -> dict[str, Any]:
+    return {"links": links, "seconds": 1.0,
+            "peak_anon_kib": {"serverapp": serverapp, "superlink": superlink, "weckd-server": server},
+            "peak_hwm_kib": {"serverapp": serverapp * 2, "superlink": 1, "weckd-server": 1}}
+
+
+def test_memory_checks_use_the_largest_deviation_from_the_first_run() -> None:
+    runs = [_run(3, 500_000), _run(10, 480_000), _run(30, 560_000)]
+    assert perf_memory._deviation(runs, "serverapp", "peak_anon_kib") == pytest.approx(12.0)
+    total = (560_000 + 150_000 + 480_000) / (500_000 + 150_000 + 480_000) - 1
+    assert perf_memory._deviation(runs, "total", "peak_anon_kib") == pytest.approx(100 * total)
+    text = perf_memory.report(runs)
+    assert "| 30 | 546.9 (+12.0%) |" in text and "first run (3 links)" in text
+
+
+def test_memory_part_flags_a_growth_over_ten_percent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sizes = {3: 500_000, 30: 560_000}
+    monkeypatch.setattr(perf_memory, "one_run", lambda n, root: _run(n, sizes[n]))
+    checks = perf_memory.memory_part(PerfOptions(out=tmp_path, links=(3, 30)))
+    by_what = {c.what.split(" peak")[0]: c for c in checks}
+    assert not by_what["ServerApp anon"].met and by_what["ServerApp anon"].measured == "12.0%"
+    assert by_what["weckd-server anon"].met and by_what["SuperLink anon"].met
+    assert json.loads((tmp_path / "memory.json").read_text())["runs"][1]["links"] == 30
+
+
+def test_compression_reports_its_ratio_and_break_even() -> None:
+    torch.manual_seed(0)
+    state = {"w": torch.randn(64, 64), "b": torch.zeros(64), "n": torch.tensor(5)}
+    c = perf_relay.compression(state, "test_resnet")
+    assert 0.0 < c["ratio"] < 1.0  # the zero bias and the exponent byte plane compress
+    assert c["compressed_bytes"] < c["raw_bytes"] and c["break_even_mbit_s"] > 0
+
+
+def test_relay_part_compares_wire_dtypes_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fed = {wire: [{"link": 1, "bytes_to_site": 0, "bytes_from_site": size},
+                  {"link": 2, "bytes_to_site": size, "bytes_from_site": size}]
+           for wire, size in (("float32", 1_000_000), ("float16", 504_500))}
+    monkeypatch.setattr(perf_relay, "federation_bytes", lambda: fed)
+    cfg = write_yaml(tmp_path / "tiny.yaml", TINY_CHAIN)
+    checks = perf_relay.relay_part(PerfOptions(out=tmp_path / "perf", seeds=1, relay_configs=(str(cfg),)))
+    data = json.loads((tmp_path / "perf" / "relay.json").read_text())
+    runs = data["configs"][str(cfg)]
+    assert {r["wire"] for r in runs} == {"float32", "float16"}
+    r32, r16 = (next(r for r in runs if r["wire"] == w) for w in ("float32", "float16"))
+    assert r16["float_bytes"] * 2 == r32["float_bytes"]
+    assert 0.5 < r16["payload_bytes"] / r32["state_dict_bytes"] < 0.501  # int64 counters travel as they are
+    sealed = next(c for c in checks if c.what.startswith("federation"))
+    assert sealed.measured == "0.5045×" and not sealed.met
+    assert "Compression of the float16 payload" in (tmp_path / "perf" / "relay.md").read_text()
