@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
+import time
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Sequence
@@ -134,12 +136,17 @@ def _perf(args: argparse.Namespace) -> int:
                        archs=tuple(args.arch or ("test_resnet", "resnet18")), image_size=args.size,
                        batch_size=args.batch, images=args.images, epochs=args.epochs, links=tuple(args.links),
                        seeds=args.seeds, relay_configs=tuple(args.relay_config))
-    checks: list[TargetCheck] = []
+    opts.out.mkdir(parents=True, exist_ok=True)
     for name in parts:
         part: Part = trainer_part if name == "trainer" else registered[name].load()
-        checks += part(opts)
-    text = summary_markdown(checks, parts)
-    opts.out.mkdir(parents=True, exist_ok=True)
+        checks = part(opts)
+        write_json(opts.out / f"checks-{name}.json", {"date": time.strftime("%Y-%m-%d", time.gmtime()),
+                                                      "checks": [dataclasses.asdict(c) for c in checks]})
+    # the summary covers every part measured into this folder, this run or an earlier one
+    present = [p for p in PARTS if (opts.out / f"checks-{p}.json").is_file()]
+    recorded = {p: json.loads((opts.out / f"checks-{p}.json").read_text(encoding="utf-8")) for p in present}
+    text = summary_markdown([TargetCheck(**c) for p in present for c in recorded[p]["checks"]],
+                            [f"{p} ({recorded[p]['date']})" for p in present])
     (opts.out / "summary.md").write_text(text, encoding="utf-8")
     print(text)
     return 0

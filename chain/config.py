@@ -66,7 +66,7 @@ class ChainSettings:
     lr_decay: float = field(default=1.0, metadata=_m(gt=0.0, max=1.0))
     # dtype of floating tensors in weights payloads (teacher and relayed student; the delivered model
     # stays float32); the in-process chain rounds its teacher the same way. float16 by default: half
-    # the bytes, accuracy unchanged within seed noise (docs/benchmarks/relay-precision.md)
+    # the bytes, accuracy unchanged within seed noise (docs/benchmarks/perf/relay.md)
     wire_dtype: str = field(default="float16", metadata=_m(choices=("float32", "float16")))
 
 

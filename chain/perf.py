@@ -82,7 +82,7 @@ def machine_line() -> str:
 def summary_markdown(checks: list[TargetCheck], parts: list[str]) -> str:
     """Every part's figures against their targets, with the machine."""
     lines = ["# weckd bench perf: summary", "",
-             f"Parts: {', '.join(parts)}; measured on {time.strftime('%Y-%m-%d', time.gmtime())}.", "",
+             f"Parts (measured on): {', '.join(parts)}.", "",
              f"Machine: {machine_line()}.", "",
              "| part | what | measured | target | met |", "|---|---|---|---|---|"]
     lines += [f"| {c.part} | {c.what} | {c.measured} | {c.target} | {'yes' if c.met else '**no**'} |"
@@ -103,7 +103,9 @@ class ThroughputResult:
 
     @property
     def ratio(self) -> float:
-        return statistics.median(self.trainer) / statistics.median(self.bare)
+        """Median over repetitions of trainer / bare images/s, each pair measured back to back: the
+        machine's speed drifts between repetitions (shared cores), much less within one."""
+        return statistics.median(t / b for t, b in zip(self.trainer, self.bare, strict=True))
 
 
 def _site(spec: ImageSpec, n: int) -> SiteData:
@@ -164,11 +166,12 @@ def trainer_part(opts: PerfOptions) -> list[TargetCheck]:
                                     device)
         rows.append({**dataclasses.asdict(result), "ratio": result.ratio})
     lines = ["# Trainer throughput: the link trainer vs a bare PyTorch loop", "",
-             f"Measured by `weckd bench perf --parts trainer --reps {opts.reps}` on "
+             f"Measured by the trainer part of `weckd bench perf` (`--reps {opts.reps}`) on "
              f"{time.strftime('%Y-%m-%d', time.gmtime())}, device {device}.", "", f"Machine: {machine_line()}.", "",
              f"Setup: {opts.images} synthetic RGB images, {opts.epochs} epochs per measurement, SGD with momentum, "
-             f"no teacher, no augmentation; {opts.reps} repetitions alternating which side runs first, after one "
-             "warm-up of the bare loop. Images/s are medians over the repetitions.", "",
+             f"no teacher, no augmentation; {opts.reps} repetitions, each a trainer run and a bare-loop run back to "
+             "back (alternating which goes first), after one warm-up of the bare loop. Images/s: medians over the "
+             "repetitions; ratio: the median of each repetition's trainer / bare loop.", "",
              "| arch | size | batch | threads | trainer img/s | bare loop img/s | ratio |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:

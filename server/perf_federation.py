@@ -143,6 +143,10 @@ def federation_part(opts: PerfOptions) -> list[TargetCheck]:
     write_json(opts.out / "federation.json", {"machine": machine_line(), "reps": opts.reps,
                                               "modes": {k: vars(v) for k, v in modes.items()}})
     (opts.out / "federation.md").write_text(report(opts.reps, modes), encoding="utf-8")
+    return federation_checks(modes)
+
+
+def federation_checks(modes: dict[str, Samples]) -> list[TargetCheck]:
     fixed = {name: statistics.median(m.fixed) for name, m in modes.items()}
     long_ratio = (LONG_LINK_S + fixed["sealed"]) / LONG_LINK_S
     return [TargetCheck("federation", f"fixed cost per link, {name}", f"{value:.2f} s", "≤ 3 s", value <= 3.0)

@@ -161,7 +161,12 @@ def memory_part(opts: PerfOptions) -> list[TargetCheck]:
     opts.out.mkdir(parents=True, exist_ok=True)
     write_json(opts.out / "memory.json", {"machine": machine_line(), "runs": runs})
     (opts.out / "memory.md").write_text(report(runs), encoding="utf-8")
-    span = f"{min(opts.links)}–{max(opts.links)} links"
+    return memory_checks(runs)
+
+
+def memory_checks(runs: list[dict[str, Any]]) -> list[TargetCheck]:
+    lengths = [r["links"] for r in runs]
+    span = f"{min(lengths)}–{max(lengths)} links"
     return [TargetCheck("memory", f"{label} peak, {span}: largest deviation from {runs[0]['links']} links",
                         f"{_deviation(runs, role, key):.1f}%", f"≤ {TARGET_PCT:.0f}%",
                         _deviation(runs, role, key) <= TARGET_PCT) for role, key, label in COLUMNS]

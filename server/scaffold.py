@@ -2,7 +2,7 @@
 sealing keys (each party's private keys in its own folder under ``keys/sealing/``, every public key
 in ``keys/public/``, as they would be after the onboarding exchange), ``federation.yaml`` and one
 ``site-X.yaml`` per site, on free loopback ports and the built-in synthetic data split across the
-sites. Used by ``weckd demo``, the end-to-end tests and the federation-overhead benchmark.
+sites. Used by ``weckd demo``, the end-to-end tests and the federation parts of ``weckd bench perf``.
 """
 from __future__ import annotations
 

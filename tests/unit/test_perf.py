@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import torch
 from weckd.chain.cli import main
-from weckd.chain.perf import PerfOptions
+from weckd.chain.perf import PerfOptions, ThroughputResult
 from weckd.server import perf_memory, perf_relay
 
 from .helpers import TINY_CHAIN, write_yaml
@@ -27,6 +27,9 @@ def test_unknown_part_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, c
 def test_trainer_part_writes_its_table_and_a_checked_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                                            ) -> None:
     out = tmp_path / "perf"
+    out.mkdir()
+    earlier = {"part": "memory", "what": "ServerApp anon peak", "measured": "0.5%", "target": "≤ 10%", "met": True}
+    (out / "checks-memory.json").write_text(json.dumps({"date": "2026-01-02", "checks": [earlier]}))
     rc = main(["bench", "perf", "-o", str(out), "--parts", "trainer", "--arch", "test_resnet", "--size", "32",
                "--images", "48", "--epochs", "1", "--reps", "1", "--device", "cpu"])
     assert rc == 0
@@ -36,6 +39,13 @@ def test_trainer_part_writes_its_table_and_a_checked_ratio(tmp_path: Path, capsy
     summary = (out / "summary.md").read_text()
     assert f"| trainer | test_resnet trainer / bare loop images/s | {rows[0]['ratio']:.3f}× | ≥ 0.95× |" in summary
     assert "Machine:" in summary and "| 32 | 32 |" in (out / "trainer.md").read_text()
+    # an earlier part measured into the same folder stays in the summary, with its date
+    assert "| memory | ServerApp anon peak | 0.5% | ≤ 10% | yes |" in summary and "memory (2026-01-02)" in summary
+
+
+def test_trainer_ratio_pairs_each_repetition() -> None:
+    result = ThroughputResult("a", 32, 8, 64, 1, 2, trainer=[100.0, 50.0, 90.0], bare=[100.0, 60.0, 80.0])
+    assert result.ratio == pytest.approx(1.0)  # median of 1.0, 0.833, 1.125; medians alone would give 1.125
 
 
 def _run(links: int, serverapp: int, superlink: int = 150_000, server: int = 480_000) -> dict[str, Any]:
