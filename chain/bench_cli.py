@@ -132,6 +132,8 @@ def _perf(args: argparse.Namespace) -> int:
                           "weckd's coordinator; reinstall weckd)")
     if any(n < 1 for n in args.links) or args.reps < 1 or args.seeds < 1:
         raise ConfigError("--links, --reps and --seeds take positive numbers")
+    for path in args.relay_config if "relay" in parts else ():
+        check_archs(load_config(path))  # a bad config fails now, not after the parts before it have run
     opts = PerfOptions(out=Path(args.out), reps=args.reps, device=args.device,
                        archs=tuple(args.arch or ("test_resnet", "resnet18")), image_size=args.size,
                        batch_size=args.batch, images=args.images, epochs=args.epochs, links=tuple(args.links),

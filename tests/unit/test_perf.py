@@ -24,6 +24,17 @@ def test_unknown_part_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, c
     assert not out.exists()
 
 
+def test_a_bad_relay_config_exits_2_before_anything_is_measured(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "perf"
+    rc = main(["bench", "perf", "-o", str(out), "--parts", "trainer,relay", "--relay-config",
+               str(tmp_path / "missing.yaml")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.yaml" in err[0]
+    assert not out.exists()
+
+
 def test_trainer_part_writes_its_table_and_a_checked_ratio(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                                            ) -> None:
     out = tmp_path / "perf"
