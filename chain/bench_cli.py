@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import time
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -28,7 +26,7 @@ from .bench import (
 from .cli import check_archs, run_command, setup_logging
 from .config import load_config
 from .errors import ConfigError
-from .perf import Part, PerfOptions, TargetCheck, summary_markdown, trainer_part
+from .perf import Part, PerfOptions, TargetCheck, machine_line, summary_markdown, trainer_part
 
 PARTS = ("trainer", "federation", "relay", "memory")
 
@@ -70,17 +68,6 @@ def bench_command(argv: Sequence[str]) -> int:
     return run_command(lambda: body(args))
 
 
-def machine() -> dict[str, object]:
-    """What the numbers were measured on."""
-    info: dict[str, object] = {
-        "python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(), "platform": platform.platform(), "processor": platform.processor(),
-    }
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def _protocol(args: argparse.Namespace) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = [m for m in methods if m not in METHODS]
@@ -95,7 +82,7 @@ def _protocol(args: argparse.Namespace) -> int:
     title = f"{Path(args.config).stem}: {len(cfg.chain.order)} sites, {args.seeds} seeds"
     with staged_dir(Path(args.out)) as stage:
         write_json(stage / "results.json", {
-            "config": args.config, "overrides": args.set, "machine": machine(), "summary": summary,
+            "config": args.config, "overrides": args.set, "machine": machine_line(), "summary": summary,
             "per_seed": [{"seed": r.seed, "test_accuracy": r.test_accuracy} for r in results],
         })
         (stage / "table.md").write_text(markdown_table(summary, title), encoding="utf-8")
@@ -113,7 +100,7 @@ def _ablation(args: argparse.Namespace) -> int:
     title = f"{Path(args.config).stem}: ablation, {args.seeds} seeds"
     table = ablation_table(result, title)
     with staged_dir(Path(args.out)) as stage:
-        write_json(stage / "results.json", {"config": args.config, "overrides": args.set, "machine": machine(),
+        write_json(stage / "results.json", {"config": args.config, "overrides": args.set, "machine": machine_line(),
                                             **result})
         (stage / "table.md").write_text(table, encoding="utf-8")
     print(table)
