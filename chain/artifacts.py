@@ -4,27 +4,32 @@ effective config, written into a staging folder and moved into place only when c
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO
 
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 
 from . import __version__
 from .data import MEAN, STD, ImageSpec
-from .errors import PayloadError
+from .errors import PayloadError, shown
+from .files import atomic_write, atomic_write_text, inside, private_dir, staged_dir
+
+__all__ = ["ModelCard", "save_model", "load_model_files", "read_card", "load_weights", "sha256_file", "write_json",
+           "write_yaml", "staged_dir", "image_spec_of_card"]
 
 MODEL_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
 CARD_FORMAT = "weckd-model/1"
+MAX_CARD_BYTES = 1 << 20  # 1 MiB: a card is ~1 KB
+MAX_WEIGHTS_BYTES = 1 << 31  # 2 GiB: float32 weights of a model at the 1 GiB float16 payload limit
 
 
 @dataclass(frozen=True)
@@ -51,26 +56,86 @@ class ModelCard:
 
 
 def save_model(folder: Path, state: dict[str, torch.Tensor], card: ModelCard) -> None:
-    """Write model.safetensors and model_card.json into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / MODEL_FILE
-    save_file({k: v.contiguous() for k, v in state.items()}, str(weights), metadata={"arch": card.arch})
-    write_json(folder / CARD_FILE, card.to_json(sha256_file(weights)))
+    """Write model.safetensors and model_card.json into ``folder`` (created 0700; files 0600, atomic)."""
+    private_dir(folder)
+    data = save({k: v.contiguous() for k, v in state.items()}, metadata={"arch": card.arch})
+    atomic_write(folder / MODEL_FILE, data)
+    write_json(folder / CARD_FILE, card.to_json(hashlib.sha256(data).hexdigest()))
 
 
 def load_model_files(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a model card and its weights, checking the format and the weights' hash."""
+    """Read a model card and its weights (:func:`read_card`, then :func:`load_weights`)."""
+    card = read_card(folder)
+    return card, load_weights(folder, card)
+
+
+def read_card(folder: Path) -> dict[str, Any]:
+    """The model card of ``folder``: a regular file of at most MAX_CARD_BYTES holding a JSON object of
+    this card format. Its other fields are checked by whoever uses them (``predict.check_card``)."""
     card_path = folder / CARD_FILE
+    with _open_regular(card_path, MAX_CARD_BYTES, "model card") as fh:
+        raw = fh.read(MAX_CARD_BYTES + 1)
     try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise PayloadError(f"{card_path}: cannot read model card: {err}") from err
+        card = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as err:  # RecursionError: JSON nested past the parser's depth
+        raise PayloadError(f"{card_path}: model card is not readable JSON ({shown(str(err), 120)}); "
+                           "re-export the model") from None
+    if type(card) is not dict:
+        raise PayloadError(f"{card_path}: model card is a JSON {type(card).__name__}, not an object; "
+                           "re-export the model")
     if card.get("format") != CARD_FORMAT:
-        raise PayloadError(f"{card_path}: format {card.get('format')!r}, expected {CARD_FORMAT!r}")
-    weights = folder / card["weights"]["file"]
-    if sha256_file(weights) != card["weights"]["sha256"]:
+        raise PayloadError(f"{card_path}: format {shown(card.get('format'))}, expected {CARD_FORMAT!r}")
+    return card
+
+
+def load_weights(folder: Path, card: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The card's weights: a regular file inside ``folder`` of at most MAX_WEIGHTS_BYTES, matching the
+    card's sha256, readable as safetensors, every floating value finite."""
+    entry = card.get("weights")
+    name = entry.get("file") if type(entry) is dict else None
+    digest = entry.get("sha256") if type(entry) is dict else None
+    if type(name) is not str or type(digest) is not str or not _plain_name(name):
+        raise PayloadError(f"{folder / CARD_FILE}: weights entry {shown(entry)} is not {{file: a plain file name, "
+                           "sha256}}; re-export the model")
+    weights = inside(folder, name)
+    hasher = hashlib.sha256()
+    with _open_regular(weights, MAX_WEIGHTS_BYTES, "weights file") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            hasher.update(block)
+    if hasher.hexdigest() != digest:
         raise PayloadError(f"{weights}: sha256 does not match the model card; the file is damaged or altered")
-    return card, load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise PayloadError(f"{weights}: not a readable safetensors file ({shown(str(err), 120)}); "
+                           "re-export the model") from None
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise PayloadError(f"{weights}: tensor {shown(key, 80)} holds {bad} NaN/Inf value(s); the model "
+                               "diverged or the file is damaged; refused")
+    return state
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "\0" not in name and Path(name).name == name
+
+
+def _open_regular(path: Path, limit: int, what: str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file of at most ``limit`` bytes (never a device,
+    a FIFO or a folder: O_NONBLOCK keeps a FIFO from blocking the open)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise PayloadError(f"{path}: cannot read the {what} ({err.strerror}); copy the model folder again"
+                           ) from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+        os.close(fd)
+        found = f"{info.st_size} bytes" if stat.S_ISREG(info.st_mode) else "not a regular file"
+        raise PayloadError(f"{path}: the {what} is {found}; expected a regular file of at most {limit} bytes; "
+                           "copy the model folder again")
+    return os.fdopen(fd, "rb")
 
 
 def sha256_file(path: Path) -> str:
@@ -82,32 +147,11 @@ def sha256_file(path: Path) -> str:
 
 
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_yaml(path: Path, data: Any) -> None:
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
-
-
-@contextlib.contextmanager
-def staged_dir(target: Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside ``target``; on success it replaces ``target`` whole.
-
-    On any failure the staging folder is removed and ``target`` is left as it was.
-    """
-    target = target.resolve()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(stage, target)
-    shutil.rmtree(old, ignore_errors=True)
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def image_spec_of_card(card: dict[str, Any]) -> ImageSpec:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from .artifacts import staged_dir, write_json
+from .artifacts import write_json
 from .bench import (
     METHODS,
     ablation_table,
@@ -26,6 +26,7 @@ from .bench import (
 from .cli import check_archs, run_command, setup_logging
 from .config import load_config
 from .errors import ConfigError
+from .files import atomic_write_text, private_dir, staged_dir
 from .perf import Part, PerfOptions, TargetCheck, machine_line, summary_markdown, trainer_part
 
 PARTS = ("trainer", "federation", "relay", "memory")
@@ -85,7 +86,7 @@ def _protocol(args: argparse.Namespace) -> int:
             "config": args.config, "overrides": args.set, "machine": machine_line(), "summary": summary,
             "per_seed": [{"seed": r.seed, "test_accuracy": r.test_accuracy} for r in results],
         })
-        (stage / "table.md").write_text(markdown_table(summary, title), encoding="utf-8")
+        atomic_write_text(stage / "table.md", markdown_table(summary, title))
         plot_summary(summary, stage / "plot.png", title)
     print(markdown_table(summary, title))
     return 0
@@ -102,7 +103,7 @@ def _ablation(args: argparse.Namespace) -> int:
     with staged_dir(Path(args.out)) as stage:
         write_json(stage / "results.json", {"config": args.config, "overrides": args.set, "machine": machine_line(),
                                             **result})
-        (stage / "table.md").write_text(table, encoding="utf-8")
+        atomic_write_text(stage / "table.md", table)
     print(table)
     return 0
 
@@ -125,7 +126,7 @@ def _perf(args: argparse.Namespace) -> int:
                        archs=tuple(args.arch or ("test_resnet", "resnet18")), image_size=args.size,
                        batch_size=args.batch, images=args.images, epochs=args.epochs, links=tuple(args.links),
                        seeds=args.seeds, relay_configs=tuple(args.relay_config))
-    opts.out.mkdir(parents=True, exist_ok=True)
+    private_dir(opts.out)
     for name in parts:
         part: Part = trainer_part if name == "trainer" else registered[name].load()
         checks = part(opts)
@@ -136,6 +137,6 @@ def _perf(args: argparse.Namespace) -> int:
     recorded = {p: json.loads((opts.out / f"checks-{p}.json").read_text(encoding="utf-8")) for p in present}
     text = summary_markdown([TargetCheck(**c) for p in present for c in recorded[p]["checks"]],
                             [f"{p} ({recorded[p]['date']})" for p in present])
-    (opts.out / "summary.md").write_text(text, encoding="utf-8")
+    atomic_write_text(opts.out / "summary.md", text)
     print(text)
     return 0

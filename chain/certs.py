@@ -7,7 +7,8 @@
 * ``weckd certs site --site A --out DIR`` → ``site-A`` (private, OpenSSH) + ``site-A.pub``: the
   SuperNode auth key pair Flower 1.39 accepts (EC P-384; ed25519 is refused)
 
-Private keys are written 0600; nothing is overwritten without ``--force``.
+Private keys are written 0600, public files 0644, each atomically and never through a symbolic link;
+nothing is overwritten without ``--force``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .errors import ConfigError, SecurityError
+from .files import atomic_write, private_dir, refuse_symlink
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +40,11 @@ def _now() -> dt.datetime:
 
 
 def _write(path: Path, data: bytes, private: bool, force: bool) -> None:
-    if path.exists() and not force:
+    """Private keys 0600, the rest 0644; atomic, never through a link, never over a file without ``force``."""
+    if os.path.lexists(path) and not force:
         raise ConfigError(f"{path}: already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if private:
-        path.unlink(missing_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(path, 0o600)
-    else:
-        path.write_bytes(data)
+    private_dir(path.parent)
+    atomic_write(path, data, 0o600 if private else 0o644, replace=force)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -91,8 +87,9 @@ def _write_cert_and_key(cert_path: Path, key_path: Path, cert: x509.Certificate,
                         key: ec.EllipticCurvePrivateKey, force: bool) -> Path:
     """Write a private key (0600) and its certificate, refusing to overwrite either without ``force``."""
     for path in (cert_path, key_path):
-        if path.exists() and not force:
+        if os.path.lexists(path) and not force:
             raise ConfigError(f"{path}: already exists; pass --force to overwrite it")
+        refuse_symlink(path)  # before either file is replaced
     _write(key_path, _pem_key(key), private=True, force=force)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), private=False, force=force)
     return cert_path
@@ -152,8 +149,9 @@ def make_site_key(site: str, out: Path, force: bool = False) -> tuple[Path, Path
     key = ec.generate_private_key(ec.SECP384R1())
     private, public = out / f"site-{site}", out / f"site-{site}.pub"
     for path in (private, public):
-        if path.exists() and not force:
+        if os.path.lexists(path) and not force:
             raise ConfigError(f"{path}: already exists; pass --force to overwrite it")
+        refuse_symlink(path)  # before either file is replaced
     _write(
         private,
         key.private_bytes(

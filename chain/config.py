@@ -15,7 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .privacy import student_arch, warm_start_mismatch
 from .schema import Origin, build
 
@@ -146,8 +146,19 @@ class ChainConfig:
         return self.chain.order[index % len(self.chain.order)]
 
 
+MAX_CONFIG_BYTES = 1 << 18  # 256 KiB: a config is a few KB (and PyYAML parses ~15 KB/s of lists)
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads exponents without a dot (``1e-5``) as numbers, as YAML 1.2 does."""
+    """SafeLoader that also reads exponents without a dot (``1e-5``) as numbers, as YAML 1.2 does, and
+    refuses aliases (``*name``): nested aliases expand a few hundred bytes into gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in weckd configs; write the value out",
+                self.peek_event().start_mark)
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -169,19 +180,27 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ChainConfig:
 
 
 def read_yaml(path: str | Path) -> tuple[dict[str, Any], Origin]:
-    """Read a YAML mapping, turning a missing file or syntax error into one ConfigError line."""
+    """Read a YAML mapping, turning a missing file or syntax error into one ConfigError line.
+
+    A config is at most MAX_CONFIG_BYTES and may not use aliases (``*name``): a few hundred bytes of
+    nested aliases expand to gigabytes (the "billion laughs"), and a config has no need of them.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found; pass an existing YAML file with -c")
     try:
-        raw = parse_yaml(p.read_text(encoding="utf-8"))
+        with p.open("rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: config file is over {MAX_CONFIG_BYTES} bytes; is this the right file?")
+        raw = parse_yaml(data.decode("utf-8"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{p}:{where}: YAML syntax error: {problem}") from err
+        raise ConfigError(f"{p}:{where}: YAML syntax error: {problem[:200]}") from err
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{p}: cannot read config file: {err}") from err
+        raise ConfigError(f"{p}: cannot read config file: {shown(str(err), 200)}") from err
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -193,17 +212,17 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     """Apply one ``dotted.key=value`` override (value parsed as YAML) to a raw mapping."""
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. link.epochs=3")
+        raise ConfigError(f"--set {shown(item)}: expected KEY=VALUE, e.g. link.epochs=3")
     try:
         value = parse_yaml(text)
     except yaml.YAMLError as err:
-        raise ConfigError(f"--set {item!r}: value is not valid YAML") from err
+        raise ConfigError(f"--set {shown(item)}: value is not valid YAML") from err
     node = raw
     parts = key.strip().split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {item!r}: {part!r} is not a mapping")
+            raise ConfigError(f"--set {shown(item)}: {shown(part)} is not a mapping")
         node = child
     node[parts[-1]] = value
 

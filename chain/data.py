@@ -23,6 +23,10 @@ from .synthetic import make_synthetic, make_unlabelled
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # the decoders PIL may use: no other plugin sees a site's files
+# Decoding limit, checked from the file's header before any pixel is decoded (a 69-byte PNG can declare
+# gigapixels): 64 Mi pixels, e.g. 8192 x 8192, well above any radiograph, below PIL's own warning level.
+MAX_IMAGE_PIXELS = 1 << 26
 MEAN = 0.5
 STD = 0.5
 SYNTHETIC = "synthetic"
@@ -176,14 +180,18 @@ def read_image(path: Path, spec: ImageSpec) -> torch.Tensor | None:
 
 
 def _decode(path: Path, spec: ImageSpec) -> torch.Tensor | None:
+    """None for anything that is not a readable image of at most MAX_IMAGE_PIXELS (the caller counts it)."""
     try:
-        with Image.open(path) as opened:
+        with Image.open(path, formats=IMAGE_FORMATS) as opened:
+            width, height = opened.size
+            if width * height > MAX_IMAGE_PIXELS:
+                return None
             im = opened.convert("L" if spec.channels == 1 else "RGB")
         if im.size != (spec.size, spec.size):
             im = im.resize((spec.size, spec.size), Image.Resampling.BILINEAR)
         arr = np.array(im, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError):
-        return None
+    except (OSError, UnidentifiedImageError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError):
+        return None  # DecompressionBombError: over PIL's own global limit, which Image.open checks first
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return torch.from_numpy(np.ascontiguousarray(arr))
 

@@ -40,3 +40,16 @@ class SecurityError(WeckdError):
 
 class LinkError(WeckdError):
     """Training or evaluating one link of the chain failed."""
+
+
+def shown(value: object, limit: int = 200) -> str:
+    """``repr(value)`` for an error message, at most ``limit`` characters: messages quote user content
+    (a config value, a header field) and must stay one short line however large that content is.
+    reprlib stops early, so a huge or deeply nested value is never rendered whole."""
+    import reprlib  # only on the error path
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother, short.maxlong = 3, limit, limit, limit
+    short.maxlist = short.maxtuple = short.maxdict = short.maxset = 8
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,11 +1,12 @@
 """A site's sealing keys on disk: X25519 (receive) and Ed25519 (sign), made by ``weckd keys``.
 
 Files, for site ``A``: ``site-A.x25519.key`` / ``.pub`` and ``site-A.ed25519.key`` / ``.pub``.
-Private keys are PEM PKCS8, written 0600 through a temp file and a rename; public keys are PEM
-SubjectPublicKeyInfo (not raw base64) so that a file holding the wrong kind of key — a peer's X25519
-key pinned as its signing key, the EC P-384 SuperNode key from ``weckd certs site`` — is recognised
-and named. Every problem with a key file (missing, unreadable, wrong kind, public where private is
-expected or the reverse) is a one-line ``ConfigError``: the site's config points at the wrong file.
+Private keys are PEM PKCS8, written 0600 by ``files.atomic_write`` (never through a symbolic link);
+public keys are PEM SubjectPublicKeyInfo (not raw base64) so that a file holding the wrong kind of
+key — a peer's X25519 key pinned as its signing key, the EC P-384 SuperNode key from ``weckd certs
+site`` — is recognised and named. Every problem with a key file (missing, unreadable, wrong kind,
+public where private is expected or the reverse) is a one-line ``ConfigError``: the site's config
+points at the wrong file.
 A private key readable by group or others loads, with a WARNING naming the ``chmod 600``.
 """
 
@@ -22,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
 from .errors import ConfigError
+from .files import atomic_write, private_dir, refuse_symlink
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +53,11 @@ def key_files(site: str, directory: Path) -> KeyFiles:
 def generate_site_keys(site: str, out: Path, *, force: bool = False) -> KeyFiles:
     """Create a site's X25519 and Ed25519 key pairs; nothing is overwritten without ``force``."""
     files = key_files(site, out)
-    if not force:
-        for path in files:
-            if path.exists():
-                raise ConfigError(f"{path}: already exists; pass --force to replace the site's keys")
-    Path(out).mkdir(parents=True, exist_ok=True)
+    for path in files:
+        if os.path.lexists(path) and not force:
+            raise ConfigError(f"{path}: already exists; pass --force to replace the site's keys")
+        refuse_symlink(path)  # before any key is replaced
+    private_dir(Path(out))
     for priv, key_path, pub_path in (
         (x25519.X25519PrivateKey.generate(), files.x25519_key, files.x25519_pub),
         (ed25519.Ed25519PrivateKey.generate(), files.ed25519_key, files.ed25519_pub),
@@ -66,24 +68,9 @@ def generate_site_keys(site: str, out: Path, *, force: bool = False) -> KeyFiles
         pub = priv.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        _write_atomic(key_path, pem, 0o600)
-        _write_atomic(pub_path, pub, 0o644)
+        atomic_write(key_path, pem, 0o600, replace=force)
+        atomic_write(pub_path, pub, 0o644, replace=force)
     return files
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write through a fresh temp file created with ``mode`` and renamed over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _read_pem(path: Path, want: str) -> bytes:

@@ -12,22 +12,33 @@ cast (:func:`round_state`), so both give the same links.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import torch
 
-from .errors import PayloadError
+from .errors import PayloadError, shown
 
 FORMAT = "weckd-payload"
 VERSION = 2  # v2: floating tensors in the header's wire dtype (float32 or float16)
 KINDS = ("weights", "logits")
 WIRE_DTYPES = ("float32", "float16")
 DTYPES = (*WIRE_DTYPES, "int64")
+_ITEMSIZE = {dt: np.dtype(dt).itemsize for dt in DTYPES}
 LOGITS_KEY = "logits"
 MAX_PAYLOAD_BYTES = 1 << 30  # 1 GiB: a payload declaring more is refused before anything is allocated
+# Header limits, checked before the header is parsed or any array is shaped. A ResNet-18 header is
+# ~8 KB (122 tensors); a header may hold at most _HEADER_BASE + _HEADER_PER_TENSOR bytes per tensor.
+MAX_HEADER_BYTES = 1 << 20  # 1 MiB, whatever the tensor count
+MAX_TENSORS = 10_000
+MAX_NAME_CHARS = 512
+MAX_NDIM = 8
+MAX_HEADER_DEPTH = 4  # JSON nesting: the header object > "buffers" > [dtype, bytes]
+_HEADER_BASE = 4096
+_HEADER_PER_TENSOR = 1024
 BYTES_MAGIC = b"WKPB"
 _BYTES_PREFIX = struct.Struct(">4sI")  # magic, header length
 
@@ -83,9 +94,15 @@ def _wire_tensor(tensor: torch.Tensor, wire_dtype: str) -> torch.Tensor:
     return t.to(getattr(torch, wire_dtype)) if t.is_floating_point() else t.long()
 
 
-def check_wire_dtype(wire_dtype: str, where: str = "payload") -> str:
-    if wire_dtype not in WIRE_DTYPES:
-        raise PayloadError(f"{where}: wire dtype {wire_dtype!r} unknown; use one of {', '.join(WIRE_DTYPES)}")
+class PayloadSizeError(PayloadError):
+    """A payload, its header or a declared tensor over the size limit, refused before allocation."""
+
+    reason = "too-large"
+
+
+def check_wire_dtype(wire_dtype: object, where: str = "payload") -> str:
+    if type(wire_dtype) is not str or wire_dtype not in WIRE_DTYPES:
+        raise PayloadError(f"{where}: wire dtype {shown(wire_dtype)} unknown; use one of {', '.join(WIRE_DTYPES)}")
     return wire_dtype
 
 
@@ -117,26 +134,30 @@ def check_header(
     header: Mapping[str, object], *, kind: str, link: int | None = None, arch: str | None = None, where: str = "payload"
 ) -> Payload:
     """Validate a received header; return an array-less Payload with its fields."""
+    if not isinstance(header, Mapping):
+        raise PayloadError(f"{where}: payload header is a {type(header).__name__}, not a mapping; "
+                           "is the peer running weckd?")
     if header.get("format") != FORMAT:
         raise PayloadError(
-            f"{where}: not a weckd payload (format {header.get('format')!r}); is the peer running weckd?"
+            f"{where}: not a weckd payload (format {shown(header.get('format'))}); is the peer running weckd?"
         )
     version = header.get("version")
-    if version != VERSION:
-        raise PayloadError(f"{where}: payload v{version}, expected v{VERSION}; upgrade weckd on both sides")
+    if type(version) is not int or version != VERSION:
+        raise PayloadError(f"{where}: payload v{shown(version)}, expected v{VERSION}; upgrade weckd on both sides")
     if header.get("kind") != kind:
         raise PayloadError(
-            f"{where}: payload kind {header.get('kind')!r}, expected {kind!r}; do both sides use the same chain.mode?"
+            f"{where}: payload kind {shown(header.get('kind'))}, expected {kind!r}; "
+            "do both sides use the same chain.mode?"
         )
     got_link = header.get("link")
-    if not isinstance(got_link, int) or (link is not None and got_link != link):
+    if type(got_link) is not int or got_link < 0 or (link is not None and got_link != link):
         raise PayloadError(
-            f"{where}: payload is for link {got_link}, expected link {link}; "
+            f"{where}: payload is for link {shown(got_link)}, expected link {link}; "
             "a stale or replayed message? restart the run"
         )
     got_arch = header.get("arch")
-    if not isinstance(got_arch, str) or (arch is not None and got_arch != arch):
-        raise PayloadError(f"{where}: payload architecture {got_arch!r}, expected {arch!r}")
+    if type(got_arch) is not str or len(got_arch) > MAX_NAME_CHARS or (arch is not None and got_arch != arch):
+        raise PayloadError(f"{where}: payload architecture {shown(got_arch)}, expected {arch!r}")
     return Payload(kind, got_arch, got_link, {})
 
 
@@ -152,7 +173,7 @@ def decode_state(
     meta = check_header(header, kind="weights", link=link, arch=arch, where=where)
     if not arrays:
         raise PayloadError(f"{where}: weights payload carries no arrays")
-    wire = check_wire_dtype(str(header.get("wire-dtype")), where)
+    wire = check_wire_dtype(header.get("wire-dtype"), where)
     named = unpack(header, arrays, where)
     if any(a.dtype.kind == "f" and str(a.dtype) != wire for a in named.values()):
         raise PayloadError(f"{where}: floating tensors not in the declared wire dtype {wire}; the payload is damaged")
@@ -194,55 +215,88 @@ def check_finite(arrays: Mapping[str, np.ndarray], where: str) -> None:
                                "or the payload is poisoned; refused before loading")
 
 
+class TensorEntry(NamedTuple):
+    """One tensor of a header's index: its name, dtype and shape, checked."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    size: int  # values
+
+
+def tensor_index(header: Mapping[str, Any], where: str = "payload",
+                 max_bytes: int = MAX_PAYLOAD_BYTES) -> list[TensorEntry]:
+    """The header's tensor index, every field checked with exact types (a bool is not an int) and every
+    size multiplied out in Python ints, so numpy never sees a shape it cannot hold."""
+    fields = [header.get(k) for k in ("names", "dtypes", "ndims", "dims")]
+    if any(type(f) is not list for f in fields):
+        raise PayloadError(f"{where}: payload header lacks its tensor index (names, dtypes, ndims, dims lists); "
+                           "upgrade weckd on both sides")
+    names, dtypes, ndims, dims = fields
+    if len(names) > MAX_TENSORS:
+        raise PayloadSizeError(f"{where}: payload declares {len(names)} tensors, over the limit of {MAX_TENSORS}; "
+                               "refused before loading")
+    if (not (len(names) == len(dtypes) == len(ndims))
+            or any(type(n) is not str or not n or len(n) > MAX_NAME_CHARS for n in names)
+            or len(set(names)) != len(names)):
+        raise PayloadError(f"{where}: inconsistent tensor index in the payload header (names must be unique strings "
+                           f"of 1-{MAX_NAME_CHARS} characters); upgrade weckd on both sides")
+    unknown = sorted({shown(dt, 40) for dt in dtypes if type(dt) is not str or dt not in DTYPES})
+    if unknown:
+        raise PayloadError(f"{where}: payload declares dtype(s) [{', '.join(unknown[:4])}]; this weckd reads "
+                           f"{', '.join(DTYPES)}; upgrade weckd on both sides")
+    if (any(type(n) is not int or not 0 <= n <= MAX_NDIM for n in ndims)
+            or any(type(d) is not int or d < 0 for d in dims)):
+        raise PayloadError(f"{where}: payload header declares a negative or non-integer tensor dimension, "
+                           f"or more than {MAX_NDIM} dimensions; the payload is damaged")
+    if sum(ndims) != len(dims):
+        raise PayloadError(f"{where}: inconsistent tensor index in the payload header; upgrade weckd on both sides")
+    out: list[TensorEntry] = []
+    total, d = 0, 0
+    for name, dt, nd in zip(names, dtypes, ndims):
+        shape = tuple(dims[d:d + nd])
+        d += nd
+        size, extent, itemsize = 1, 1, _ITEMSIZE[dt]
+        for x in shape:  # extent: zeros count as 1, so (2**40, 2**40, 0) is refused, not handed to numpy
+            size *= x
+            extent *= max(x, 1)
+            if extent * itemsize > max_bytes:
+                raise PayloadSizeError(f"{where}: tensor {shown(name, 80)} declares dimensions {shown(shape, 80)}, "
+                                       f"over the limit of {max_bytes} bytes; refused before loading")
+        total += size * itemsize
+        out.append(TensorEntry(name, dt, shape, size))
+    if total > max_bytes:
+        raise PayloadSizeError(f"{where}: payload of {total} bytes is over the limit of {max_bytes} bytes; refused "
+                               "before loading (raise the limit on both sides if the model really is that large)")
+    return out
+
+
 def unpack(header: Mapping[str, Any], buffers: Mapping[str, np.ndarray],
            where: str = "payload", max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, np.ndarray]:
     """Split the flat per-dtype buffers back into named arrays of the shapes the header declares."""
-    names, dtypes, ndims, dims = (list(header.get(k) or []) for k in ("names", "dtypes", "ndims", "dims"))
-    if not (len(names) == len(dtypes) == len(ndims)) or sum(ndims) != len(dims) or len(set(names)) != len(names):
-        raise PayloadError(f"{where}: inconsistent tensor index in the payload header; upgrade weckd on both sides")
-    unknown = sorted({str(dt) for dt in dtypes} - set(DTYPES))
-    if unknown:
-        raise PayloadError(f"{where}: payload declares dtype(s) {unknown}; this weckd reads {', '.join(DTYPES)}; "
-                           "upgrade weckd on both sides")
-    if any(not isinstance(d, int) or d < 0 for d in dims) or any(not isinstance(n, int) or n < 0 for n in ndims):
-        raise PayloadError(f"{where}: payload header declares a negative or non-integer tensor dimension")
-    declared = _declared_bytes(dtypes, ndims, dims)
+    index = tensor_index(header, where, max_bytes)
     held = sum(int(np.asarray(b).nbytes) for b in buffers.values())
-    if max(declared, held) > max_bytes:
-        raise PayloadError(f"{where}: payload of {max(declared, held)} bytes is over the limit of {max_bytes} bytes; "
-                           "refused before loading (raise the limit on both sides if the model really is that large)")
-    if set(buffers) != set(dtypes):
-        raise PayloadError(f"{where}: payload buffers {sorted(buffers)} do not match the declared dtypes "
-                           f"{sorted(set(dtypes))}")
+    if held > max_bytes:
+        raise PayloadSizeError(f"{where}: payload of {held} bytes is over the limit of {max_bytes} bytes; refused "
+                               "before loading (raise the limit on both sides if the model really is that large)")
+    if set(buffers) != {t.dtype for t in index}:
+        raise PayloadError(f"{where}: payload buffers {shown(sorted(buffers, key=str))} do not match the declared "
+                           f"dtypes {sorted({t.dtype for t in index})}")
     offsets = dict.fromkeys(buffers, 0)
     out: dict[str, np.ndarray] = {}
-    d = 0
-    for name, dt, nd in zip(names, dtypes, ndims):
-        shape = tuple(int(x) for x in dims[d:d + nd])
-        d += nd
-        size = int(np.prod(shape, dtype=np.int64))
-        flat = np.asarray(buffers[dt]).ravel()
-        if flat.dtype != np.dtype(dt) or offsets[dt] + size > flat.size:
-            raise PayloadError(f"{where}: buffer {dt} too short or of dtype {flat.dtype} for tensor {name!r}")
-        out[name] = np.array(flat[offsets[dt]:offsets[dt] + size], copy=True).reshape(shape)
-        offsets[dt] += size
+    for t in index:
+        flat = np.asarray(buffers[t.dtype]).ravel()
+        start = offsets[t.dtype]
+        if flat.dtype != np.dtype(t.dtype) or start + t.size > flat.size:
+            raise PayloadError(f"{where}: buffer {t.dtype} too short or of dtype {flat.dtype} for tensor "
+                               f"{shown(t.name, 80)}")
+        out[t.name] = np.array(flat[start:start + t.size], copy=True).reshape(t.shape)
+        offsets[t.dtype] += t.size
     sizes = {dt: int(np.asarray(b).size) for dt, b in buffers.items()}
     left = {dt: sizes[dt] - n for dt, n in offsets.items() if sizes[dt] != n}
     if left:
         raise PayloadError(f"{where}: {left} values left over after the declared tensors; the payload is damaged")
     return out
-
-
-def _declared_bytes(dtypes: list[Any], ndims: list[int], dims: list[int]) -> int:
-    """Bytes the header's tensor index adds up to (Python ints: no overflow on hostile dimensions)."""
-    total, d = 0, 0
-    for dt, nd in zip(dtypes, ndims):
-        size = 1
-        for x in dims[d:d + nd]:
-            size *= int(x)
-        d += nd
-        total += size * np.dtype(str(dt)).itemsize
-    return total
 
 
 def payload_bytes(payload: Payload) -> bytes:
@@ -261,19 +315,41 @@ def pack_bytes(header: Mapping[str, Any], buffers: Mapping[str, np.ndarray]) -> 
 
 def payload_from_bytes(data: bytes, where: str = "payload", max_bytes: int = MAX_PAYLOAD_BYTES
                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(header, per-dtype buffers) from :func:`payload_bytes` output, ready for :func:`decode_state`."""
-    if len(data) > max_bytes + (1 << 20):
-        raise PayloadError(f"{where}: payload of {len(data)} bytes is over the limit of {max_bytes} bytes; refused")
+    """(header, per-dtype buffers) from :func:`payload_bytes` output, ready for :func:`decode_state`.
+
+    The header is size-capped and depth-checked before it is parsed, and its values must be scalars or
+    flat lists (what a Flower ConfigRecord holds); the tensor index itself is checked by :func:`unpack`.
+    """
+    if len(data) > max_bytes + MAX_HEADER_BYTES:
+        raise PayloadSizeError(f"{where}: payload of {len(data)} bytes is over the limit of {max_bytes} bytes; "
+                               "refused")
     if len(data) < _BYTES_PREFIX.size or data[:4] != BYTES_MAGIC:
         raise PayloadError(f"{where}: not a weckd payload (bad magic bytes); is the peer running weckd?")
     _, head_len = _BYTES_PREFIX.unpack_from(data)
+    if head_len > MAX_HEADER_BYTES:
+        raise PayloadSizeError(f"{where}: payload header of {head_len} bytes is over the limit of "
+                               f"{MAX_HEADER_BYTES} bytes; refused before parsing")
     start = _BYTES_PREFIX.size + head_len
+    if start > len(data):
+        raise PayloadError(f"{where}: payload header runs past its {len(data)} bytes; truncated or damaged")
+    raw = bytes(data[_BYTES_PREFIX.size:start])
+    _check_depth(raw, where)
     try:
-        header = json.loads(data[_BYTES_PREFIX.size:start].decode("utf-8"))
-        index = [(str(dt), int(n)) for dt, n in header.pop("buffers")]
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise PayloadError(f"{where}: payload header is not readable ({err}); upgrade weckd on both sides") from None
-    if any(dt not in DTYPES or n < 0 for dt, n in index) or start + sum(n for _, n in index) != len(data):
+        header = json.loads(raw.decode("utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an over-long integer literal
+        raise PayloadError(f"{where}: payload header is not readable ({shown(str(err), 120)}); "
+                           "upgrade weckd on both sides") from None
+    if type(header) is not dict:
+        raise PayloadError(f"{where}: payload header is a JSON {type(header).__name__}, not an object; "
+                           "is the peer running weckd?")
+    index = _buffer_index(header.pop("buffers", None), where)
+    _check_flat(header, where)
+    names = header.get("names")
+    n_tensors = len(names) if type(names) is list else 0
+    if head_len > _HEADER_BASE + _HEADER_PER_TENSOR * n_tensors:
+        raise PayloadSizeError(f"{where}: payload header of {head_len} bytes is too large for its {n_tensors} "
+                               f"tensor(s) (at most {_HEADER_BASE} + {_HEADER_PER_TENSOR} per tensor); refused")
+    if start + sum(n for _, n in index) != len(data):
         raise PayloadError(f"{where}: payload buffers do not add up to its {len(data)} bytes; truncated or damaged")
     buffers, pos = {}, start
     for dt, n in index:
@@ -282,3 +358,58 @@ def payload_from_bytes(data: bytes, where: str = "payload", max_bytes: int = MAX
         buffers[dt] = np.frombuffer(data, dtype=dt, count=n // np.dtype(dt).itemsize, offset=pos).copy()
         pos += n
     return header, buffers
+
+
+_CHEAP_OPENERS = 64
+_JSON_TOKENS = re.compile(rb'\\.|["\[\]{}]', re.S)  # an escape pair, a quote or a bracket
+
+
+def _check_depth(raw: bytes, where: str) -> None:
+    """Refuse JSON nested deeper than MAX_HEADER_DEPTH before the parser recurses into it (one linear scan).
+
+    Fast path: with at most _CHEAP_OPENERS brackets in all, the parser cannot recurse deeper than that;
+    :func:`_check_flat` and :func:`_buffer_index` then hold the parsed header to its real depth of 3."""
+    if raw.count(b"[") + raw.count(b"{") <= _CHEAP_OPENERS:
+        return
+    depth, in_string = 0, False
+    for match in _JSON_TOKENS.finditer(raw):
+        tok = match.group()
+        if tok == b'"':
+            in_string = not in_string
+        elif in_string or len(tok) == 2:
+            continue
+        elif tok in (b"[", b"{"):
+            depth += 1
+            if depth > MAX_HEADER_DEPTH:
+                raise PayloadError(f"{where}: payload header nests deeper than {MAX_HEADER_DEPTH} levels; "
+                                   "refused before parsing; is the peer running weckd?")
+        else:
+            depth -= 1
+
+
+_SCALARS = (str, int, float, bool)
+
+
+def _check_flat(header: dict[str, Any], where: str) -> None:
+    """Header values are scalars or flat lists of one scalar type (what a Flower ConfigRecord holds)."""
+    for key, value in header.items():
+        kind = type(value)
+        if kind is list and value:
+            kind = type(value[0])
+            flat = kind in _SCALARS and all(type(v) is kind for v in value)
+        else:
+            flat = kind is list or kind in _SCALARS
+        if not flat:
+            raise PayloadError(f"{where}: payload header field {shown(key, 60)} is not a scalar or a flat list; "
+                               "is the peer running weckd?")
+
+
+def _buffer_index(index: Any, where: str) -> list[tuple[str, int]]:
+    """The header's ``buffers`` entry: [[dtype, byte length], …], one per known dtype."""
+    if (type(index) is not list or len(index) > len(DTYPES)
+            or any(type(e) is not list or len(e) != 2 or type(e[0]) is not str or e[0] not in DTYPES
+                   or type(e[1]) is not int or e[1] < 0 for e in index)
+            or len({e[0] for e in index}) != len(index)):
+        raise PayloadError(f"{where}: payload header has no valid buffer index ([dtype, bytes] per dtype); "
+                           "upgrade weckd on both sides")
+    return [(e[0], e[1]) for e in index]

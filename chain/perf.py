@@ -25,6 +25,7 @@ import torch
 from .artifacts import write_json
 from .config import LinkSettings
 from .data import ImageSpec, SiteData, make_site, read_labelled, to_input
+from .files import atomic_write_text, private_dir
 from .link import train_link
 from .models import create_model, pick_device
 
@@ -177,8 +178,8 @@ def trainer_part(opts: PerfOptions) -> list[TargetCheck]:
     for r in rows:
         lines.append(f"| {r['arch']} | {r['image_size']} | {r['batch_size']} | {r['threads']} | "
                      f"{statistics.median(r['trainer']):.1f} | {statistics.median(r['bare']):.1f} | {r['ratio']:.3f} |")
-    opts.out.mkdir(parents=True, exist_ok=True)
+    private_dir(opts.out)
     write_json(opts.out / "trainer.json", {"device": str(device), "machine": machine_line(), "rows": rows})
-    (opts.out / "trainer.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    atomic_write_text(opts.out / "trainer.md", "\n".join(lines) + "\n")
     return [TargetCheck("trainer", f"{r['arch']} trainer / bare loop images/s", f"{r['ratio']:.3f}×", "≥ 0.95×",
                         r["ratio"] >= 0.95) for r in rows]

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,14 +20,17 @@ from typing import Any, Sequence
 import torch
 
 from . import __version__
-from .artifacts import CARD_FILE, image_spec_of_card, load_model_files
+from .artifacts import CARD_FILE, image_spec_of_card, load_weights, read_card
 from .cli import run_command, setup_logging
 from .data import IMAGE_SUFFIXES, MEAN, STD, ImageSpec, read_image
-from .errors import ConfigError, PayloadError, SiteDataError
+from .errors import ConfigError, PayloadError, SiteDataError, shown
+from .files import atomic_write_text
 from .link import model_from_state, predict_logits
 from .models import is_arch, pick_device
 
 log = logging.getLogger(__name__)
+
+MAX_IMAGE_SIZE = 4096  # the largest data.image_size a config accepts
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ def check_card(card: dict[str, Any], where: Path) -> ImageSpec:
     """The image spec of a model card, after checking every field this pipeline depends on."""
 
     def bad(field: str, found: Any, fix: str) -> PayloadError:
-        return PayloadError(f"{where}: {field} is {found!r}; {fix}")
+        return PayloadError(f"{where}: {field} is {shown(found)}; {fix}")
 
     version = card.get("weckd_version")
     if not isinstance(version, str) or not version:
@@ -75,9 +77,9 @@ def _check_input(shape: Any, bad: Any) -> None:
     if not isinstance(shape, dict):
         raise bad("input", shape, "expected {size, channels, layout, dtype}")
     size, channels = shape.get("size"), shape.get("channels")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise bad("input.size", size, "expected a positive integer")
-    if channels not in (1, 3):
+    if type(size) is not int or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise bad("input.size", size, f"expected an integer from 1 to {MAX_IMAGE_SIZE}")
+    if type(channels) is not int or channels not in (1, 3):
         raise bad("input.channels", channels, "expected 1 or 3")
     for field, expected in (("layout", "NCHW"), ("dtype", "float32")):
         if shape.get(field) != expected:
@@ -89,7 +91,7 @@ def _check_normalisation(norm: Any, bad: Any) -> None:
         raise bad("normalisation", norm, "expected {scale, mean, std}")
     for field, expected in (("scale", 1 / 255.0), ("mean", MEAN), ("std", STD)):
         value = norm.get(field)
-        if not isinstance(value, (int, float)) or not math.isclose(value, expected, rel_tol=1e-9):
+        if type(value) not in (int, float) or not math.isclose(value, expected, rel_tol=1e-9):
             raise bad(f"normalisation.{field}", value, f"this weckd normalises with {field}={expected}")
 
 
@@ -97,13 +99,9 @@ def load_predictor(model_dir: Path, device: torch.device) -> Predictor:
     """Load and check a model folder written by 'weckd chain' (model_card.json + model.safetensors)."""
     if not model_dir.is_dir():
         raise ConfigError(f"{model_dir}: model folder not found; pass RUN_DIR/model of a 'weckd chain' run")
-    try:
-        card, state = load_model_files(model_dir)
-    except OSError as err:
-        raise PayloadError(f"{model_dir}: cannot read the weights: {err}; copy the model folder again") from err
-    except (KeyError, TypeError) as err:
-        raise PayloadError(f"{model_dir / CARD_FILE}: weights entry missing ({err}); re-export the model") from err
-    spec = check_card(card, model_dir / CARD_FILE)
+    card = read_card(model_dir)
+    spec = check_card(card, model_dir / CARD_FILE)  # before the weights are read: a bad card reads nothing
+    state = load_weights(model_dir, card)
     model = model_from_state(card["arch"], state, spec, device)
     return Predictor(spec, model, device)
 
@@ -148,19 +146,14 @@ def predict_files(predictor: Predictor, files: Sequence[Path]) -> list[Predictio
 
 
 def write_csv(path: Path, predictions: Sequence[Prediction], classes: Sequence[str]) -> None:
-    """``path,predicted,p(class)…`` through a temporary file renamed into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["path", "predicted", *(f"p({c})" for c in classes)])
-            for p in predictions:
-                probs = [repr(x) for x in p.probs] if p.probs is not None else [""] * len(classes)
-                writer.writerow([str(p.path), p.predicted or "", *probs])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``path,predicted,p(class)…``, written atomically (0600: predictions are patient-level)."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "predicted", *(f"p({c})" for c in classes)])
+    for p in predictions:
+        probs = [repr(x) for x in p.probs] if p.probs is not None else [""] * len(classes)
+        writer.writerow([str(p.path), p.predicted or "", *probs])
+    atomic_write_text(path, text.getvalue())
 
 
 def format_line(p: Prediction, classes: Sequence[str]) -> str:

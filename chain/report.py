@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import argparse
 import html
+import io
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .errors import ConfigError
+from .files import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,9 @@ def _new_figure(name: str) -> Figure:
 
 def _save_figure(fig: Figure, path: Path) -> None:
     fig.tight_layout()
-    _write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=DPI)
+    atomic_write(path, png.getvalue())
 
 
 def plot_accuracy(run: RunResults) -> Path:
@@ -279,29 +281,13 @@ def render_html(run: RunResults) -> str:
 # ---------------------------------------------------------------- writing
 
 
-def _write_atomic(path: Path, write: Callable[[str], object]) -> None:
-    """Write through a temporary file beside ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
 def write_report(run_dir: Path) -> ReportFiles:
     """Write report.md, report.html and the three plots into ``run_dir``."""
     run = load_run(Path(run_dir))
     plots = [plot_accuracy(run), plot_losses(run), plot_confusion(run)]
     markdown, page = run.run_dir / "report.md", run.run_dir / "report.html"
-    _write_text(markdown, render_markdown(run))
-    _write_text(page, render_html(run))
+    atomic_write_text(markdown, render_markdown(run))
+    atomic_write_text(page, render_html(run))
     log.debug("report written: %s (%d plots)", markdown, len(plots))
     return ReportFiles(markdown, page, plots)
 

@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 T = TypeVar("T")
 
@@ -85,19 +85,19 @@ def _convert_plain(typ: Any, value: Any, key: str, origin: Origin) -> Any:
     base = typing.get_origin(typ)
     if typ is bool:
         if not isinstance(value, bool):
-            _fail(origin, key, f"expected true or false, got {_type_name(value)} {value!r}")
+            _fail(origin, key, f"expected true or false, got {_type_name(value)} {shown(value)}")
         return value
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            _fail(origin, key, f"expected an integer, got {_type_name(value)} {value!r}")
+            _fail(origin, key, f"expected an integer, got {_type_name(value)} {shown(value)}")
         return value
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            _fail(origin, key, f"expected a number, got {_type_name(value)} {value!r}")
+            _fail(origin, key, f"expected a number, got {_type_name(value)} {shown(value)}")
         return float(value)
     if typ is str:
         if not isinstance(value, str):
-            _fail(origin, key, f"expected a string, got {_type_name(value)} {value!r}")
+            _fail(origin, key, f"expected a string, got {_type_name(value)} {shown(value)}")
         return value
     if base is tuple:
         item = typing.get_args(typ)[0]
@@ -118,17 +118,17 @@ def _convert_plain(typ: Any, value: Any, key: str, origin: Origin) -> Any:
 def _check_range(value: Any, key: str, origin: Origin, meta: Any) -> None:
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = difflib.get_close_matches(str(value)[:200], [str(c) for c in choices], n=1)
         extra = f"; did you mean {hint[0]!r}?" if hint else ""
-        _fail(origin, key, f"{value!r} is not one of {', '.join(map(str, choices))}{extra}")
+        _fail(origin, key, f"{shown(value)} is not one of {', '.join(map(str, choices))}{extra}")
     if "min" in meta and value < meta["min"]:
-        _fail(origin, key, f"{value!r} is below the minimum {meta['min']}")
+        _fail(origin, key, f"{shown(value)} is below the minimum {meta['min']}")
     if "max" in meta and value > meta["max"]:
-        _fail(origin, key, f"{value!r} is above the maximum {meta['max']}")
+        _fail(origin, key, f"{shown(value)} is above the maximum {meta['max']}")
     if "gt" in meta and not value > meta["gt"]:
-        _fail(origin, key, f"{value!r} must be greater than {meta['gt']}")
+        _fail(origin, key, f"{shown(value)} must be greater than {meta['gt']}")
     if "lt" in meta and not value < meta["lt"]:
-        _fail(origin, key, f"{value!r} must be less than {meta['lt']}")
+        _fail(origin, key, f"{shown(value)} must be less than {meta['lt']}")
 
 
 def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
@@ -140,9 +140,9 @@ def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
 
 
 def _unknown_key(key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
+    close = difflib.get_close_matches(key[:200], allowed, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f" (allowed: {', '.join(allowed)})"
-    return f"unknown key {key!r}{hint}"
+    return f"unknown key {shown(key)}{hint}"
 
 
 def _type_name(value: Any) -> str:
@@ -155,6 +155,10 @@ def _hint_name(typ: Any) -> str:
     return getattr(typ, "__name__", str(typ))
 
 
+MAX_MESSAGE_CHARS = 1000  # an error line quotes user content (keys, values): it stays one readable line
+
+
 def _fail(origin: Origin, key: str, message: str) -> typing.NoReturn:
     location = f"{origin.source}: {key}: " if key else f"{origin.source}: "
-    raise ConfigError(location + message)
+    text = location + message
+    raise ConfigError(text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "...")

@@ -5,15 +5,21 @@
   arguments ``weckd.chain.runner.run_chain`` uses → the student's payload and metrics;
 * ``evaluate``: a received model on the site's local validation split.
 
+Every request is first admitted (``weckd.client.admit``: strict decoding, the site's own policy and
+run state), then its payload is opened under the sender the site itself derived; a refusal is one
+line in the site's log, one line in its audit log (``<state_dir>/audit.log``) and a count in
+``weckd_site_requests_refused_total{reason}``, and the coordinator gets the reason code only.
+
 The decoded site data is cached per site config path in :data:`_DATA` for the life of the process:
 ``weckd-client`` runs one warm executor per site, so data is read once and not per message. This is
 the only module-level cache in weckd and it lives only in ``weckd.client``.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -21,12 +27,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from weckd.chain import __version__
 from weckd.chain.artifacts import ModelCard, save_model
-from weckd.chain.config import link_from_mapping
-from weckd.chain.errors import LinkError
+from weckd.chain.audit import AUDIT_FILE, AuditLog
+from weckd.chain.errors import LinkError, PayloadError, SecurityError
+from weckd.chain.files import check_run_id, inside, private_dir
 from weckd.chain.link import LinkResult, Teacher, evaluate, model_from_state, train_link
 from weckd.chain.models import pick_device
 from weckd.chain.payload import (
     KEY_CONFIG,
+    KEY_HEADER,
     KEY_INFO,
     KEY_LINK,
     KEY_METRICS,
@@ -43,11 +51,14 @@ from weckd.chain.payload import (
     payload_from_bytes,
 )
 from weckd.chain.peers import Party, load_party
+from weckd.chain.protocol import EvaluateRequest, Reason, Refused, reason_of
 from weckd.chain.seal import SealError
 
+from .admit import admit_evaluate, admit_train, check_model_arch
 from .linkstore import LinkOutput, LinkStore, link_key
 from .metrics import SiteStatus, status_path
 from .records import config_dict, payload_records_from_bytes, read_payload
+from .runstate import RunState
 from .site import LocalData, SiteConfig, load_local_data, load_site_config
 
 log = logging.getLogger(__name__)
@@ -95,16 +106,54 @@ def _device(cfg: SiteConfig) -> torch.device:
     return pick_device(cfg.runtime.device)
 
 
+def _guarded(kind: str, site: Site, msg: Message, work: Callable[[SiteStatus, AuditLog], Message]) -> Message:
+    """Run one request; a refusal is logged as one line, audited and counted by reason, then re-raised (the
+    executor answers the coordinator with the reason code only)."""
+    status = SiteStatus(status_path(site.cfg.state_dir))  # weckd.client.metrics: read by weckd-client's /metrics
+    audit = AuditLog(Path(site.cfg.state_dir) / AUDIT_FILE)
+    try:
+        return work(status, audit)
+    except (PayloadError, SecurityError) as err:
+        reason = reason_of(err)
+        log.warning("site %s refused a %s request (%s): %s", site.cfg.site, kind, reason.value, err)
+        status.request_refused(reason.value)
+        _audit_refusal(audit, kind, msg, reason)
+        raise
+
+
+def _audit_refusal(audit: AuditLog, kind: str, msg: Message, reason: Reason) -> None:
+    config = msg.content.config_records.get(KEY_CONFIG, {})
+    run, link = config.get("run-id", ""), config.get("link")
+    audit.append(kind, run=run[:64] if isinstance(run, str) else "", link=link if type(link) is int else None,
+                 decision="refused", reason=reason.value, flower_run=int(msg.metadata.run_id))
+
+
+def refuse_bundle(context: Context, msg: Message, err: Refused) -> None:
+    """The executor refused the run's bundle: the same one line, audit line and count as any refusal."""
+    site = site_data(context)
+    _guarded(msg.metadata.message_type, site, msg, lambda *_: (_ for _ in ()).throw(err))
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    cfg, data, party = site_data(context)
-    info = ConfigRecord({"site-id": cfg.site, "weckd-version": __version__, "classes": list(data.spec.classes),
-                         "image-size": data.spec.size, "channels": data.spec.channels,
-                         "proxy-sha256": data.proxy_sha256, "sealing": party.fingerprint if party else ""})
-    counts = MetricRecord({"train": len(data.site.train), "val": len(data.site.val),
-                           "unlabelled": len(data.site.unlabelled) if data.site.unlabelled is not None else 0,
-                           "proxy": len(data.proxy) if data.proxy is not None else 0})
-    return Message(RecordDict({KEY_INFO: info, KEY_METRICS: counts}), reply_to=msg)
+    site = site_data(context)
+    cfg, data, party = site
+
+    def work(status: SiteStatus, audit: AuditLog) -> Message:
+        info = ConfigRecord({"site-id": cfg.site, "weckd-version": __version__, "classes": list(data.spec.classes),
+                             "image-size": data.spec.size, "channels": data.spec.channels,
+                             "proxy-sha256": data.proxy_sha256, "sealing": party.fingerprint if party else ""})
+        counts = MetricRecord({"train": len(data.site.train), "val": len(data.site.val),
+                               "unlabelled": len(data.site.unlabelled) if data.site.unlabelled is not None else 0,
+                               "proxy": len(data.proxy) if data.proxy is not None else 0})
+        audit.append("query", decision="accepted", flower_run=int(msg.metadata.run_id))
+        return Message(RecordDict({KEY_INFO: info, KEY_METRICS: counts}), reply_to=msg)
+
+    return _guarded("query", site, msg, work)
+
+
+def has_payload(content: RecordDict) -> bool:
+    return KEY_SEALED in content.array_records or KEY_HEADER in content.config_records
 
 
 def receive(content: RecordDict, party: Party | None, kind: str, sender: str, run_id: str, link: int,
@@ -113,8 +162,12 @@ def receive(content: RecordDict, party: Party | None, kind: str, sender: str, ru
     link); None when it carries none. A sealed site refuses unsealed payloads and the reverse."""
     if KEY_SEALED in content.array_records:
         if party is None:
-            raise LinkError(f"{where}: a sealed payload arrived but this site has no sealing: section; add its keys")
-        blob = content.array_records[KEY_SEALED][SEALED_ENTRY].numpy().tobytes()
+            raise Refused(Reason.BAD_REQUEST, f"{where}: a sealed payload arrived but this site has no sealing: "
+                          "section; add its keys")
+        record = content.array_records[KEY_SEALED]
+        if list(record.keys()) != [SEALED_ENTRY]:
+            raise SealError("malformed", f"{where}: the sealed record must hold exactly one {SEALED_ENTRY!r} entry")
+        blob = record[SEALED_ENTRY].numpy().tobytes()
         opened = party.open_from(blob, sender=sender, run_id=run_id, link=link, kind=kind)
         header, arrays = payload_from_bytes(opened, where, party.max_bytes)
         return Received(header, arrays, blob)
@@ -141,38 +194,51 @@ def _teacher(received: Received | None, data: LocalData, link: int, mode: str, w
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, data, party = site_data(context)
-    run = config_dict(msg.content, KEY_CONFIG, f"site {cfg.site}")
-    link, n_links, mode = int(run["link"]), int(run["n-links"]), str(run["mode"])
+    site = site_data(context)
+    return _guarded("train", site, msg, lambda status, audit: _train(site, msg, status, audit))
+
+
+def _train(site: Site, msg: Message, status: SiteStatus, audit: AuditLog) -> Message:
+    cfg, data, party = site
+    runs = RunState(cfg.state_dir, cfg.policy)
+    ok = admit_train(cfg, data, party, runs, config_dict(msg.content, KEY_CONFIG, f"site {cfg.site}"),
+                     config_dict(msg.content, KEY_LINK, f"site {cfg.site}"), has_payload(msg.content))
+    req, link = ok.req, ok.req.link
     where = f"site {cfg.site} link {link + 1}"
-    link_cfg = config_dict(msg.content, KEY_LINK, where)
-    settings = link_from_mapping(link_cfg, source=where)
-    status = SiteStatus(status_path(cfg.state_dir))  # weckd.client.metrics: read by weckd-client's /metrics
-    schedule = [str(s) for s in run.get("schedule", [])]
-    sender = schedule[link - 1] if 0 < link <= len(schedule) else ""
-    received = status.checked(lambda: receive(msg.content, party, mode, sender, str(run.get("run-id", "")),
-                                              link - 1, where))
+    received = status.checked(lambda: receive(msg.content, party, req.mode, ok.sender, req.run_id, link - 1, where))
+    teacher = status.checked(lambda: _teacher(received, data, link, req.mode, where))
+    if teacher is not None:
+        check_model_arch(cfg, teacher.arch, where)
+    runs.commit(req.run_id, ok.record, link, req.schedule, trained=True)
+    teacher_sha = hashlib.sha256(received.raw).hexdigest() if received is not None else ""
+    audit.append("train", run=req.run_id, link=link, decision="accepted", sender=ok.sender,
+                 payload_sha256=teacher_sha, signer=ok.sender if party is not None and received is not None else "",
+                 arch=ok.settings.arch, epochs=ok.settings.epochs)
     store = LinkStore(cfg.state_dir)
-    key = link_key(run, link_cfg, received.raw if received is not None else b"")
+    key = link_key(req.to_config(), ok.link_config, received.raw if received is not None else b"")
     out = store.get(key)
     if out is not None:
-        log.info("%s: this link of run %s was trained here already; sending the stored result", where,
-                 run.get("run-id"))
+        log.info("%s: this link of run %s was trained here already; sending the stored result", where, req.run_id)
     else:
-        log.info("%s: training (teacher %s)", where, f"from site {sender}" if received is not None else "none")
-        teacher = status.checked(lambda: _teacher(received, data, link, mode, where))
-        with status.activity("training", link + 1, settings.epochs):
-            result = train_link(settings, data.site, data.spec, seed=int(run["seed"]), device=_device(cfg),
-                                teacher=teacher, proxy=data.proxy if mode == "logits" else None,
-                                augment_images=bool(run["augment"]), label=f"link {link + 1}/{n_links} site {cfg.site}",
+        log.info("%s: training (teacher %s)", where, f"from site {ok.sender}" if received is not None else "none")
+        with status.activity("training", link + 1, ok.settings.epochs):
+            result = train_link(ok.settings, data.site, data.spec, seed=req.seed, device=_device(cfg),
+                                teacher=teacher, proxy=data.proxy if req.mode == "logits" else None,
+                                augment_images=req.augment, label=f"link {link + 1}/{req.n_links} site {cfg.site}",
                                 on_epoch=status.on_epoch)
-        out = link_output(result, mode, link, bool(run["deliver"]), str(run["wire-dtype"]), cfg.site, where)
+        out = link_output(result, req.mode, link, req.deliver, req.wire_dtype, cfg.site, where)
         store.put(key, out)
+        if result.privacy is not None:
+            runs.spend(ok.record, float(dict(result.privacy)["epsilon"]))
     records: dict[str, Any] = {KEY_METRICS: MetricRecord(out.metrics), KEY_INFO: ConfigRecord(out.info)}
     if party is not None:
-        records[KEY_SEALED] = _sealed(out, party, str(run["run-id"]), link, str(run.get("seal-for", "")))
+        records[KEY_SEALED] = _sealed(out, party, req.run_id, link, req.seal_for)
     else:
-        records.update(_plain(out, mode))
+        records.update(_plain(out, req.mode))
+    audit.append("train-reply", run=req.run_id, link=link, decision="sent",
+                 sent_to=[f"{k}:{r}" for k, r in req.seal_for] if party is not None else ["coordinator"],
+                 payload_sha256={k: hashlib.sha256(v).hexdigest() for k, v in out.payloads.items()},
+                 epsilon=float(out.metrics.get("privacy-epsilon", 0.0)))
     return Message(RecordDict(records), reply_to=msg)
 
 
@@ -190,15 +256,16 @@ def link_output(result: LinkResult, mode: str, link: int, deliver: bool, wire_dt
     return LinkOutput(payloads, link_metrics(result), {"site-id": site, "arch": result.arch, "init": result.init})
 
 
-def _sealed(out: LinkOutput, party: Party, run_id: str, link: int, seal_for: str) -> ArrayRecord:
-    """One sealed blob per ``kind:recipient`` the coordinator asked for."""
+def _sealed(out: LinkOutput, party: Party, run_id: str, link: int, seal_for: tuple[tuple[str, str], ...]
+            ) -> ArrayRecord:
+    """One sealed blob per ``kind:recipient`` the coordinator asked for (checked against the policy)."""
     blobs = {}
-    for item in filter(None, seal_for.split(",")):
-        kind, _, recipient = item.partition(":")
+    for kind, recipient in seal_for:
         if kind not in out.payloads:
-            raise LinkError(f"site {party.name} link {link + 1}: asked to seal a {kind!r} payload it does not have")
+            raise Refused(Reason.BAD_REQUEST, f"site {party.name} link {link + 1}: asked to seal a {kind!r} payload "
+                          "it does not have")
         blob = party.seal_for(recipient, out.payloads[kind], run_id=run_id, link=link, kind=kind)
-        blobs[item] = Array(np.frombuffer(blob, dtype=np.uint8))
+        blobs[f"{kind}:{recipient}"] = Array(np.frombuffer(blob, dtype=np.uint8))
     return ArrayRecord(blobs)
 
 
@@ -228,34 +295,45 @@ def link_metrics(result: LinkResult) -> dict[str, Any]:
 
 @app.evaluate()
 def evaluate_model(msg: Message, context: Context) -> Message:
-    cfg, data, party = site_data(context)
-    run = config_dict(msg.content, KEY_CONFIG, f"site {cfg.site}")
-    link = int(run["link"])
+    site = site_data(context)
+    return _guarded("evaluate", site, msg, lambda status, audit: _evaluate(site, msg, status, audit))
+
+
+def _evaluate(site: Site, msg: Message, status: SiteStatus, audit: AuditLog) -> Message:
+    cfg, data, party = site
+    runs = RunState(cfg.state_dir, cfg.policy)
+    ok = admit_evaluate(cfg, party, runs, config_dict(msg.content, KEY_CONFIG, f"site {cfg.site}"))
+    req, link = ok.req, ok.req.link
     where = f"site {cfg.site} evaluate link {link + 1}"
-    status = SiteStatus(status_path(cfg.state_dir))
-    received = status.checked(lambda: receive(msg.content, party, "weights", str(run.get("sender", "")),
-                                              str(run.get("run-id", "")), link, where))
+    received = status.checked(lambda: receive(msg.content, party, "weights", req.sender, req.run_id, link, where))
     if received is None:
-        raise LinkError(f"{where}: evaluate message carries no model")
+        raise Refused(Reason.BAD_REQUEST, f"{where}: evaluate message carries no model")
     decoded = status.checked(lambda: decode_state(received.header, received.arrays, link=link, where=where))
     assert decoded is not None
     arch, state = decoded
+    check_model_arch(cfg, arch, where)
+    runs.commit(req.run_id, ok.record, link, req.schedule, evaluated=True)
+    audit.append("evaluate", run=req.run_id, link=link, decision="accepted", sender=req.sender,
+                 payload_sha256=hashlib.sha256(received.raw).hexdigest(),
+                 signer=req.sender if party is not None else "", deliver=req.deliver)
     device = _device(cfg)
     with status.activity("evaluating", link + 1):
         model = model_from_state(arch, state, data.spec, device)
         ev = evaluate(model, data.site.val, len(data.spec.classes), device)
-    if bool(run.get("deliver", False)):
-        keep_delivered(cfg, data, arch, state, run)
+    if req.deliver:
+        keep_delivered(cfg, data, arch, state, req)
     metrics = MetricRecord({"accuracy": ev.accuracy, "n": ev.n, "recall": [float(r) for r in ev.recall],
                             "confusion": [int(c) for row in ev.confusion for c in row]})
+    audit.append("evaluate-reply", run=req.run_id, link=link, decision="sent", sent_to=["coordinator"],
+                 n=int(ev.n))
     return Message(RecordDict({KEY_METRICS: metrics, KEY_INFO: ConfigRecord({"site-id": cfg.site})}), reply_to=msg)
 
 
 def keep_delivered(cfg: SiteConfig, data: LocalData, arch: str, state: dict[str, torch.Tensor],
-                   run: Mapping[str, Any]) -> None:
+                   req: EvaluateRequest) -> None:
     """Store the chain's final model delivered to this site (safetensors + model card) in its state dir."""
-    out = Path(cfg.state_dir) / "delivered" / str(run.get("run-id", "run")) / "model"
-    provenance = {"federated": True, "run_id": str(run.get("run-id", "")), "link": int(run["link"]) + 1,
-                  "from_site": str(run.get("sender", "")), "received_by": cfg.site}
+    out = inside(private_dir(Path(cfg.state_dir) / "delivered"), check_run_id(req.run_id), "model")
+    provenance = {"federated": True, "run_id": req.run_id, "link": req.link + 1, "from_site": req.sender,
+                  "received_by": cfg.site}
     save_model(out, state, ModelCard(arch, list(data.spec.classes), data.spec.size, data.spec.channels, provenance))
-    log.info("site %s: final model of run %s stored in %s", cfg.site, run.get("run-id"), out)
+    log.info("site %s: final model of run %s stored in %s", cfg.site, req.run_id, out)

@@ -3,12 +3,18 @@
 Validates the config and reads the local data first (a clear one-line error before connecting),
 then starts the SuperNode (gRPC + TLS with the pinned CA, the site's auth key, ``--isolation
 process``, Fleet poll capped) and the site's warm ClientApp executor, and supervises both until
-Ctrl-C/SIGTERM or until one of them exits.
+Ctrl-C/SIGTERM or until one of them exits. There is no plaintext mode: TLS and the auth key are always on.
+
+The SuperNode's local Runtime (ClientAppIo) API listens on 127.0.0.1 only, and its task-handing calls
+(AcquireTask, …) require an HMAC made with a secret that only this site's processes can read
+(``<state_dir>/flwr-supernode/superexec.secret``, 0600, new at every start): another local user who
+reaches the port cannot take the site's tasks. See docs/ports.md.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -16,6 +22,7 @@ from typing import Sequence
 
 from weckd.chain.cli import run_command, setup_logging
 from weckd.chain.errors import ConfigError, WeckdError
+from weckd.chain.files import atomic_write, atomic_write_text, private_dir
 from weckd.chain.peers import load_party
 
 from .fastflower import check_internals
@@ -28,6 +35,7 @@ log = logging.getLogger(__name__)
 SUPERVISE_POLL_S = 0.5
 REJOIN_EVERY_S = 5.0
 ADMITTED_FILE = "admitted"  # written once the coordinator admitted this site's SuperNode
+SECRET_FILE = "superexec.secret"  # HMAC secret shared by the SuperNode and the executor (see the docstring)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,7 +43,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="weckd-client", description=main.__doc__)
     parser.add_argument("--site", required=True, help="this site's name (as registered at the coordinator)")
     parser.add_argument("-c", "--config", required=True, help="site YAML")
-    parser.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)  # tests: must be refused
     parser.add_argument("--check", action="store_true", help="validate config and data, then exit")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -47,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     cfg = load_site_config(args.config, args.site)
     for key, path in (("ca", cfg.ca), ("auth_key", cfg.auth_key)):
-        if not args.insecure and not Path(path).is_file():
+        if not Path(path).is_file():
             raise ConfigError(f"{cfg.source}: {key}: {path}: file not found; copy it from the coordinator "
                               "or create it with 'weckd certs'")
     if cfg.sealing is not None:  # a bad key file is a one-line config error before connecting
@@ -69,41 +76,52 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         node_log = group.log_dir / f"supernode-{cfg.site}.log"
         offset = node_log.stat().st_size if node_log.is_file() else 0  # the log is appended across restarts
-        _start(cfg, group, state, args.insecure)
-        return _supervise(group, cfg, metrics, offset, args.insecure)
+        secret = write_superexec_secret(state / "flwr-supernode")
+        _start(cfg, group, state, secret)
+        return _supervise(group, cfg, metrics, offset, secret)
     finally:
         metrics.close()
         group.stop_all()
         log.info("site %s stopped", cfg.site)
 
 
-def _supernode_cmd(cfg: SiteConfig, insecure: bool) -> list[str]:
+def write_superexec_secret(folder: Path) -> Path:
+    """A fresh random secret in ``folder/superexec.secret`` (0600, folder 0700), for the SuperNode's
+    ``--superexec-auth-secret-file`` and the executor; a previous start's secret is replaced."""
+    path = private_dir(folder) / SECRET_FILE
+    atomic_write(path, secrets.token_bytes(32), 0o600)
+    return path
+
+
+def supernode_cmd(cfg: SiteConfig, secret: Path) -> list[str]:
+    """``flower-supernode`` (poll-capped) for this site: TLS with the pinned CA, the auth key, and every
+    local listener given explicitly on 127.0.0.1 (Runtime/ClientAppIo API; no health server)."""
     source = str(Path(cfg.source).resolve())
-    cmd = [sys.executable, "-m", "weckd.client.supernode", "--grpc-rere", "--superlink", cfg.superlink,
-           "--node-config", f"site-id={cfg.site!r} site-config={source!r}",
-           "--isolation", "process", "--host", "127.0.0.1", "--port", str(cfg.clientappio_port),
-           "--max-wait-time", str(cfg.max_wait)]
-    if insecure:
-        return [*cmd, "--insecure"]
-    return [*cmd, "--root-certificates", cfg.ca, "--auth-supernode-private-key", cfg.auth_key]
+    return [sys.executable, "-m", "weckd.client.supernode", "--grpc-rere", "--superlink", cfg.superlink,
+            "--root-certificates", cfg.ca, "--auth-supernode-private-key", cfg.auth_key,
+            "--node-config", f"site-id={cfg.site!r} site-config={source!r}",
+            "--isolation", "process", "--host", "127.0.0.1", "--port", str(cfg.clientappio_port),
+            "--superexec-auth-secret-file", str(secret), "--max-wait-time", str(cfg.max_wait)]
 
 
-def _start(cfg: SiteConfig, group: Group, state: Path, insecure: bool) -> None:
-    env = flower_env(state / "flwr-supernode")
-    _start_supernode(cfg, group, state, insecure)
-    group.start(f"executor-{cfg.site}", [sys.executable, "-m", "weckd.client.executor", "--clientappio",
-                                         f"127.0.0.1:{cfg.clientappio_port}",
-                                         "--site-config", str(Path(cfg.source).resolve())], env)
-    log.info("site %s: SuperNode connecting to %s (TLS%s), executor warm", cfg.site, cfg.superlink,
-             " OFF" if insecure else ", pinned CA, auth key")
+def executor_cmd(cfg: SiteConfig, secret: Path) -> list[str]:
+    return [sys.executable, "-m", "weckd.client.executor", "--clientappio", f"127.0.0.1:{cfg.clientappio_port}",
+            "--superexec-auth-secret-file", str(secret), "--site-config", str(Path(cfg.source).resolve())]
 
 
-def _start_supernode(cfg: SiteConfig, group: Group, state: Path, insecure: bool) -> None:
-    node = group.start(f"supernode-{cfg.site}", _supernode_cmd(cfg, insecure), flower_env(state / "flwr-supernode"))
+def _start(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
+    _start_supernode(cfg, group, state, secret)
+    group.start(f"executor-{cfg.site}", executor_cmd(cfg, secret), flower_env(state / "flwr-supernode"))
+    log.info("site %s: SuperNode connecting to %s (TLS, pinned CA, auth key), executor warm", cfg.site,
+             cfg.superlink)
+
+
+def _start_supernode(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
+    node = group.start(f"supernode-{cfg.site}", supernode_cmd(cfg, secret), flower_env(state / "flwr-supernode"))
     wait_port("127.0.0.1", cfg.clientappio_port, 60.0, node, f"SuperNode of site {cfg.site}")
 
 
-def _supervise(group: Group, cfg: SiteConfig, metrics: SiteMetrics, offset: int, insecure: bool = False) -> int:
+def _supervise(group: Group, cfg: SiteConfig, metrics: SiteMetrics, offset: int, secret: Path) -> int:
     """Watch the SuperNode and the executor; report when the coordinator admits the site.
 
     A site the coordinator admitted before (``<state_dir>/admitted``) that loses its SuperNode — the
@@ -130,7 +148,7 @@ def _supervise(group: Group, cfg: SiteConfig, metrics: SiteMetrics, offset: int,
                     group.procs = [(n, p) for n, p in group.procs if n != name]
                     time.sleep(REJOIN_EVERY_S)
                     offset = node_log.stat().st_size if node_log.is_file() else 0
-                    _start_supernode(cfg, group, state, insecure)
+                    _start_supernode(cfg, group, state, secret)
                     continue
             raise WeckdError(f"site {cfg.site}: {name} exited with code {code}; see "
                              f"{group.log_dir / (name + '.log')} (refused by the coordinator? wrong CA or "
@@ -139,7 +157,7 @@ def _supervise(group: Group, cfg: SiteConfig, metrics: SiteMetrics, offset: int,
             node = admitted_node(node_log, offset)
             if node:
                 connected, deadline = True, None
-                admitted.write_text(f"{node}\n", encoding="utf-8")
+                atomic_write_text(admitted, f"{node}\n")
                 metrics.set_connected(True)
                 log.info("site %s: connected to the coordinator at %s (TLS, auth key accepted; node id %s)",
                          cfg.site, cfg.superlink, node)

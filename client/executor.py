@@ -3,10 +3,16 @@
 Flower's own executor starts a new ``flwr-clientapp`` process for every message, which imports
 torch and re-reads the site's data each time (~3 s a link). This process imports torch and the
 weckd ClientApp once, polls the SuperNode's ClientAppIo API for tasks and runs each one in-process
-with the same helpers as ``flwr/supernode/runtime/run_clientapp.py`` (minus its per-process exit).
+with the same helpers as ``flwr/supernode/runtime/run_clientapp.py`` (minus its per-process exit, and
+minus installing the run's app bundle: the site checks the bundle and runs its own ClientApp).
 The decoded site data stays cached between tasks (see ``weckd.client.app``).
 
-``python -m weckd.client.executor --clientappio 127.0.0.1:PORT`` (started by ``weckd-client``).
+The SuperNode is started with ``--superexec-auth-secret-file``, so its task-handing calls
+(AcquireTask, PullPendingTasks, ClaimTask) must carry Flower's SuperExec HMAC headers made with the same
+secret; every other call is bound to one task by the task token AcquireTask returned.
+
+``python -m weckd.client.executor --clientappio 127.0.0.1:PORT --superexec-auth-secret-file FILE`` (started
+by ``weckd-client``).
 """
 from __future__ import annotations
 
@@ -19,18 +25,21 @@ from typing import Any, Sequence
 
 from flwr.app import Message
 from flwr.app.error import Error
-from flwr.cli.install import install_from_fab
-from flwr.clientapp.client_app import ClientApp, LoadClientAppError
-from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.auth import load_superexec_auth_secret
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
-from weckd.chain.errors import SecurityError
+from weckd.chain.appbundle import check_bundle
+from weckd.chain.protocol import Reason, Refused, error_text, reason_of
 
 from .fastflower import fast_pull
 
@@ -38,12 +47,19 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.05
 RETRY_S = 0.5
+# The SuperNode's Runtime API calls that hand out tasks; signed with the shared secret (as Flower's SuperExec does).
+SUPEREXEC_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
+                               "/flwr.proto.Runtime/ClaimTask"})
 
 
-def _client(address: str, token: str | None) -> RuntimeHttpClient:
+def _client(address: str, token: str | None, secret: bytes | None = None) -> RuntimeHttpClient:
+    """A client of the SuperNode's loopback Runtime API: the executor's own (signed with ``secret``), or one
+    task's (authenticated by its ``token``)."""
     interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
     if token:
         interceptors.append(RuntimeTokenHttpInterceptor(token))
+    if secret:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=SUPEREXEC_METHODS))
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,  # loopback ClientAppIo only
         interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker(),
@@ -51,7 +67,12 @@ def _client(address: str, token: str | None) -> RuntimeHttpClient:
 
 
 def run_task(address: str, token: str) -> None:
-    """Pull one task's message, run the ClientApp in this process, push its reply and status."""
+    """Pull one task's message, check its run's bundle, run weckd's own ClientApp here, push the reply.
+
+    The bundle is checked (``chain.appbundle``) and never installed or imported: the site runs only
+    the weckd installed on it. A failure goes back as a reason code and that reason's fixed text
+    (``chain.protocol.error_text``); the details stay in this site's log.
+    """
     client = _client(address, token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     heartbeat.start()
@@ -59,19 +80,24 @@ def run_task(address: str, token: str) -> None:
     sub_status, details = SubStatus.FAILED, "unknown"
     try:
         message, context, run, fab = pull_task_input(client)
-        install_from_fab(fab.content, skip_prompt=True)
-        load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
-        app: ClientApp = load(run.fab_id, run.fab_version, fab.hash_str)
+        from weckd.client.app import app, refuse_bundle
+
+        try:
+            check_bundle(fab.content, run.fab_id, run.fab_version, "run bundle")
+        except Refused as err:
+            refuse_bundle(context, message, err)
+            raise
         reply = app(message=message, context=context)
         sub_status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # a task failure is reported to the coordinator, the executor lives on
-        code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) \
-            else ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-        reason = getattr(ex, "reason", "") if isinstance(ex, SecurityError) else ""
-        details = f"SealError[{reason}]: {ex}" if reason else f"{type(ex).__name__}: {ex}"
-        log.exception("task failed: %s", details)
+        reason = reason_of(ex)
+        details = error_text(reason)
+        if reason is Reason.INTERNAL:
+            log.exception("task failed: %s: %s", type(ex).__name__, ex)
+        else:
+            log.warning("request refused (%s): %s", reason.value, ex)
         if message is not None:
-            reply = Message(Error(code=code, reason=details), reply_to=message)
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
     finally:
         try:
             if reply is not None and context is not None:
@@ -82,9 +108,9 @@ def run_task(address: str, token: str) -> None:
             client.close()
 
 
-def serve(address: str) -> None:
+def serve(address: str, secret: bytes) -> None:
     """Poll for ClientApp tasks forever (until SIGTERM)."""
-    client = _client(address, None)
+    client = _client(address, None, secret)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     while True:
         try:
@@ -102,8 +128,12 @@ def serve(address: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weckd.client.executor")
     parser.add_argument("--clientappio", required=True, help="the SuperNode's ClientAppIo address")
+    parser.add_argument("--superexec-auth-secret-file", required=True,
+                        help="the secret the SuperNode was started with (--superexec-auth-secret-file)")
     parser.add_argument("--site-config", help="read and cache this site's data before serving")
     args = parser.parse_args(argv)
+    secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
+    assert secret is not None  # the flag is required
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "alembic"):  # one line per 50 ms poll otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -116,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm_site_data(args.site_config)
 
     log.info("executor ready (pid %d, warm-up %.1fs)", os.getpid(), time.perf_counter() - t0)
-    serve(args.clientappio)
+    serve(args.clientappio, secret)
     return 0
 
 

@@ -12,15 +12,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from weckd.chain.artifacts import staged_dir
+from weckd.chain.files import atomic_write, atomic_write_text, inside, staged_dir
+from weckd.chain.payload import KINDS, MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
 FOLDER = "last-link"
+MAX_META_BYTES = 1 << 20  # 1 MiB: a record is ~2 KB of metrics
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SCALARS = (str, int, float, bool)
 
 
 @dataclass(frozen=True)
@@ -47,23 +54,75 @@ class LinkStore:
         self.dir = Path(state_dir) / FOLDER
 
     def get(self, key: str) -> LinkOutput | None:
-        try:
-            meta = json.loads((self.dir / "meta.json").read_text(encoding="utf-8"))
-            if meta["key"] != key:
+        """The stored link if it answers ``key``, else None. The store is only a cache: a damaged one
+        (unreadable or malformed record, a payload missing, over size or off its checksum) is ignored
+        with one warning and the link is trained anew."""
+        meta = self._read_meta()
+        if meta is None or meta["key"] != key:
+            return None
+        payloads: dict[str, bytes] = {}
+        for kind in meta["kinds"]:
+            data = _read_capped(self.dir / f"{kind}.bin", MAX_PAYLOAD_BYTES + MAX_HEADER_BYTES)
+            if data is None or hashlib.sha256(data).hexdigest() != meta["sha256"][kind]:
+                log.warning("%s: stored link does not match its checksums; training again", self.dir)
                 return None
-            payloads = {kind: (self.dir / f"{kind}.bin").read_bytes() for kind in meta["kinds"]}
-        except (OSError, ValueError, KeyError):
-            return None
-        if any(hashlib.sha256(payloads[k]).hexdigest() != h for k, h in meta["sha256"].items()):
-            log.warning("%s: stored link does not match its checksums; training again", self.dir)
-            return None
+            payloads[kind] = data
         return LinkOutput(payloads, meta["metrics"], meta["info"])
+
+    def _read_meta(self) -> dict[str, Any] | None:
+        path = self.dir / "meta.json"
+        if not path.exists():
+            return None  # nothing stored: the usual case
+        raw = _read_capped(path, MAX_META_BYTES)
+        try:
+            meta = json.loads(raw.decode("utf-8")) if raw is not None else None
+        except (ValueError, RecursionError):
+            meta = None
+        if not _valid_meta(meta):
+            log.warning("%s: stored link record is unreadable or malformed; ignoring it and training again", path)
+            return None
+        return meta
 
     def put(self, key: str, out: LinkOutput) -> None:
         """Replace the stored link whole (staged beside it, then renamed into place)."""
         with staged_dir(self.dir) as stage:
             for kind, data in out.payloads.items():
-                (stage / f"{kind}.bin").write_bytes(data)
+                atomic_write(inside(stage, f"{kind}.bin"), data)
             meta = {"key": key, "kinds": list(out.payloads), "metrics": out.metrics, "info": out.info,
                     "sha256": {k: hashlib.sha256(d).hexdigest() for k, d in out.payloads.items()}}
-            (stage / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
+            atomic_write_text(stage / "meta.json", json.dumps(meta))
+
+
+def _valid_meta(meta: Any) -> bool:
+    """A record as :meth:`LinkStore.put` writes it: a checksum for every payload kind it lists."""
+    if type(meta) is not dict or type(meta.get("key")) is not str:
+        return False
+    kinds, sums = meta.get("kinds"), meta.get("sha256")
+    if type(kinds) is not list or not kinds or len(set(kinds)) != len(kinds) or not set(kinds) <= set(KINDS):
+        return False
+    if type(sums) is not dict or set(sums) != set(kinds):
+        return False
+    if not all(type(h) is str and _SHA256.fullmatch(h) for h in sums.values()):
+        return False
+    return _flat_record(meta.get("metrics")) and _flat_record(meta.get("info"))
+
+
+def _flat_record(record: Any) -> bool:
+    """A mapping of names to scalars or lists of scalars (what a Flower record holds)."""
+    if type(record) is not dict:
+        return False
+    return all(type(v) in _SCALARS or (type(v) is list and all(type(x) in _SCALARS for x in v))
+               for v in record.values())
+
+
+def _read_capped(path: Path, limit: int) -> bytes | None:
+    """The bytes of a regular file of at most ``limit`` bytes, else None."""
+    try:
+        with path.open("rb") as fh:
+            info = os.fstat(fh.fileno())
+            if not stat.S_ISREG(info.st_mode) or info.st_size > limit:
+                return None
+            data = fh.read(limit + 1)
+    except OSError:
+        return None
+    return data if len(data) <= limit else None

@@ -4,8 +4,8 @@ Training runs in the site's warm executor process (``weckd.client.executor``), n
 ``weckd-client`` supervisor. We chose a status file over a second HTTP server in the executor:
 
 * the executor (through the ClientApp, :class:`SiteStatus`) rewrites ``<state_dir>/metrics.json``
-  atomically (temp file + ``os.replace``) when its state changes and after every epoch;
-* the supervisor serves ``/metrics`` on ``metrics_address:metrics_port`` (default ``0.0.0.0:9465``;
+  atomically (``weckd.chain.files.atomic_write``) when its state changes and after every epoch;
+* the supervisor serves ``/metrics`` on ``metrics_address:metrics_port`` (default ``127.0.0.1:9465``;
   ``metrics: false`` or port 0 switches it off) from a dedicated ``CollectorRegistry`` whose custom
   collector (:class:`SiteCollector`) reads that file at every scrape.
 
@@ -21,8 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
@@ -31,6 +29,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from weckd.chain.errors import PayloadError, SecurityError, WeckdError
+from weckd.chain.files import atomic_write_text, private_dir
 
 if TYPE_CHECKING:
     from weckd.chain.data import SiteData
@@ -60,7 +59,7 @@ def status_path(state_dir: str | Path) -> Path:
 def _fresh() -> dict[str, Any]:
     return {"state": "idle", "link": 0, "epoch": 0, "epochs": 0, "loss": None, "ce": None, "kd": None,
             "samples_per_s": 0.0, "epoch_seconds": 0.0, "links_trained": 0, "evaluations": 0,
-            "verified": 0, "rejected": {}, "updated": time.time()}
+            "verified": 0, "rejected": {}, "refused": {}, "updated": time.time()}
 
 
 def read_status(path: Path) -> dict[str, Any]:
@@ -88,11 +87,8 @@ class SiteStatus:
 
     def _write(self) -> None:
         self.data["updated"] = time.time()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".metrics-", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(self.data, fh)
-        os.replace(tmp, self.path)
+        private_dir(self.path.parent)
+        atomic_write_text(self.path, json.dumps(self.data))
 
     def update(self, **changes: Any) -> None:
         self.data.update(changes)
@@ -125,6 +121,12 @@ class SiteStatus:
         rejected = dict(self.data["rejected"])
         rejected[reason] = rejected.get(reason, 0) + 1
         self.update(rejected=rejected)
+
+    def request_refused(self, reason: str) -> None:
+        """A request refused before any work (policy, run state, sender, bundle, payload), by reason."""
+        refused = dict(self.data["refused"])
+        refused[reason] = refused.get(reason, 0) + 1
+        self.update(refused=refused)
 
     def checked(self, decode: Callable[[], T | None]) -> T | None:
         """Run a payload decode/verify step; count it verified, or rejected with the reason and re-raise."""
@@ -182,6 +184,11 @@ class SiteCollector(Collector):
         for reason in sorted({*REJECT_REASONS.values(), "other", *s["rejected"]}):
             rejected.add_metric([reason], float(s["rejected"].get(reason, 0)))
         yield rejected
+        refused = CounterMetricFamily("weckd_site_requests_refused", "Requests this site refused before any work, "
+                                      "by reason (weckd.chain.protocol.Reason)", labels=["reason"])
+        for reason, n in sorted(s["refused"].items()):
+            refused.add_metric([str(reason)], float(n))
+        yield refused
         yield GaugeMetricFamily("weckd_site_status_timestamp_seconds", "When the executor last updated its status",
                                 value=s["updated"])
 

@@ -18,15 +18,31 @@ from types import FrameType
 from typing import Sequence
 
 from weckd.chain.errors import WeckdError
+from weckd.chain.files import open_append, private_dir
 
 log = logging.getLogger(__name__)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 def flower_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a Flower component: its own FLWR_HOME, telemetry and update checks off."""
-    home.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
+    """Environment for a Flower component: its own FLWR_HOME, telemetry and update checks off, and nothing
+    else of Flower's from the parent environment.
+
+    Flower 1.39 reads settings from ``FLWR_*`` variables that change what it opens or where it sends data
+    (``FLWR_INTERNAL_GRPC_CONTROL_API=1`` starts a second, unauthenticated Control API on
+    ``--control-api-address``, default 0.0.0.0:9093; ``FLWR_OIDC_ENABLED``, ``FLWR_MODEL_API_ENDPOINT``,
+    ``FLWR_SUPERGRID_*``, ``FLWR_DATABASE`` …), so an inherited one is dropped: only the variables set here
+    (and ``extra``) reach Flower. Loopback is added to ``NO_PROXY``/``no_proxy``: the local Runtime and
+    Control APIs are reached over 127.0.0.1 and must never go through an HTTP proxy from the environment.
+    """
+    private_dir(home)
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FLWR_")}
     env.update({"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
+    for name in ("NO_PROXY", "no_proxy"):
+        hosts = [h.strip() for h in env.get(name, "").split(",") if h.strip()]
+        env[name] = ",".join([*hosts, *(h for h in LOOPBACK_HOSTS if h not in hosts)])
     env.update(extra or {})
     return env
 
@@ -63,8 +79,8 @@ class Group:
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
     def start(self, name: str, cmd: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        out = (self.log_dir / f"{name}.log").open("ab")
+        private_dir(self.log_dir)
+        out = open_append(self.log_dir / f"{name}.log")
         try:
             proc = subprocess.Popen(list(cmd), env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)

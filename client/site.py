@@ -24,6 +24,8 @@ from weckd.chain.peers import SealingSettings
 from weckd.chain.prepare import _unlabelled, image_spec, load_proxy, site_fraction
 from weckd.chain.schema import Origin, build
 
+from .policy import SitePolicy
+
 log = logging.getLogger(__name__)
 
 
@@ -62,9 +64,10 @@ class SiteConfig:
     max_wait: float = field(default=60.0, metadata=_m(gt=0.0, max=86_400.0))
     rejoin_wait: float = field(default=180.0, metadata=_m(min=0.0, max=86_400.0))  # see weckd.client.cli
     metrics: bool = True  # Prometheus /metrics (weckd.client.metrics); false or metrics_port 0: off
-    metrics_address: str = "0.0.0.0"
+    metrics_address: str = "127.0.0.1"  # loopback unless the config opens it (docs/ports.md)
     metrics_port: int = field(default=9465, metadata=_m(min=0, max=65535))
     sealing: SealingSettings | None = None  # this site's sealing keys and pinned peers (weckd.chain.peers)
+    policy: SitePolicy = field(default_factory=SitePolicy)  # what this site agrees to do (weckd.client.policy)
     source: str = field(default="<defaults>", compare=False, metadata=_m(internal=True))
 
 

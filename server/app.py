@@ -16,7 +16,9 @@ from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from weckd.chain.audit import AUDIT_FILE, AuditLog
 from weckd.chain.errors import LinkError
+from weckd.chain.files import append_text
 from weckd.client.fastflower import fast_pull
 
 from .report import write_outputs
@@ -40,8 +42,7 @@ class ProgressFile:
     def __call__(self, event: dict[str, Any]) -> None:
         log.info("progress: %s", event)
         if self.path is not None:
-            with self.path.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"t": time.time(), **event}) + "\n")
+            append_text(self.path, json.dumps({"t": time.time(), **event}) + "\n")
 
 
 @app.main()
@@ -64,7 +65,9 @@ def main(grid: Grid, context: Context) -> None:
         progress({"event": "sites-online", "sites": sorted(nodes)})
         infos = discover(transport, fed)
         progress({"event": "discovered", "sites": {k: v["counts"] for k, v in infos.items()}})
-        outcome = ChainRun(transport, fed, infos, progress, state, state_dir).run()
+        audit = AuditLog(state_dir / AUDIT_FILE)
+        _audit_discovery(audit, state.run_id, infos)
+        outcome = ChainRun(transport, fed, infos, progress, state, state_dir, audit).run()
         write_outputs(Path(str(rc["output-dir"])), fed, outcome, time.monotonic() - start, state.run_id)
         state.completed = True
         save_state(state_dir, state)
@@ -72,6 +75,14 @@ def main(grid: Grid, context: Context) -> None:
         progress({"event": "failed", "reason": str(err)})
         raise
     progress({"event": "completed", "seconds": time.monotonic() - start})
+
+
+def _audit_discovery(audit: AuditLog, run_id: str, infos: dict[str, dict[str, Any]]) -> None:
+    """One audit line per site discovered: its version, sealing fingerprint and image counts."""
+    for site, info in infos.items():
+        counts = {k: v for k, v in info["counts"].items() if isinstance(v, (int, float))}
+        audit.append("discover", run=run_id, decision="accepted", site=site, version=str(info.get("weckd-version")),
+                     sealing=str(info.get("sealing", "")), counts=counts)
 
 
 def _offline_at_discovery(fed: Federation, state: ChainState, missing: list[str], progress: ProgressFile) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from weckd.chain.cli import run_command, setup_logging
 from weckd.chain.errors import ConfigError, LinkError, WeckdError
+from weckd.chain.files import atomic_write_text, private_dir
 from weckd.chain.peers import COORDINATOR, load_party
 from weckd.client.fastflower import check_internals
 from weckd.client.procs import Group, raise_on_sigterm
@@ -67,7 +68,7 @@ def _serve(args: argparse.Namespace) -> int:
     check_internals()
     out = Path(args.out or fed.settings.output_dir).resolve()
     paths = Paths.under(Path(fed.settings.state_dir).resolve())
-    paths.state.mkdir(parents=True, exist_ok=True)
+    private_dir(paths.state)
     lock = hold_lock(paths.state)  # one coordinator per state dir; released by the OS if we die
     _checkpoint(fed, paths.state, args.fresh)
     group = Group(paths.logs, fed.settings.shutdown_timeout)
@@ -82,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
         write_cli_config(fed, paths)
         register_sites(fed, paths)
         write_app_dir(paths)
-        ready.write_text(f"{time.time()}\n", encoding="utf-8")  # sites may connect now (tests, demo)
+        atomic_write_text(ready, f"{time.time()}\n")  # sites may connect now (tests, demo)
         return _run(fed, paths, group, out, args.wire_log, metrics)
     finally:
         group.stop_all()

@@ -3,7 +3,7 @@
 ``weckd-server`` follows the ServerApp's progress file (one JSON line per chain event) and feeds every
 event to :meth:`ServerMetrics.observe`; ``/metrics`` is served from a dedicated ``CollectorRegistry``
 (never the global default one) on ``federation.metrics_address:metrics_port`` (default
-``0.0.0.0:9464``; ``metrics: false`` or port 0 switches it off). Names follow Prometheus conventions:
+``127.0.0.1:9464``; ``metrics: false`` or port 0 switches it off). Names follow Prometheus conventions:
 ``weckd_`` prefix, base units, ``_total`` counters, ``_seconds``/``_bytes`` units, and only
 low-cardinality labels (site, link, direction, reason, split); ``weckd_run_state`` is an enum (its
 label is its own name) and ``weckd_run_info`` carries the run id, mode and weckd version.
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 RUN_STATES = ("starting", "discovering", "training", "completed", "failed")
 FAILURE_REASONS = ("discovery-timeout", "site-mismatch", "link-timeout", "site-error", "site-failed",
-                   "payload-refused", "deadline", "other")
+                   "site-refused", "deadline", "other")
 DIRECTIONS = ("to_site", "from_site")
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
@@ -34,8 +34,8 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86
 def failure_reason(message: str) -> str:
     """A low-cardinality label for a failure message (the message itself goes to the log)."""
     text = message.lower()
-    if "refused the payload" in text:
-        return "payload-refused"
+    if "refused the request" in text:
+        return "site-refused"
     if "failed after" in text and "attempt(s)" in text:
         return "site-failed"
     if "not online after" in text:

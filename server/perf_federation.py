@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from weckd.chain.artifacts import write_json
 from weckd.chain.errors import LinkError
+from weckd.chain.files import atomic_write_text, private_dir
 from weckd.chain.link import train_link
 from weckd.chain.models import pick_device
 from weckd.chain.perf import PerfOptions, TargetCheck, machine_line
@@ -139,10 +140,10 @@ def federation_part(opts: PerfOptions) -> list[TargetCheck]:
                 m.to_site.append(link["bytes_to_site"])
                 m.from_site.append(link["bytes_from_site"])
             m.walls.append(res["wall_seconds"])
-    opts.out.mkdir(parents=True, exist_ok=True)
+    private_dir(opts.out)
     write_json(opts.out / "federation.json", {"machine": machine_line(), "reps": opts.reps,
                                               "modes": {k: vars(v) for k, v in modes.items()}})
-    (opts.out / "federation.md").write_text(report(opts.reps, modes), encoding="utf-8")
+    atomic_write_text(opts.out / "federation.md", report(opts.reps, modes))
     return federation_checks(modes)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from weckd.chain.artifacts import write_json
 from weckd.chain.errors import LinkError
+from weckd.chain.files import atomic_write_text, private_dir
 from weckd.chain.perf import PerfOptions, TargetCheck, machine_line
 
 from .demo import LocalFederation
@@ -158,9 +159,9 @@ def memory_part(opts: PerfOptions) -> list[TargetCheck]:
     for n in opts.links:
         with tempfile.TemporaryDirectory(prefix="weckd-mem-") as tmp:
             runs.append(one_run(n, Path(tmp)))
-    opts.out.mkdir(parents=True, exist_ok=True)
+    private_dir(opts.out)
     write_json(opts.out / "memory.json", {"machine": machine_line(), "runs": runs})
-    (opts.out / "memory.md").write_text(report(runs), encoding="utf-8")
+    atomic_write_text(opts.out / "memory.md", report(runs))
     return memory_checks(runs)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from weckd.chain.artifacts import write_json
 from weckd.chain.config import ChainConfig, config_from_mapping, load_config
+from weckd.chain.files import atomic_write_text, private_dir
 from weckd.chain.payload import encode_state
 from weckd.chain.perf import PerfOptions, TargetCheck, machine_line
 from weckd.chain.runner import run_chain
@@ -116,9 +117,9 @@ def relay_part(opts: PerfOptions) -> list[TargetCheck]:
         data["configs"][name] = [{k: v for k, v in r.items() if k != "state"} for r in runs]
     data["compression"] = comp
     data["federation"] = federation_bytes()
-    opts.out.mkdir(parents=True, exist_ok=True)
+    private_dir(opts.out)
     write_json(opts.out / "relay.json", data)
-    (opts.out / "relay.md").write_text(report(data), encoding="utf-8")
+    atomic_write_text(opts.out / "relay.md", report(data))
     return checks(data)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 from weckd.chain import __version__
 from weckd.chain.artifacts import ModelCard, save_model, write_json, write_yaml
 from weckd.chain.config import config_to_mapping
+from weckd.chain.files import atomic_write, inside, private_dir
 from weckd.chain.payload import decode_state, payload_from_bytes
 from weckd.chain.peers import COORDINATOR, load_party
 from weckd.chain.report import write_report
@@ -106,7 +107,7 @@ def final_model(fed: Federation, outcome: ChainOutcome, run_id: str) -> tuple[st
 def write_outputs(out: Path, fed: Federation, outcome: ChainOutcome, seconds: float, run_id: str) -> None:
     """results.json, config.effective.yaml, model/ (safetensors + model card) where the coordinator may
     read the final model, and sealed/ (the final model sealed for each recipient site) in a sealed run."""
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)
     cfg = fed.chain
     model = final_model(fed, outcome, run_id)
     if model is not None:
@@ -120,11 +121,11 @@ def write_outputs(out: Path, fed: Federation, outcome: ChainOutcome, seconds: fl
         save_model(out / "model", state, card)
     if outcome.final is not None and outcome.final.sealed:
         sealed = out / "sealed"
-        sealed.mkdir(exist_ok=True)
+        private_dir(sealed)
         for key, blob in outcome.final.blobs.items():
             kind, _, recipient = key.partition(":")
             if kind == "weights" and recipient != COORDINATOR:
-                (sealed / f"final-model-for-{recipient}.sealed").write_bytes(blob)
+                atomic_write(inside(sealed, f"final-model-for-{recipient}.sealed"), blob)
     write_yaml(out / "config.effective.yaml", config_to_mapping(cfg))
     data = results(fed, outcome, seconds)
     data["run_id"], data["skipped"] = run_id, outcome.skipped

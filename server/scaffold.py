@@ -7,13 +7,13 @@ sites. Used by ``weckd demo``, the end-to-end tests and the federation parts of 
 from __future__ import annotations
 
 import copy
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 from weckd.chain.certs import make_ca, make_server_cert, make_site_key
+from weckd.chain.files import atomic_write, atomic_write_text
 from weckd.chain.keys import generate_site_keys
 from weckd.chain.peers import COORDINATOR
 from weckd.client.procs import free_port
@@ -60,7 +60,7 @@ def make_sealing_keys(root: Path, parties: Sequence[str]) -> None:
     for party in parties:
         files = generate_site_keys(party, root / "keys" / "sealing" / party, force=True)
         for pub in (files.x25519_pub, files.ed25519_pub):
-            shutil.copyfile(pub, public / pub.name)
+            atomic_write(public / pub.name, pub.read_bytes(), 0o644)
 
 
 def site_sealing(site: str, order: Sequence[str]) -> dict[str, Any]:
@@ -93,16 +93,18 @@ def make_scaffold(root: Path, chain: dict[str, Any], federation: dict[str, Any] 
                           "peers": {s: "keys/public" for s in dict.fromkeys(order)}}
     fed.update(federation or {})
     path = root / "federation.yaml"
-    path.write_text(yaml.safe_dump({**chain, "federation": fed}, sort_keys=False), encoding="utf-8")
-    sites = {s: write_site_config(root, s, chain, fleet, threads, sealing=site_sealing(s, order) if sealed else None)
-             for s in dict.fromkeys(order)}
+    atomic_write_text(path, yaml.safe_dump({**chain, "federation": fed}, sort_keys=False), 0o644)
+    # each site's policy lets it seal the final model for the coordinator only where the federation asks for it
+    policy = {"deliver_to": [COORDINATOR]} if COORDINATOR in fed.get("sealing", {}).get("deliver_to", []) else {}
+    sites = {s: write_site_config(root, s, chain, fleet, threads, sealing=site_sealing(s, order) if sealed else None,
+                                  policy=policy) for s in dict.fromkeys(order)}
     return Scaffold(root, path, sites, chain)
 
 
 def write_site_config(root: Path, site: str, chain: dict[str, Any], superlink: str, threads: int,
                       data_overrides: dict[str, Any] | None = None, name: str | None = None,
                       auth_key: str | None = None, ca: str = "certs/ca.crt",
-                      sealing: dict[str, Any] | None = None) -> Path:
+                      sealing: dict[str, Any] | None = None, policy: dict[str, Any] | None = None) -> Path:
     """``site-X.yaml``: this site's fraction of the synthetic dataset, as ``weckd chain`` splits it."""
     data = {k: v for k, v in chain["data"].items() if k not in ("test",)}
     _merge(data, data_overrides or {})
@@ -114,6 +116,8 @@ def write_site_config(root: Path, site: str, chain: dict[str, Any], superlink: s
            "state_dir": f"state/site-{name or site}", "max_wait": 60.0}
     if sealing is not None:
         cfg["sealing"] = sealing
+    if policy:
+        cfg["policy"] = policy
     path = root / f"site-{name or site}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False), 0o644)
     return path

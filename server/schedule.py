@@ -12,6 +12,11 @@ online); then the run fails naming the site, or skips it and hands the last good
 site. A site that *refuses* a payload (bad seal, replay, poisoned weights) fails the run at once:
 routing around a tampering coordinator or peer is not a failure mode to hide. After every link the
 chain is checkpointed (``server.state``), so a restarted coordinator continues at the next link.
+
+Every decision also goes to the coordinator's audit log (``<state_dir>/audit.log``, ``weckd.chain.audit``):
+each train request sent (with the SHA-256 of the teacher blob it relays and the seal-for list), each
+reply accepted (the SHA-256 of every returned blob), each failure or refusal (its reason code), each
+evaluation sent and answered, and the delivery. ``link`` there is the link index as on the wire (0-based).
 """
 from __future__ import annotations
 
@@ -22,10 +27,12 @@ from typing import Any, Callable
 
 from flwr.app import ConfigRecord, RecordDict
 from weckd.chain import __version__
+from weckd.chain.audit import AUDIT_FILE, AuditLog, sha256_hex
 from weckd.chain.config import link_to_mapping
 from weckd.chain.errors import LinkError
 from weckd.chain.payload import KEY_CONFIG, KEY_INFO, KEY_LINK, KEY_METRICS, MSG_EVALUATE, MSG_QUERY, MSG_TRAIN
 from weckd.chain.peers import COORDINATOR
+from weckd.chain.protocol import EvaluateRequest, TrainRequest
 from weckd.chain.runner import link_seed
 
 from .relay import Relay, blob_key, relay_from_reply
@@ -102,9 +109,10 @@ class ChainRun:
     """Runs the links of one chain from its checkpoint to the end, checkpointing after each."""
 
     def __init__(self, transport: Transport, fed: Federation, infos: dict[str, dict[str, Any]], on_event: Event,
-                 state: ChainState, state_dir: Path) -> None:
+                 state: ChainState, state_dir: Path, audit: AuditLog | None = None) -> None:
         self.transport, self.fed, self.infos, self.on_event = transport, fed, infos, on_event
         self.state, self.state_dir = state, state_dir
+        self.audit = audit if audit is not None else AuditLog(state_dir / AUDIT_FILE)
         self.sealed = fed.settings.sealing is not None
         self.full = [fed.chain.site_of(k) for k in range(fed.chain.n_links)]
 
@@ -112,6 +120,10 @@ class ChainRun:
         """Sites of the links done, then the remaining slots of the full schedule minus skipped sites."""
         done = [r.site for r in self.state.links]
         return done + [s for s in self.full[self.state.next_slot:] if s not in self.state.skipped]
+
+    def _audit(self, event: str, decision: str, k: int, reason: str = "", **fields: Any) -> None:
+        """One audit line for a decision about link k: names, counts and hashes only."""
+        self.audit.append(event, run=self.state.run_id, link=k, decision=decision, reason=reason, **fields)
 
     def run(self) -> ChainOutcome:
         if self.state.links:
@@ -135,11 +147,14 @@ class ChainRun:
     def _finish_link(self, k: int, site: str, schedule: list[str], rep: Reply) -> None:
         record = link_record(k, rep)
         relay = relay_from_reply(rep.message.content, k, site, self.sealed)
+        eps = {"epsilon": float(record.metrics["privacy-epsilon"])} if "privacy-epsilon" in record.metrics else {}
+        self._audit("train", "accepted", k, site=site, blobs={n: sha256_hex(b) for n, b in relay.blobs.items()},
+                    recipients=sorted({n.split(":", 1)[1] for n in relay.blobs if ":" in n}), **eps)
         final = k == len(schedule) - 1
         deliver = tuple(r for r in self._recipients() if r != COORDINATOR) if final else ()
         if self.fed.chain.chain.mode == "weights" or final:
             targets = list(dict.fromkeys([*eval_targets(self.fed.settings.evaluate, schedule, k), *deliver]))
-            record.evaluations = self._evaluate(k, relay, targets, deliver)
+            record.evaluations = self._evaluate(k, relay, targets, schedule, deliver)
             missing = [s for s in deliver if s not in record.evaluations]
             if missing:
                 raise LinkError(f"delivering the final model: site(s) {', '.join(missing)} did not take it; "
@@ -148,6 +163,9 @@ class ChainRun:
         self.state.links.append(record)
         self.state.next_slot, self.state.relay = slot + 1, relay
         save_state(self.state_dir, self.state)
+        if final:
+            to = self._recipients()
+            self._audit("deliver", "sent", k, to=to, model_sha256={r: _blob_sha(relay, "weights", r) for r in to})
         if deliver:
             self.on_event({"event": "delivered", "sites": list(deliver)})
         self.on_event({"event": "link-done", "link": k + 1, "links": len(schedule), "site": site,
@@ -162,13 +180,17 @@ class ChainRun:
         s = self.fed.settings
         self.on_event({"event": "link-start", "link": k + 1, "links": len(schedule), "site": site})
         content = self._train_content(k, schedule)
+        teacher = _blob_sha(self.state.relay, self.fed.chain.chain.mode, site) if self.state.relay else ""
         failure: SiteFailure | None = None
         for attempt in range(1, s.retries + 2):
             try:
                 self._ensure_online(site, s.retry_wait)
+                self._audit("train", "sent", k, to=site, attempt=attempt, teacher_sha256=teacher,
+                            seal_for=self._seal_for(k, schedule))
                 return self.transport.exchange(MSG_TRAIN, {site: content}, f"link-{k + 1}")[site]
             except SiteFailure as err:
                 failure = err
+                self._audit("train", _decision(err), k, err.reason, site=site, attempt=attempt)
                 self.on_event({"event": "site-failure", "site": site, "link": k + 1, "attempt": attempt,
                                "kind": err.kind, "reason": err.reason, "message": str(err)})
                 if not err.transient:
@@ -196,10 +218,10 @@ class ChainRun:
     def _train_content(self, k: int, schedule: list[str]) -> RecordDict:
         cfg, state = self.fed.chain, self.state
         final = k == len(schedule) - 1
-        run = ConfigRecord({"link": k, "n-links": len(schedule), "seed": link_seed(cfg.seed, k), "mode": cfg.chain.mode,
-                            "wire-dtype": cfg.chain.wire_dtype, "augment": cfg.data.augment, "deliver": final,
-                            "run-id": state.run_id, "schedule": list(schedule),
-                            "seal-for": ",".join(self._seal_for(k, schedule))})
+        seal_for = tuple(tuple(item.split(":", 1)) for item in self._seal_for(k, schedule))
+        req = TrainRequest(state.run_id, k, tuple(schedule), link_seed(cfg.seed, k), cfg.chain.mode,
+                           cfg.chain.wire_dtype, cfg.data.augment, final, seal_for)  # type: ignore[arg-type]
+        run = ConfigRecord(req.to_config())
         records: dict[str, Any] = {KEY_CONFIG: run, KEY_LINK: ConfigRecord(link_to_mapping(cfg.link_settings(k)))}
         if state.relay is not None:
             records.update(state.relay.records(cfg.chain.mode, schedule[k]))
@@ -225,19 +247,24 @@ class ChainRun:
 
     # -- evaluation and delivery ------------------------------------------------------------------------
 
-    def _evaluate(self, k: int, relay: Relay, targets: list[str], deliver: tuple[str, ...] = ()
+    def _evaluate(self, k: int, relay: Relay, targets: list[str], schedule: list[str], deliver: tuple[str, ...] = ()
                   ) -> dict[str, dict[str, Any]]:
         """Link k's model on each target site's validation split; a site that fails is reported, not fatal."""
         online = online_sites(self.transport.grid)
         for site in [t for t in targets if t not in online]:
             self.on_event({"event": "evaluation-missing", "site": site, "link": k + 1, "reason": "offline"})
+            self._audit("evaluate", "failed", k, "offline", site=site)
         targets = [t for t in targets if t in online]
         self.transport.nodes.update({t: online[t] for t in targets})
-        contents = {s: RecordDict({KEY_CONFIG: ConfigRecord({"link": k, "run-id": self.state.run_id,
-                                                             "sender": relay.site, "deliver": s in deliver}),
+        contents = {s: RecordDict({KEY_CONFIG: ConfigRecord(EvaluateRequest(
+                                       self.state.run_id, k, relay.site, tuple(schedule), s in deliver).to_config()),
                                    **relay.records("weights", s)}) for s in targets}
+        for s in targets:
+            self._audit("evaluate", "sent", k, to=s, sender=relay.site, deliver=s in deliver,
+                        model_sha256=_blob_sha(relay, "weights", s))
         done = self.transport.exchange_all(MSG_EVALUATE, contents, f"evaluate-{k + 1}")
         for site, err in done.failures.items():
+            self._audit("evaluate", _decision(err), k, err.reason, site=site)
             self.on_event({"event": "evaluation-missing", "site": site, "link": k + 1, "reason": err.reason,
                            "message": str(err)})
             if err.kind == "security":
@@ -247,7 +274,19 @@ class ChainRun:
             m: dict[str, Any] = dict(rep.message.content.metric_records[KEY_METRICS])
             out[site] = {"accuracy": float(m["accuracy"]), "n": int(m["n"]),
                          "confusion": [int(c) for c in m.get("confusion", [])]}
+            self._audit("evaluate", "accepted", k, site=site, n=out[site]["n"], accuracy=out[site]["accuracy"])
         return out
+
+
+def _decision(err: SiteFailure) -> str:
+    """A site that refused a payload ``refused``; one that was offline, slow or broke ``failed``."""
+    return "refused" if err.kind == "security" else "failed"
+
+
+def _blob_sha(relay: Relay, kind: str, recipient: str) -> str:
+    """SHA-256 of the blob handed to ``recipient`` ("" when the relay holds none for it)."""
+    data = relay.blobs.get(blob_key(kind, recipient) if relay.sealed else kind)
+    return sha256_hex(data) if data is not None else ""
 
 def link_event_extras(record: LinkRecord) -> dict[str, Any]:
     """Last-epoch loss parts and relayed bytes of a link, for the progress event (metrics, progress lines)."""

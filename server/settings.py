@@ -65,7 +65,7 @@ class FederationSettings:
     on_site_failure: str = field(default="fail", metadata=_m(choices=("fail", "skip")))
     sealing: FederationSealing | None = None  # None: payloads are not end-to-end sealed (a WARNING says so)
     metrics: bool = True  # Prometheus /metrics (weckd.server.metrics); false or metrics_port 0: off
-    metrics_address: str = "0.0.0.0"
+    metrics_address: str = "127.0.0.1"  # loopback unless the config opens it (docs/ports.md)
     metrics_port: int = field(default=9464, metadata=_m(min=0, max=65535))
     metrics_linger: float = field(default=0.0, metadata=_m(min=0.0, max=3600.0))  # serve the final state longer
 

@@ -2,25 +2,38 @@
 
 ``<state_dir>/chain/`` holds ``state.json`` and the last good link's relay blobs (``relay-<link>-<n>.bin``,
 sealed for their recipients where the federation seals, so the checkpoint is as unreadable to the
-coordinator as the wire). Every file is written to a temp file, flushed, fsync'd and renamed; the
-blobs first, ``state.json`` last, so a crash at any point leaves either the previous checkpoint or
-the new one. ``state.json`` carries the SHA-256 of its own body and of every blob: a torn, truncated
-or edited checkpoint is reported (:class:`StateError`) and never used. ``weckd-server --fresh``
-moves the folder aside and starts over.
+coordinator as the wire). Every file is written by :func:`weckd.chain.files.atomic_write` (0600, never
+through a link; the folder 0700); the blobs first, ``state.json`` last, so a crash at any point leaves
+either the previous checkpoint or the new one.
+
+``state.json`` carries an HMAC-SHA256 of its body keyed with ``<state_dir>/chain.key``: 32 random bytes
+made 0600 on first use, local to the coordinator, never sent anywhere. The body names every blob's
+SHA-256. :func:`load_state` checks the HMAC, then every field's type and range, every blob's file name
+(only names :func:`save_state` writes) and that the blob is a plain file in the folder: a torn,
+truncated, edited or forged checkpoint is reported (:class:`StateError`) and never used. A checkpoint
+of a weckd without the HMAC cannot be verified and is reported the same way. ``weckd-server --fresh``
+moves the folder (and its key) aside and starts over.
 """
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
+import hmac
 import json
 import logging
+import math
 import os
+import re
+import secrets
+import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from weckd.chain.config import config_to_mapping
 from weckd.chain.errors import WeckdError
+from weckd.chain.files import RUN_ID, atomic_write, check_run_id, inside, private_dir
 
 from .relay import Relay
 from .settings import Federation
@@ -28,9 +41,15 @@ from .settings import Federation
 log = logging.getLogger(__name__)
 
 FORMAT = "weckd-chain-state"
-VERSION = 1
+VERSION = 2  # 1: unkeyed SHA-256 of the body
 FOLDER = "chain"
 STATE_FILE = "state.json"
+KEY_FILE = "chain.key"
+KEY_BYTES = 32
+MAC_FIELD = "hmac-sha256"
+BLOB_FILE = re.compile(r"relay-(0|[1-9][0-9]{0,8})-(0|[1-9][0-9]{0,8})\.bin")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_OPEN = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
 @dataclass
@@ -49,7 +68,7 @@ class LinkRecord:
 
 
 class StateError(WeckdError):
-    """The chain checkpoint is torn, damaged or belongs to another chain config."""
+    """The chain checkpoint is torn, damaged, forged or belongs to another chain config."""
 
 
 @dataclass
@@ -72,100 +91,198 @@ def config_hash(fed: Federation) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
+def new_run_id(now: dt.datetime | None = None) -> str:
+    """A time-ordered run id (``20250101T120000Z-<12 hex>``): sites refuse a run older than their latest."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return check_run_id(f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(6)}")
+
+
 def new_state(fed: Federation) -> ChainState:
-    return ChainState(run_id=os.urandom(8).hex(), config_sha256=config_hash(fed))
+    return ChainState(run_id=new_run_id(), config_sha256=config_hash(fed))
 
 
 def folder(state_dir: Path) -> Path:
     return Path(state_dir) / FOLDER
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _canonical(obj: dict[str, Any]) -> bytes:
+def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _mac(key: bytes, body: Any) -> str:
+    return hmac.new(key, _canonical(body), hashlib.sha256).hexdigest()
+
+
+def _read_plain(path: Path, limit: int = -1) -> bytes:
+    """The bytes of a regular file, never through a symbolic link (OSError otherwise)."""
+    fd = os.open(path, _OPEN)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise IsADirectoryError(0, "not a regular file", str(path))
+        return fh.read(limit)
+
+
+def _key(state_dir: Path, create: bool) -> bytes:
+    """The coordinator's checkpoint key; made (0600) when ``create`` and missing; StateError when unusable."""
+    path = Path(state_dir) / KEY_FILE
+    if create and not os.path.lexists(path):
+        atomic_write(path, secrets.token_bytes(KEY_BYTES), 0o600, replace=False)
+        log.info("checkpoint key created: %s", path)
+    try:
+        data = _read_plain(path, KEY_BYTES + 1)
+    except FileNotFoundError:
+        raise StateError(f"{path}: the key that signs the chain checkpoint is missing, so the checkpoint cannot be "
+                         "verified and is not used; start over with weckd-server --fresh") from None
+    except OSError as err:
+        raise StateError(f"{path}: cannot read the checkpoint key ({err.strerror or err}; a symbolic link is refused); "
+                         "remove it and start over with weckd-server --fresh") from None
+    if len(data) != KEY_BYTES:
+        raise StateError(f"{path}: not a {KEY_BYTES}-byte checkpoint key ({len(data)} bytes); remove it and start "
+                         "over with weckd-server --fresh")
+    return data
 
 
 def save_state(state_dir: Path, state: ChainState) -> None:
     """Checkpoint ``state`` atomically (blobs, then state.json), then drop blobs it no longer names."""
-    d = folder(state_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    d = private_dir(folder(private_dir(Path(state_dir))))
+    key = _key(state_dir, create=True)
     state.updated = time.time()
     blobs: dict[str, dict[str, str]] = {}
     if state.relay is not None:
-        for i, (key, data) in enumerate(sorted(state.relay.blobs.items())):
-            name = f"relay-{state.relay.link}-{i}.bin"
-            _write_atomic(d / name, data)
-            blobs[key] = {"file": name, "sha256": hashlib.sha256(data).hexdigest()}
+        for i, (name, data) in enumerate(sorted(state.relay.blobs.items())):
+            file = f"relay-{state.relay.link}-{i}.bin"
+            atomic_write(d / file, data)
+            blobs[name] = {"file": file, "sha256": hashlib.sha256(data).hexdigest()}
     body = {"format": FORMAT, "version": VERSION, "run_id": state.run_id, "config_sha256": state.config_sha256,
             "links": [asdict(r) for r in state.links], "skipped": state.skipped, "next_slot": state.next_slot,
             "completed": state.completed, "updated": state.updated,
             "relay": None if state.relay is None else {"link": state.relay.link, "site": state.relay.site,
                                                       "sealed": state.relay.sealed, "blobs": blobs}}
-    doc = {"body": body, "sha256": hashlib.sha256(_canonical(body)).hexdigest()}
-    _write_atomic(d / STATE_FILE, json.dumps(doc, indent=1).encode("utf-8"))
-    _fsync_dir(d)
+    doc = {"body": body, MAC_FIELD: _mac(key, body)}
+    atomic_write(d / STATE_FILE, json.dumps(doc, indent=1).encode("utf-8"))
     keep = {b["file"] for b in blobs.values()}
     for old in d.glob("relay-*.bin"):
         if old.name not in keep:
             old.unlink(missing_ok=True)
 
 
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# ---------------------------------------------------------------- reading and checking
+
+
+class _Bad(Exception):
+    """A field of the checkpoint is missing, of the wrong type or out of range (becomes a StateError)."""
+
+
+def _finite(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v) and v >= 0
+
+
+KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: type(v) is bool),
+    "count": ("a whole number >= 0", lambda v: type(v) is int and v >= 0),
+    "seconds": ("a finite number >= 0", _finite),
+    "object": ("an object", lambda v: isinstance(v, dict)),
+    "list": ("a list", lambda v: isinstance(v, list)),
+    "sha256": ("64 lowercase hex digits", lambda v: isinstance(v, str) and _SHA256.fullmatch(v) is not None),
+    "run-id": ("a plain run id", lambda v: isinstance(v, str) and RUN_ID.fullmatch(v) is not None),
+    "blob-file": ("a file name relay-<link>-<n>.bin",
+                  lambda v: isinstance(v, str) and BLOB_FILE.fullmatch(v) is not None),
+    "relay": ("null or an object", lambda v: v is None or isinstance(v, dict)),
+}
+BODY = {"format": "str", "version": "count", "run_id": "run-id", "config_sha256": "sha256", "links": "list",
+        "skipped": "list", "next_slot": "count", "completed": "bool", "updated": "seconds", "relay": "relay"}
+LINK = {"index": "count", "site": "str", "arch": "str", "init": "str", "metrics": "object", "round_trip_s": "seconds",
+        "bytes_to_site": "count", "bytes_from_site": "count", "evaluations": "object"}
+RELAY = {"link": "count", "site": "str", "sealed": "bool", "blobs": "object"}
+BLOB = {"file": "blob-file", "sha256": "sha256"}
+
+
+def _check(value: Any, kind: str, name: str) -> Any:
+    what, ok = KINDS[kind]
+    if not ok(value):
+        raise _Bad(f"{name} is {type(value).__name__} {str(value)[:40]!r}, expected {what}")
+    return value
+
+
+def _fields(obj: Any, spec: dict[str, str], name: str) -> dict[str, Any]:
+    """``obj`` as an object with exactly the keys of ``spec``, each of its kind."""
+    _check(obj, "object", name)
+    if set(obj) != set(spec):
+        odd = sorted(set(obj) ^ set(spec))
+        raise _Bad(f"{name} has missing or unknown keys {', '.join(map(str, odd))[:120]}")
+    return {k: _check(obj[k], kind, f"{name}.{k}") for k, kind in spec.items()}
+
+
+def _body(doc: Any, key: bytes) -> dict[str, Any]:
+    """The body of a parsed state.json whose HMAC verifies under ``key``, its fields checked."""
+    top = _fields(doc, {"body": "object", MAC_FIELD: "sha256"}, "the file")
+    if not hmac.compare_digest(_mac(key, top["body"]), top[MAC_FIELD]):
+        raise _Bad(f"its {MAC_FIELD} does not match its content under {KEY_FILE} (edited, forged or of another "
+                   "state dir)")
+    body = _fields(top["body"], BODY, "body")
+    if body["format"] != FORMAT or body["version"] != VERSION:
+        raise _Bad(f"format {body['format'][:40]} v{body['version']}, expected {FORMAT} v{VERSION}")
+    for i, link in enumerate(body["links"]):
+        for site, ev in _fields(link, LINK, f"links[{i}]")["evaluations"].items():
+            _check(ev, "object", f"links[{i}].evaluations.{site[:40]}")
+    for i, site in enumerate(body["skipped"]):
+        _check(site, "str", f"skipped[{i}]")
+    if body["relay"] is not None:
+        relay = _fields(body["relay"], RELAY, "relay")
+        for name, ref in relay["blobs"].items():
+            blob = _fields(ref, BLOB, f"relay.blobs.{name[:40]}")
+            match = BLOB_FILE.fullmatch(blob["file"])
+            assert match is not None  # checked by _fields
+            if not name or match.group(1) != str(relay["link"]):
+                raise _Bad(f"relay.blobs.{name[:40]!r}: file {blob['file']} is not a blob of link {relay['link']}")
+    return body
 
 
 def load_state(state_dir: Path, fed: Federation) -> ChainState | None:
     """The checkpoint in ``state_dir``, None if there is none; StateError if it cannot be trusted."""
-    path = folder(state_dir) / STATE_FILE
-    if not path.is_file():
+    d = folder(state_dir)
+    path = d / STATE_FILE
+    if not os.path.lexists(path):
         return None
     where = f"{path}"
     try:
-        doc = json.loads(path.read_bytes())
-        body = doc["body"]
-        ok = hashlib.sha256(_canonical(body)).hexdigest() == doc["sha256"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise _torn(where, f"not a complete checkpoint ({type(err).__name__}: {err})") from None
-    if not ok:
-        raise _torn(where, "its checksum does not match its content")
-    if body.get("format") != FORMAT or body.get("version") != VERSION:
-        raise _torn(where, f"format {body.get('format')} v{body.get('version')}, expected {FORMAT} v{VERSION}")
+        doc = json.loads(_read_plain(path))
+    except (OSError, ValueError) as err:
+        raise _torn(where, f"not a complete checkpoint ({type(err).__name__}: {str(err)[:80]})") from None
+    if isinstance(doc, dict) and MAC_FIELD not in doc and "sha256" in doc:
+        raise StateError(f"{where}: chain checkpoint of an earlier weckd, without an HMAC: it cannot be verified and "
+                         "is not used. Start over with weckd-server --fresh")
+    key = _key(state_dir, create=False)
+    try:
+        body = _body(doc, key)
+    except _Bad as err:
+        raise _torn(where, str(err)) from None
     if body["config_sha256"] != config_hash(fed):
         raise StateError(f"{where}: the chain config changed since this checkpoint was written (links "
                          f"{len(body['links'])} done); restore the config, or start over with weckd-server --fresh")
     state = ChainState(run_id=body["run_id"], config_sha256=body["config_sha256"],
                        links=[LinkRecord(**r) for r in body["links"]], skipped=list(body["skipped"]),
-                       next_slot=int(body["next_slot"]), completed=bool(body["completed"]),
-                       updated=float(body["updated"]))
+                       next_slot=body["next_slot"], completed=body["completed"], updated=float(body["updated"]))
     if body["relay"] is not None:
-        state.relay = _load_relay(folder(state_dir), body["relay"], where)
+        state.relay = _load_relay(d, body["relay"], where)
     return state
 
 
 def _load_relay(d: Path, meta: dict[str, Any], where: str) -> Relay:
+    """The relay blobs the (already checked) body names, each a plain file in ``d`` matching its SHA-256."""
     blobs = {}
-    for key, ref in meta["blobs"].items():
-        p = d / ref["file"]
+    for name, ref in meta["blobs"].items():
         try:
-            data = p.read_bytes()
+            data = _read_plain(inside(d, ref["file"]))
         except OSError as err:
-            raise _torn(where, f"relay file {p.name} is unreadable ({err.strerror})") from None
+            raise _torn(where, f"relay file {ref['file']} is unreadable ({err.strerror or err})") from None
+        except WeckdError:
+            raise _torn(where, f"relay file {ref['file']} leads out of the folder (a symbolic link?)") from None
         if hashlib.sha256(data).hexdigest() != ref["sha256"]:
-            raise _torn(where, f"relay file {p.name} does not match its recorded SHA-256")
-        blobs[key] = data
-    return Relay(int(meta["link"]), str(meta["site"]), blobs, bool(meta["sealed"]))
+            raise _torn(where, f"relay file {ref['file']} does not match its recorded SHA-256")
+        blobs[name] = data
+    return Relay(meta["link"], meta["site"], blobs, meta["sealed"])
 
 
 def _torn(where: str, why: str) -> StateError:
@@ -174,10 +291,13 @@ def _torn(where: str, why: str) -> StateError:
 
 
 def discard_state(state_dir: Path) -> Path | None:
-    """Move the checkpoint folder aside (``chain.discarded-<time>``); return where it went."""
+    """Move the checkpoint folder aside (``chain.discarded-<time>``), with the key that signed it; return where."""
     d = folder(state_dir)
-    if not d.exists():
+    if not os.path.lexists(d):
         return None
-    target = d.with_name(f"{FOLDER}.discarded-{time.strftime('%Y%m%dT%H%M%S')}")
+    target = d.with_name(f"{FOLDER}.discarded-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}")
     os.replace(d, target)
+    key = Path(state_dir) / KEY_FILE
+    if os.path.lexists(key) and target.is_dir() and not target.is_symlink():
+        os.replace(key, target / KEY_FILE)  # a fresh chain gets a fresh key
     return target

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from weckd.chain import __version__
+from weckd.chain.appbundle import app_pyproject
 from weckd.chain.errors import WeckdError
+from weckd.chain.files import atomic_write_text, private_dir, refuse_symlink
 from weckd.client.procs import Group, flower_env, kill_leftovers, wait_port
 
 from .settings import Federation
@@ -23,7 +24,6 @@ from .settings import Federation
 log = logging.getLogger(__name__)
 
 CONNECTION = "weckd"
-RUN_CONFIG_KEYS = ("federation-config", "output-dir", "state-dir", "progress-file", "wire-log")
 CLI_TIMEOUT = 120.0
 
 
@@ -39,14 +39,29 @@ class Paths:
         return cls(state, state / "flwr-cli", state / "app", state / "logs")
 
 
+def superlink_cmd(fed: Federation, paths: Paths) -> list[str]:
+    """``flower-superlink``: Fleet API (gRPC + TLS + SuperNode auth) on the configured address; every other
+    listener given explicitly on 127.0.0.1 (docs/ports.md).
+
+    ``--host/--port`` is the Control + Runtime (ServerAppIo) HTTP API. ``--control-api-address`` is the
+    deprecated gRPC Control API, started only when ``FLWR_INTERNAL_GRPC_CONTROL_API=1`` (which
+    :func:`flower_env` never passes on) and otherwise bound to 0.0.0.0:9093: it is pinned to loopback on the
+    same port, so even then it could not listen beyond loopback (Flower logs a deprecation WARNING for it).
+    No ``--health-server-address``: no health server.
+    """
+    s = fed.settings
+    return [str(Path(sys.executable).with_name("flower-superlink")),
+            "--ssl-ca-certfile", s.ca, "--ssl-certfile", s.cert, "--ssl-keyfile", s.key,
+            "--enable-supernode-auth", "--fleet-api-address", s.fleet_address,
+            "--host", "127.0.0.1", "--port", str(s.control_port),
+            "--control-api-address", f"127.0.0.1:{s.control_port}",
+            "--database", str(paths.state / "superlink.db"), "--disable-runtime-dependency-installation"]
+
+
 def start_superlink(fed: Federation, group: Group, paths: Paths, start_timeout: float = 60.0) -> None:
     """Fleet API (gRPC + TLS + SuperNode auth) on the configured address; Control/Runtime on 127.0.0.1."""
     s = fed.settings
-    cmd = [str(Path(sys.executable).with_name("flower-superlink")),
-           "--ssl-ca-certfile", s.ca, "--ssl-certfile", s.cert, "--ssl-keyfile", s.key,
-           "--enable-supernode-auth", "--fleet-api-address", s.fleet_address,
-           "--host", "127.0.0.1", "--port", str(s.control_port),
-           "--database", str(paths.state / "superlink.db"), "--disable-runtime-dependency-installation"]
+    cmd = superlink_cmd(fed, paths)
     kill_leftovers([str(paths.state / "superlink.db"), f"127.0.0.1:{s.control_port} "])  # of a killed weckd-server
     proc = group.start("superlink", cmd, flower_env(paths.state / "flwr-superlink"))
     host, _, port = s.fleet_address.rpartition(":")
@@ -57,7 +72,9 @@ def start_superlink(fed: Federation, group: Group, paths: Paths, start_timeout: 
 
 def hold_lock(state: Path) -> IO[str]:
     """Hold ``state/weckd-server.lock`` for the life of the process: one coordinator per state dir."""
-    fh = (state / "weckd-server.lock").open("a+", encoding="utf-8")
+    path = state / "weckd-server.lock"
+    refuse_symlink(path)
+    fh = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "r+", encoding="utf-8")
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -74,11 +91,11 @@ def hold_lock(state: Path) -> IO[str]:
 
 
 def write_cli_config(fed: Federation, paths: Paths) -> None:
-    paths.cli_home.mkdir(parents=True, exist_ok=True)
-    (paths.cli_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{fed.settings.control_port}"\nroot-certificates = "{fed.settings.ca}"\n',
-        encoding="utf-8")
+    private_dir(paths.cli_home)
+    atomic_write_text(paths.cli_home / "config.toml",
+                      f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                      f'address = "127.0.0.1:{fed.settings.control_port}"\n'
+                      f'root-certificates = "{fed.settings.ca}"\n')
 
 
 def flwr(paths: Paths, args: list[str], check: bool = True) -> dict[str, Any]:
@@ -117,14 +134,9 @@ def register_sites(fed: Federation, paths: Paths) -> None:
 
 
 def write_app_dir(paths: Paths) -> None:
-    """A config-only app bundle whose components point at the installed weckd."""
-    paths.app_dir.mkdir(parents=True, exist_ok=True)
-    keys = "\n".join(f'{k} = ""' for k in RUN_CONFIG_KEYS)
-    (paths.app_dir / "pyproject.toml").write_text(
-        f'[project]\nname = "weckd-chain"\nversion = "{__version__}"\n\n'
-        '[tool.flwr.app]\npublisher = "weckd"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "weckd.server.app:app"\nclientapp = "weckd.client.app:app"\n\n'
-        f"[tool.flwr.app.config]\n{keys}\n", encoding="utf-8")
+    """A config-only app bundle whose components point at the installed weckd (``chain.appbundle``)."""
+    private_dir(paths.app_dir)
+    atomic_write_text(paths.app_dir / "pyproject.toml", app_pyproject())
 
 
 def submit(paths: Paths, run_config: dict[str, str]) -> int:

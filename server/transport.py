@@ -15,6 +15,7 @@ from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from weckd.chain.errors import LinkError
+from weckd.chain.protocol import Reason, reason_from_error
 
 from .wire import WireLog, content_bytes
 
@@ -75,17 +76,15 @@ class SiteFailure(LinkError):
 
 
 def failure_from_error(site: str, kind: str, code: int, reason: str) -> SiteFailure:
-    """Classify a site's error reply (Flower error codes; the site's executor prefixes refusals with
-    ``SealError[<reason>]`` / ``PayloadError``)."""
-    text = f"{kind} at site {site} failed: {reason} (code {code})"
+    """Classify a site's error reply: Flower's codes for a vanished site, else the site's refusal code
+    (``weckd.chain.protocol``: an exact lookup, never a search of the text)."""
+    text = f"{kind} at site {site} failed: {reason[:300]} (code {code})"
     if code in (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE):
         return SiteFailure(site, "unavailable", "node-unavailable", f"{text}; the site went offline")
-    if reason.startswith("SealError["):
-        label = reason[len("SealError["):].split("]", 1)[0]
-        return SiteFailure(site, "security", label, f"{text}; site {site} refused the payload ({label})")
-    if reason.startswith(("SecurityError", "PayloadError")):
-        return SiteFailure(site, "security", "payload-refused", f"{text}; site {site} refused the payload")
-    return SiteFailure(site, "error", "site-error", f"{text}; see that site's weckd-client log")
+    refused = reason_from_error(reason)
+    if refused is None or refused is Reason.INTERNAL:
+        return SiteFailure(site, "error", "site-error", f"{text}; see that site's weckd-client log")
+    return SiteFailure(site, "security", refused.value, f"{text}; site {site} refused the request ({refused.value})")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Message, RecordDict
+from weckd.chain.files import append_text
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -63,5 +64,4 @@ class WireLog:
             return
         line = {"t": time.time(), "direction": direction, "site": site,
                 "type": message.metadata.message_type, **describe(message.content)}
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line) + "\n")
+        append_text(self.path, json.dumps(line) + "\n")

@@ -5,6 +5,7 @@ TLS and SuperNode auth. Each federation runs once per session and every process 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 from weckd.chain.certs import make_ca, make_site_key
+from weckd.client.procs import flower_env, free_port
 from weckd.server.demo import LocalFederation
 from weckd.server.scaffold import Scaffold, chain_settings, make_scaffold, write_site_config
 
@@ -43,8 +45,10 @@ def _read_wire(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _refused_sites(fed: LocalFederation) -> dict[str, list[str]]:
-    """Three SuperNodes the coordinator must refuse: wrong CA, unregistered key, plaintext."""
+def _refused_sites(fed: LocalFederation) -> dict[str, str]:
+    """Three SuperNodes the coordinator must refuse: wrong CA, unregistered key (weckd-client), and plaintext.
+    weckd-client has no plaintext mode, so the plaintext one is a bare ``flower-supernode --insecure``, as an
+    attacker would run it. Returns impostor -> process name."""
     s = fed.scaffold
     fleet = yaml.safe_load(s.federation.read_text())["federation"]["fleet_address"]
     make_ca(s.root / "other-ca")
@@ -53,11 +57,14 @@ def _refused_sites(fed: LocalFederation) -> dict[str, list[str]]:
         "wrong-ca": write_site_config(s.root, "A", s.chain, fleet, 1, name="A-wrong-ca", ca="other-ca/ca.crt"),
         "unregistered": write_site_config(s.root, "A", s.chain, fleet, 1, name="A-unregistered",
                                           auth_key="rogue-keys/site-Z"),
-        "insecure": write_site_config(s.root, "A", s.chain, fleet, 1, name="A-insecure"),
     }
     for name, cfg in configs.items():
-        fed.start_site("A", cfg, *(["--insecure"] if name == "insecure" else []), name=name)
-    return {name: [] for name in configs}
+        fed.start_site("A", cfg, name=name)
+    plaintext = [str(Path(sys.executable).with_name("flower-supernode")), "--insecure", "--grpc-rere",
+                 "--superlink", fleet, "--isolation", "process", "--host", "127.0.0.1", "--port", str(free_port()),
+                 "--max-wait-time", "30"]
+    fed.group.start("supernode-insecure", plaintext, flower_env(s.root / "state" / "site-A-insecure" / "flwr"))
+    return {**{name: f"weckd-client-{name}" for name in configs}, "insecure": "supernode-insecure"}
 
 
 def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any] | None = None,
@@ -81,7 +88,7 @@ def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any]
         rc = fed.wait_server(RUN_TIMEOUT)
         seconds = time.monotonic() - start
         observed = prom.observe() if prom is not None else None
-        codes = {n: fed.exit_code(f"weckd-client-{n}", 60.0) for n in names}
+        codes = {n: fed.exit_code(proc, 60.0) for n, proc in names.items()}
     finally:
         fed.stop()
         if prom is not None:

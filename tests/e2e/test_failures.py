@@ -195,7 +195,9 @@ def test_a_payload_not_signed_by_the_pinned_key_fails_the_run_with_the_reason(
     # C meets B's output first when it evaluates link 2's model (evaluate: all), before training link 3
     assert (refused[0]["site"], refused[0]["link"], refused[0]["reason"]) == ("C", 2, "unexpected-sender")
     failed = next(e for e in events if e["event"] == "failed")
-    assert "site C refused the payload (unexpected-sender)" in failed["reason"]
-    assert "not by site B's pinned key" in failed["reason"]
+    assert "site C refused the request (unexpected-sender)" in failed["reason"]
+    assert "not by site B's pinned key" not in failed["reason"]  # the details stay at the site, in its log
+    assert "not by site B's pinned key" in (fed.scaffold.root / "state" / "site-C" / "logs" / "executor-C.log"
+                                            ).read_text()
     metrics = json.loads((fed.scaffold.root / "state" / "site-C" / "metrics.json").read_text())
     assert metrics["rejected"] == {"unexpected-sender": 1} and metrics["links_trained"] == 0

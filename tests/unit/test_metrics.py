@@ -49,7 +49,7 @@ def test_failed_event_sets_state_and_counts_its_reason() -> None:
     ("discovery: site A runs weckd 0.0.9, the coordinator 0.1.0", "site-mismatch"),
     ("train at site A failed: boom (code 1); see that site's weckd-client log", "site-error"),
     ("link 2: site B failed after 3 attempt(s): train at site B failed: Node Unavailable", "site-failed"),
-    ("evaluating link 2: ... site C refused the payload (unexpected-sender); the run stops", "payload-refused"),
+    ("evaluating link 2: ... site C refused the request (unexpected-sender); the run stops", "site-refused"),
     ("something else", "other"),
 ])
 def test_failure_messages_map_to_few_reasons(message: str, reason: str) -> None:

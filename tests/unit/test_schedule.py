@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from weckd.chain.errors import LinkError
 from weckd.chain.payload import MSG_TRAIN
+from weckd.chain.protocol import Reason, error_text
 from weckd.server.schedule import ChainRun
 from weckd.server.state import load_state, new_state
 from weckd.server.transport import SiteFailure, failure_from_error
@@ -78,10 +79,10 @@ def test_skip_drops_the_site_from_later_cycles_too(tmp_path: Path) -> None:
 
 
 def test_a_refused_payload_fails_at_once_without_retry_even_with_skip(tmp_path: Path) -> None:
-    refused = failure_from_error("B", "train", 2, "SealError[replay]: site B link 2: payload is from run 'x' link 0")
+    refused = failure_from_error("B", "train", 2, error_text(Reason.REPLAY))
     sites = FakeSites(["A", "B", "C"], lambda s, k: refused if s == "B" else None)
     run, events = _run(tmp_path, sites, retries=3, on_site_failure="skip")
-    with pytest.raises(LinkError, match=r"site B refused the payload \(replay\)"):
+    with pytest.raises(LinkError, match=r"site B refused the request \(replay\)"):
         run.run()
     assert _trained(sites) == [("A", 0), ("B", 1)]
     assert [e["reason"] for e in events if e["event"] == "site-failure"] == ["replay"]
@@ -124,9 +125,12 @@ def test_sealed_federation_asks_for_blobs_for_next_evaluators_and_recipients(tmp
 @pytest.mark.parametrize(("code", "reason", "kind", "label"), [
     (5, "Node Unavailable", "unavailable", "node-unavailable"),
     (3, "Message unavailable", "unavailable", "node-unavailable"),
-    (2, "SealError[tampered]: site B link 2: does not decrypt", "security", "tampered"),
-    (2, "PayloadError: site B: tensor 'w' holds 3 NaN/Inf value(s)", "security", "payload-refused"),
-    (2, "SiteDataError: /data/A: no images", "error", "site-error"),
+    (2, "weckd-refused:tampered the sealed payload was altered in transit or forged", "security", "tampered"),
+    (2, "weckd-refused:malformed-payload the payload is malformed", "security", "malformed-payload"),
+    (2, "weckd-refused:arch-not-allowed the architecture is not allowed", "security", "arch-not-allowed"),
+    (2, "weckd-refused:internal the request failed at the site", "error", "site-error"),
+    (2, "SealError[tampered]: the words of an older site are not a code", "error", "site-error"),
+    (2, "weckd-refused:no-such-reason made up", "error", "site-error"),
 ])
 def test_site_errors_are_classified(code: int, reason: str, kind: str, label: str) -> None:
     failure = failure_from_error("B", "train", code, reason)

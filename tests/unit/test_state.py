@@ -1,13 +1,30 @@
-"""The chain checkpoint: atomic, self-checking, never used when torn; the site's stored last link."""
+"""The chain checkpoint: atomic, private, keyed (HMAC), never used when torn or forged; the site's stored
+last link."""
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import hmac
 import json
+import os
+import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
+from weckd.chain.files import check_run_id
 from weckd.client.linkstore import LinkOutput, LinkStore, link_key
 from weckd.server.relay import Relay
-from weckd.server.state import ChainState, LinkRecord, StateError, discard_state, load_state, new_state, save_state
+from weckd.server.state import (
+    ChainState,
+    LinkRecord,
+    StateError,
+    discard_state,
+    load_state,
+    new_run_id,
+    new_state,
+    save_state,
+)
 
 from .fake_grid import federation
 
@@ -98,3 +115,130 @@ def test_site_store_with_a_damaged_payload_trains_again(tmp_path: Path) -> None:
     store.put("k", LinkOutput({"weights": b"w" * 10}, {}, {}))
     (tmp_path / "last-link" / "weights.bin").write_bytes(b"x" * 10)
     assert store.get("k") is None
+
+
+# ---------------------------------------------------------------- keyed checkpoint, run ids, modes
+
+
+def _doc(d: Path) -> dict[str, Any]:
+    return json.loads((d / "state.json").read_text())
+
+
+def _write_signed(tmp_path: Path, body: Any) -> None:
+    """What only a holder of chain.key could write: a body with a valid HMAC."""
+    key = (tmp_path / "state" / "chain.key").read_bytes()
+    mac = hmac.new(key, json.dumps(body, sort_keys=True, separators=(",", ":")).encode(), hashlib.sha256).hexdigest()
+    (tmp_path / "state" / "chain" / "state.json").write_text(json.dumps({"body": body, "hmac-sha256": mac}))
+
+
+def _load(tmp_path: Path) -> ChainState | None:
+    return load_state(tmp_path / "state", federation(tmp_path, ["A", "B"]))
+
+
+def test_new_run_ids_are_time_ordered_plain_names() -> None:
+    early = new_run_id(dt.datetime(2025, 1, 1, 12, 0, 0, tzinfo=dt.timezone.utc))
+    late = new_run_id(dt.datetime(2025, 1, 1, 12, 0, 1, tzinfo=dt.timezone.utc))
+    assert early.startswith("20250101T120000Z-") and len(early) == 29 and early < late
+    assert check_run_id(early) == early
+
+
+def test_checkpoint_files_are_private_under_umask_022(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        _, d = _state(tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [d, tmp_path / "state" / "chain.key", *d.iterdir()]}
+    assert modes.pop("chain") == 0o700 and set(modes.values()) == {0o600}
+    assert len((tmp_path / "state" / "chain.key").read_bytes()) == 32
+
+
+def test_edited_checkpoint_with_recomputed_checksum_is_refused(tmp_path: Path) -> None:
+    _, d = _state(tmp_path)
+    doc = _doc(d)
+    doc["body"]["next_slot"] = 2
+    doc["hmac-sha256"] = hashlib.sha256(json.dumps(doc["body"], sort_keys=True, separators=(",", ":")).encode()
+                                        ).hexdigest()
+    (d / "state.json").write_text(json.dumps(doc))
+    with pytest.raises(StateError, match="torn or damaged chain checkpoint: its hmac-sha256 does not match"):
+        _load(tmp_path)
+
+
+def test_blob_name_outside_the_folder_is_refused_and_never_read(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    _, d = _state(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"coordinator secret")
+    body = _doc(d)["body"]
+    ref = next(iter(body["relay"]["blobs"].values()))
+    ref["file"], ref["sha256"] = "../../secret.txt", hashlib.sha256(secret.read_bytes()).hexdigest()
+    _write_signed(tmp_path, body)
+    opened: list[str] = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    with pytest.raises(StateError, match="torn or damaged.*relay-<link>-<n>.bin"):
+        _load(tmp_path)
+    assert not any("secret" in p for p in opened)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '"body"', "null"])
+def test_state_file_of_the_wrong_json_type_is_a_typed_refusal(tmp_path: Path, content: str) -> None:
+    _, d = _state(tmp_path)
+    (d / "state.json").write_text(content)
+    with pytest.raises(StateError, match="torn or damaged chain checkpoint: the file is .*expected an object"):
+        _load(tmp_path)
+
+
+@pytest.mark.parametrize("body", [["format", 2], "weckd-chain-state", 7])
+def test_signed_body_of_the_wrong_json_type_is_a_typed_refusal(tmp_path: Path, body: Any) -> None:
+    _state(tmp_path)
+    _write_signed(tmp_path, body)
+    with pytest.raises(StateError, match="torn or damaged chain checkpoint: the file.body is .*expected an object"):
+        _load(tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [("next_slot", "1"), ("next_slot", -1), ("completed", 1),
+                                          ("links", {}), ("run_id", "../../x"), ("updated", None)])
+def test_signed_field_of_the_wrong_type_or_range_is_refused(tmp_path: Path, field: str, value: Any) -> None:
+    _, d = _state(tmp_path)
+    body = _doc(d)["body"]
+    body[field] = value
+    _write_signed(tmp_path, body)
+    with pytest.raises(StateError, match=f"torn or damaged chain checkpoint: body.{field} is"):
+        _load(tmp_path)
+
+
+def test_checkpoint_with_its_key_file_missing_is_refused(tmp_path: Path) -> None:
+    _state(tmp_path)
+    (tmp_path / "state" / "chain.key").unlink()
+    with pytest.raises(StateError, match="chain.key: the key that signs the chain checkpoint is missing.*--fresh"):
+        _load(tmp_path)
+
+
+def test_checkpoint_without_an_hmac_is_reported_not_verifiable(tmp_path: Path) -> None:
+    _, d = _state(tmp_path)
+    body = _doc(d)["body"]
+    old = {"body": body, "sha256": hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+                                                  ).hexdigest()}
+    (d / "state.json").write_text(json.dumps(old))
+    with pytest.raises(StateError, match="without an HMAC: it cannot be verified.*weckd-server --fresh"):
+        _load(tmp_path)
+
+
+def test_relay_blob_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    _, d = _state(tmp_path)
+    blob = sorted(d.glob("relay-*.bin"))[0]
+    (tmp_path / "elsewhere.bin").write_bytes(blob.read_bytes())
+    blob.unlink()
+    blob.symlink_to(tmp_path / "elsewhere.bin")
+    with pytest.raises(StateError, match=r"relay file relay-\d+-\d+\.bin leads out of the folder"):
+        _load(tmp_path)
+
+
+def test_fresh_start_after_discard_gets_a_new_key(tmp_path: Path) -> None:
+    _state(tmp_path)
+    key = (tmp_path / "state" / "chain.key").read_bytes()
+    moved = discard_state(tmp_path / "state")
+    assert moved is not None and (moved / "chain.key").read_bytes() == key
+    _state(tmp_path)
+    assert (tmp_path / "state" / "chain.key").read_bytes() != key and _load(tmp_path) is not None

@@ -1,0 +1,243 @@
+"""Refusal reasons of the federation: one table, used by both roles.
+
+A site that refuses a request raises :class:`Refused` with a :class:`Reason`. Its executor sends
+back only ``weckd-refused:<reason>`` followed by that reason's fixed text from :data:`TEXT`, never
+the exception's own words (they may hold local paths or file content). The coordinator maps the code
+back with :func:`reason_from_error`, an exact lookup of the prefix, never a search of prose, and
+counts refusals by reason. The seal reasons of ``weckd.chain.seal`` are members too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Mapping
+
+from .errors import SecurityError
+
+ERROR_PREFIX = "weckd-refused:"
+
+
+class Reason(str, Enum):
+    """Why a party refused a request (a metric label and an audit-log field)."""
+
+    # the run bundle and the request itself
+    FOREIGN_APP = "foreign-app"  # the run's bundle is not weckd's own config-only app for this version
+    BAD_REQUEST = "bad-request"  # a field is missing, of the wrong type or out of range
+    BAD_RUN_ID = "bad-run-id"  # a run id that is not a plain name
+    VERSION_MISMATCH = "version-mismatch"
+    # who sent what, for whom
+    COORDINATOR_SENDER = "coordinator-sender"  # the coordinator is never a teacher or a model to evaluate
+    NOT_PREDECESSOR = "not-predecessor"  # the named sender does not precede this link in the agreed order
+    RECIPIENT_NOT_ALLOWED = "recipient-not-allowed"  # seal-for names a party the site's policy excludes
+    # the site's own run state
+    STALE_RUN = "stale-run"  # a run this site left behind
+    LINK_NOT_FORWARD = "link-not-forward"  # link numbers only move forward within a run
+    MISSING_TEACHER = "missing-teacher"  # a link after the first without its predecessor's payload
+    # the site policy
+    ARCH_NOT_ALLOWED = "arch-not-allowed"
+    EPOCHS_OVER_LIMIT = "epochs-over-limit"
+    BATCH_OVER_LIMIT = "batch-over-limit"
+    IMAGES_OVER_LIMIT = "images-over-limit"
+    LINKS_OVER_LIMIT = "links-over-limit"
+    EVALUATIONS_OVER_LIMIT = "evaluations-over-limit"
+    LOGITS_NOT_ALLOWED = "logits-not-allowed"
+    DP_REQUIRED = "dp-required"
+    EPSILON_OVER_LIMIT = "epsilon-over-limit"
+    EPSILON_BUDGET = "epsilon-budget-exhausted"
+    WEIGHTS_FROM_WIRE = "weights-from-wire"  # link.weights names a local file: only the site's config may
+    # payloads (seal reasons keep their own names)
+    MALFORMED_PAYLOAD = "malformed-payload"
+    TOO_LARGE = "too-large"
+    MALFORMED = "malformed"
+    BAD_VERSION = "bad-version"
+    BAD_SIGNATURE = "bad-signature"
+    TAMPERED = "tampered"
+    UNEXPECTED_SENDER = "unexpected-sender"
+    WRONG_RECIPIENT = "wrong-recipient"
+    REPLAY = "replay"
+    WRONG_MODEL = "wrong-model"
+    BAD_HASH = "bad-hash"
+    UNKNOWN_PEER = "unknown-peer"
+    UNSEALED = "unsealed"
+    # anything else went wrong at the site: its own log says what
+    INTERNAL = "internal"
+
+
+TEXT: dict[Reason, str] = {
+    Reason.FOREIGN_APP: "the run's app bundle is not weckd's own app for this site's installed version",
+    Reason.BAD_REQUEST: "a request field is missing, of the wrong type or out of range",
+    Reason.BAD_RUN_ID: "the run id is not a plain name (letters, digits, '.', '_', '-'; at most 64)",
+    Reason.VERSION_MISMATCH: "the coordinator and the site run different weckd versions",
+    Reason.COORDINATOR_SENDER: "the coordinator is never a valid sender of a teacher or of a model to evaluate",
+    Reason.NOT_PREDECESSOR: "the payload's sender does not precede this link in the chain order the site agreed to",
+    Reason.RECIPIENT_NOT_ALLOWED: "the site's policy does not let it seal its model for a recipient asked for",
+    Reason.STALE_RUN: "the request names a run this site has already left",
+    Reason.LINK_NOT_FORWARD: "link numbers only move forward within a run",
+    Reason.MISSING_TEACHER: "a link after the first must carry its predecessor's payload",
+    Reason.ARCH_NOT_ALLOWED: "the architecture is not allowed by the site's policy",
+    Reason.EPOCHS_OVER_LIMIT: "the epochs asked for exceed the site's policy",
+    Reason.BATCH_OVER_LIMIT: "the batch size asked for exceeds the site's policy",
+    Reason.IMAGES_OVER_LIMIT: "the images processed per link (epochs x training images) exceed the site's policy",
+    Reason.LINKS_OVER_LIMIT: "the run asks this site for more links than its policy allows",
+    Reason.EVALUATIONS_OVER_LIMIT: "the run asks this site for more evaluations than its policy allows",
+    Reason.LOGITS_NOT_ALLOWED: "the site's policy does not allow logits mode",
+    Reason.DP_REQUIRED: "the site's policy requires differential privacy for every link",
+    Reason.EPSILON_OVER_LIMIT: "the link's epsilon exceeds the site's per-link limit",
+    Reason.EPSILON_BUDGET: "the link would exceed the site's cumulative epsilon budget",
+    Reason.WEIGHTS_FROM_WIRE: "link.weights names a local file; only the site's own config may",
+    Reason.MALFORMED_PAYLOAD: "the payload is malformed or does not fit the model",
+    Reason.TOO_LARGE: "the payload is over the site's size limit",
+    Reason.MALFORMED: "the sealed payload is malformed",
+    Reason.BAD_VERSION: "the sealed payload is of another format version",
+    Reason.BAD_SIGNATURE: "the sealed payload's signature verifies under no key",
+    Reason.TAMPERED: "the sealed payload was altered in transit or forged",
+    Reason.UNEXPECTED_SENDER: "the sealed payload is not signed by the expected sender",
+    Reason.WRONG_RECIPIENT: "the sealed payload is sealed for another party",
+    Reason.REPLAY: "the sealed payload belongs to another run or link",
+    Reason.WRONG_MODEL: "the sealed payload holds another kind of model",
+    Reason.BAD_HASH: "the sealed payload does not match its declared hash",
+    Reason.UNKNOWN_PEER: "the party named has no pinned keys at this site",
+    Reason.UNSEALED: "an unsealed payload arrived at a site that takes sealed payloads only",
+    Reason.INTERNAL: "the request failed at the site; its own log says why",
+}
+
+
+class Refused(SecurityError):
+    """A party refused a request before doing any work for it; ``reason`` says why."""
+
+    def __init__(self, reason: Reason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def error_text(reason: Reason) -> str:
+    """What a site sends back for a refusal: the code and its fixed text, nothing local."""
+    return f"{ERROR_PREFIX}{reason.value} {TEXT[reason]}"
+
+
+def reason_from_error(text: str) -> Reason | None:
+    """The reason of an error text a site sent, or None when it is not a weckd refusal."""
+    if not text.startswith(ERROR_PREFIX):
+        return None
+    code = text[len(ERROR_PREFIX):].split(" ", 1)[0]
+    try:
+        return Reason(code)
+    except ValueError:
+        return None
+
+
+def reason_of(err: BaseException) -> Reason:
+    """The refusal reason of an exception raised while handling a request."""
+    from .errors import PayloadError  # the tree's leaves; no cycle at import time
+
+    reason = getattr(err, "reason", None)
+    if isinstance(reason, Reason):
+        return reason
+    if isinstance(reason, str):
+        try:
+            return Reason(reason)
+        except ValueError:
+            pass
+    if isinstance(err, PayloadError):
+        return Reason.MALFORMED_PAYLOAD
+    return Reason.INTERNAL
+
+
+# -- requests a site receives -------------------------------------------------------------------------
+
+_RUN_KEYS_TRAIN = {"link": int, "n-links": int, "seed": int, "mode": str, "wire-dtype": str, "augment": bool,
+                   "deliver": bool, "run-id": str, "schedule": list, "seal-for": str}
+_RUN_KEYS_EVALUATE = {"link": int, "run-id": str, "sender": str, "deliver": bool, "schedule": list}
+MAX_SCHEDULE = 4096
+MAX_NAME = 64
+
+
+def _typed(values: Mapping[str, Any], spec: Mapping[str, type], where: str) -> dict[str, Any]:
+    """``values`` with exactly the keys of ``spec``, each of exactly its type (bool is not int)."""
+    missing, extra = sorted(set(spec) - set(values)), sorted(set(values) - set(spec))
+    if missing or extra:
+        raise Refused(Reason.BAD_REQUEST, f"{where}: request keys missing {missing[:8]} / unexpected {extra[:8]}; "
+                      "the coordinator runs another weckd version or was tampered with")
+    for key, want in spec.items():
+        if type(values[key]) is not want:
+            raise Refused(Reason.BAD_REQUEST, f"{where}: request field {key!r} must be {want.__name__}, got "
+                          f"{type(values[key]).__name__}")
+    return dict(values)
+
+
+def _names(values: list[Any], key: str, where: str) -> tuple[str, ...]:
+    if len(values) > MAX_SCHEDULE or not all(type(v) is str and 0 < len(v) <= MAX_NAME for v in values):
+        raise Refused(Reason.BAD_REQUEST, f"{where}: request field {key!r} must be a list of at most "
+                      f"{MAX_SCHEDULE} site names of 1-{MAX_NAME} characters")
+    return tuple(values)
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """The ``config`` record of a ``train`` message: which link of which run, routed how."""
+
+    run_id: str
+    link: int  # 0-based index in ``schedule``
+    schedule: tuple[str, ...]  # the site of every link of the run, in order
+    seed: int
+    mode: str
+    wire_dtype: str
+    augment: bool
+    deliver: bool  # the last link: its model is also delivered
+    seal_for: tuple[tuple[str, str], ...]  # (kind, recipient) of every blob to seal
+
+    @property
+    def n_links(self) -> int:
+        return len(self.schedule)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"link": self.link, "n-links": self.n_links, "seed": self.seed, "mode": self.mode,
+                "wire-dtype": self.wire_dtype, "augment": self.augment, "deliver": self.deliver,
+                "run-id": self.run_id, "schedule": list(self.schedule),
+                "seal-for": ",".join(f"{k}:{r}" for k, r in self.seal_for)}
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any], where: str) -> TrainRequest:
+        v = _typed(values, _RUN_KEYS_TRAIN, where)
+        schedule = _names(v["schedule"], "schedule", where)
+        seal_for = []
+        for item in filter(None, v["seal-for"].split(",")):
+            kind, sep, recipient = item.partition(":")
+            if not sep or kind not in ("weights", "logits") or not 0 < len(recipient) <= MAX_NAME:
+                raise Refused(Reason.BAD_REQUEST, f"{where}: seal-for entry {item[:80]!r} is not kind:recipient")
+            seal_for.append((kind, recipient))
+        if not 0 <= v["link"] < len(schedule) or v["n-links"] != len(schedule):
+            raise Refused(Reason.BAD_REQUEST, f"{where}: link {v['link']} / n-links {v['n-links']} do not fit a "
+                          f"schedule of {len(schedule)} links")
+        if v["mode"] not in ("weights", "logits") or v["wire-dtype"] not in ("float32", "float16"):
+            raise Refused(Reason.BAD_REQUEST, f"{where}: mode {v['mode'][:20]!r} / wire dtype "
+                          f"{v['wire-dtype'][:20]!r} unknown")
+        if v["deliver"] != (v["link"] == len(schedule) - 1):
+            raise Refused(Reason.BAD_REQUEST, f"{where}: only the last link of the schedule delivers its model")
+        return cls(v["run-id"], v["link"], schedule, v["seed"], v["mode"], v["wire-dtype"], v["augment"],
+                   v["deliver"], tuple(seal_for))
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """The ``config`` record of an ``evaluate`` message: link ``link``'s model, from ``sender``."""
+
+    run_id: str
+    link: int
+    sender: str
+    schedule: tuple[str, ...]
+    deliver: bool  # keep the model: it is the chain's final model, delivered to this site
+
+    def to_config(self) -> dict[str, Any]:
+        return {"link": self.link, "run-id": self.run_id, "sender": self.sender, "deliver": self.deliver,
+                "schedule": list(self.schedule)}
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any], where: str) -> EvaluateRequest:
+        v = _typed(values, _RUN_KEYS_EVALUATE, where)
+        schedule = _names(v["schedule"], "schedule", where)
+        if not 0 <= v["link"] < len(schedule):
+            raise Refused(Reason.BAD_REQUEST, f"{where}: link {v['link']} is outside the schedule")
+        if v["deliver"] and v["link"] != len(schedule) - 1:
+            raise Refused(Reason.BAD_REQUEST, f"{where}: only the last link's model is delivered")
+        return cls(v["run-id"], v["link"], v["sender"], schedule, v["deliver"])
