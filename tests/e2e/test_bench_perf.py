@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.bench]  # four federations, ~4 min: -m bench
 
 
 def test_federation_and_memory_parts_measure_real_federations(tmp_path: Path) -> None:
