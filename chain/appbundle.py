@@ -23,7 +23,8 @@ APP_NAME = "weckd-chain"
 PUBLISHER = "weckd"
 SERVERAPP = "weckd.server.app:app"
 CLIENTAPP = "weckd.client.app:app"
-RUN_CONFIG_KEYS = ("federation-config", "output-dir", "state-dir", "progress-file", "wire-log")
+RUN_CONFIG_KEYS = ("federation-config", "config-dir", "output-dir", "state-dir", "progress-file",
+                   "wire-log")
 MAX_BUNDLE_BYTES = 64 * 1024
 FILES = {"pyproject.toml", ".info/CONTENT"}
 

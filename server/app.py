@@ -1,10 +1,11 @@
 """The weckd ServerApp: discover the sites, run the chain, write the results (thin: logic in schedule.py).
 
-Run-config keys (set by ``weckd-server``): ``federation-config`` (the coordinator's YAML, read here
-again with the same validation), ``output-dir``, ``state-dir`` (the chain checkpoint: a run continues
-from it), ``progress-file`` (one JSON line per event, which ``weckd-server`` follows) and ``wire-log``
-(empty: off). Flower discards the ServerApp's context
-when the run ends, so everything is written to files here.
+Run-config keys (set by ``weckd-server``): ``federation-config`` (the effective config weckd-server
+wrote into its state dir after ``--set``, read here with the same validation), ``config-dir`` (the
+folder relative paths resolve against: the original file's), ``output-dir``, ``state-dir`` (the
+chain checkpoint: a run continues from it), ``progress-file`` (one JSON line per event, which
+``weckd-server`` follows) and ``wire-log`` (empty: off). Flower discards the ServerApp's context when
+the run ends, so everything is written to files here.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     fast_pull()
     start = time.monotonic()
-    fed = load_federation(str(rc["federation-config"]))
+    fed = load_federation(str(rc["federation-config"]), base_dir=str(rc["config-dir"]) or None)
     progress = ProgressFile(str(rc["progress-file"]))
     state_dir = Path(str(rc["state-dir"]))
     s = fed.settings

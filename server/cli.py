@@ -23,7 +23,7 @@ from weckd.client.procs import Group, raise_on_sigterm
 
 from .metrics import ServerMetrics, format_seconds
 from .report import RESULTS_FILE
-from .settings import Federation, check_files, coordinator_sealing, load_federation
+from .settings import Federation, check_files, coordinator_sealing, load_federation, write_effective
 from .state import discard_state, load_state
 from .superlink import (
     Paths,
@@ -124,7 +124,9 @@ def _checkpoint(fed: Federation, state_dir: Path, fresh: bool) -> None:
 def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, metrics: ServerMetrics) -> int:
     progress = paths.state / f"progress-{int(time.time() * 1000)}.jsonl"
     (out / RESULTS_FILE).unlink(missing_ok=True)
-    run_id = submit(paths, {"federation-config": str(Path(fed.source).resolve()), "output-dir": str(out),
+    effective, digest = write_effective(fed, paths.state)
+    log.info("effective config (after --set) in %s, sha256 %s", effective, digest[:16])
+    run_id = submit(paths, {"federation-config": str(effective), "config-dir": fed.base_dir, "output-dir": str(out),
                             "state-dir": str(paths.state), "progress-file": str(progress), "wire-log": wire_log})
     log.info("run %d submitted; waiting for sites %s", run_id, ", ".join(fed.chain.chain.order))
     metrics.set_run(run_id, fed.chain.chain.mode)

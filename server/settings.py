@@ -7,13 +7,17 @@ settings travel to the sites; paths and keys stay with the coordinator.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from weckd.chain.config import ChainConfig, apply_override, config_from_mapping, read_yaml
 from weckd.chain.errors import ConfigError
+from weckd.chain.files import atomic_write_text
 from weckd.chain.peers import COORDINATOR, SealingSettings
 from weckd.chain.schema import Origin, build
 
@@ -78,13 +82,20 @@ class Federation:
     settings: FederationSettings
     sites: dict[str, SiteAuth]
     source: str
+    effective: dict[str, Any] = field(default_factory=dict, compare=False)  # the YAML mapping after --set
+    base_dir: str = field(default=".", compare=False)  # relative paths resolve against this folder
 
 
-def load_federation(path: str | Path, overrides: tuple[str, ...] = ()) -> Federation:
-    """Load and validate ``federation.yaml``; every problem is one ConfigError line."""
+def load_federation(path: str | Path, overrides: tuple[str, ...] = (), base_dir: str | Path | None = None
+                    ) -> Federation:
+    """Load and validate ``federation.yaml``; every problem is one ConfigError line. ``base_dir``: resolve
+    relative paths against this folder instead of the file's (the effective config, see below)."""
     raw, origin = read_yaml(path)
+    if base_dir is not None:
+        origin = Origin(origin.source, Path(base_dir))
     for item in overrides:
         apply_override(raw, item)
+    effective = copy.deepcopy(raw)
     fed_raw = raw.pop("federation", None)
     if fed_raw is None:
         raise ConfigError(f"{origin.source}: federation: missing section; add fleet_address, sites, ca, cert, key")
@@ -97,7 +108,21 @@ def load_federation(path: str | Path, overrides: tuple[str, ...] = ()) -> Federa
     sites = _sites(sites_raw, chain, origin)
     _check_address(settings.fleet_address, origin)
     _check_sealing(settings.sealing, chain, origin)
-    return Federation(chain, settings, sites, origin.source)
+    return Federation(chain, settings, sites, origin.source, effective, str(origin.base_dir))
+
+
+EFFECTIVE_FILE = "federation.effective.yaml"
+
+
+def write_effective(fed: Federation, state_dir: Path) -> tuple[Path, str]:
+    """The config after ``--set``, as validated, into ``state_dir`` (0600): the ServerApp reads exactly
+    this file (with ``fed.base_dir`` for relative paths), so an override changes what the run does.
+    Returns the path and its SHA-256."""
+    text = (f"# weckd-server's effective config: {fed.source} with its --set overrides; relative paths resolve "
+            f"against {fed.base_dir}\n" + yaml.safe_dump(fed.effective, sort_keys=False))
+    path = Path(state_dir) / EFFECTIVE_FILE
+    atomic_write_text(path, text)
+    return path, hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _check_sealing(sealing: FederationSealing | None, chain: ChainConfig, origin: Origin) -> None:

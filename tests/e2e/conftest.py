@@ -68,7 +68,8 @@ def _refused_sites(fed: LocalFederation) -> dict[str, str]:
 
 
 def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any] | None = None,
-                   refused: bool = False, monitor: bool = False, sealed: bool = True) -> FederatedRun:
+                   refused: bool = False, monitor: bool = False, sealed: bool = True,
+                   server_args: tuple[str, ...] = ()) -> FederatedRun:
     """Run a federation (sealed end to end unless ``sealed`` is false); with ``monitor``, a real
     Prometheus scrapes it (see ``prometheus.py``)."""
     scaffold = make_scaffold(root, chain, federation, sealed=sealed)
@@ -80,7 +81,7 @@ def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any]
     try:
         if prom is not None:
             prom.start()
-        fed.start_server("--wire-log", str(wire))
+        fed.start_server("--wire-log", str(wire), *server_args)
         fed.wait_ready()
         for site in scaffold.sites:
             fed.start_site(site)
@@ -123,9 +124,11 @@ def logits_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedRu
 @pytest.fixture(scope="session")
 def hetero_weights_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedRun]:
     """Weights mode across architectures: distillation from a live teacher of another architecture,
-    warm start only where the architectures match; evaluation by the next link's site."""
+    warm start only where the architectures match; evaluation by the next link's site. The YAML says
+    3 epochs a link and ``weckd-server --set link.epochs=2`` overrides it."""
     chain = chain_settings({
-        "link": {"epochs": 2},
+        "link": {"epochs": 3},
         "links": [{"arch": "test_resnet"}, {"arch": "test_efficientnet"}, {"arch": "test_efficientnet"}],
     })
-    yield run_federation(tmp_path_factory.mktemp("weights-hetero"), chain, {"evaluate": "next"})
+    yield run_federation(tmp_path_factory.mktemp("weights-hetero"), chain, {"evaluate": "next"},
+                         server_args=("--set", "link.epochs=2"))

@@ -27,3 +27,7 @@ def test_delivered_model_is_the_last_architecture(hetero_weights_run: FederatedR
     assert card["arch"] == "test_efficientnet"
     assert [link["arch"] for link in card["provenance"]["links"]] == ["test_resnet", "test_efficientnet",
                                                                       "test_efficientnet"]
+
+
+def test_a_set_override_changes_what_the_sites_train(hetero_weights_run: FederatedRun) -> None:
+    assert [len(r["epochs"]) for r in hetero_weights_run.results["links"]] == [2, 2, 2]  # the YAML says 3
