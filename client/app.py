@@ -130,8 +130,10 @@ def _audit_refusal(audit: AuditLog, kind: str, msg: Message, reason: Reason) -> 
 
 def refuse_bundle(context: Context, msg: Message, err: Refused) -> None:
     """The executor refused the run's bundle: the same one line, audit line and count as any refusal."""
-    site = site_data(context)
-    _guarded(msg.metadata.message_type, site, msg, lambda *_: (_ for _ in ()).throw(err))
+    def work(*_: Any) -> Message:
+        raise err
+
+    _guarded(msg.metadata.message_type, site_data(context), msg, work)
 
 
 @app.query()

@@ -94,8 +94,11 @@ def make_scaffold(root: Path, chain: dict[str, Any], federation: dict[str, Any] 
     fed.update(federation or {})
     path = root / "federation.yaml"
     atomic_write_text(path, yaml.safe_dump({**chain, "federation": fed}, sort_keys=False), 0o644)
-    # each site's policy lets it seal the final model for the coordinator only where the federation asks for it
-    policy = {"deliver_to": [COORDINATOR]} if COORDINATOR in fed.get("sealing", {}).get("deliver_to", []) else {}
+    # each site agrees to the chain order, and seals the final model for the coordinator only where the
+    # federation asks for it
+    policy: dict[str, Any] = {"order": list(dict.fromkeys(order))}
+    if COORDINATOR in fed.get("sealing", {}).get("deliver_to", []):
+        policy["deliver_to"] = [COORDINATOR]
     sites = {s: write_site_config(root, s, chain, fleet, threads, sealing=site_sealing(s, order) if sealed else None,
                                   policy=policy) for s in dict.fromkeys(order)}
     return Scaffold(root, path, sites, chain)

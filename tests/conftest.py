@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -15,6 +17,16 @@ BREASTMNIST = REPO.parent / "shared" / "data" / "breastmnist.npz"
 def _fixed_threads() -> None:
     """Two threads, as on the CI machine, so timings and float reductions match across runs."""
     torch.set_num_threads(2)
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The common umask: files weckd writes must get their private modes whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
 @pytest.fixture

@@ -3,10 +3,8 @@ never a write through a symbolic link."""
 from __future__ import annotations
 
 import ipaddress
-import os
 import stat
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from cryptography import x509
@@ -65,15 +63,6 @@ def test_cli_refuses_overwrite_with_exit_2(tmp_path: Path) -> None:
 
 def test_server_cert_without_ca_is_a_clear_error(tmp_path: Path) -> None:
     assert certs_command(["server", "--ca-dir", str(tmp_path)]) == 1
-
-
-@pytest.fixture
-def umask_022() -> Iterator[None]:
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 @pytest.mark.usefixtures("umask_022")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from weckd.chain import files
@@ -12,14 +12,7 @@ from weckd.chain.errors import ConfigError, SecurityError
 from weckd.chain.files import atomic_write, check_run_id, inside, private_dir, staged_dir
 from weckd.chain.protocol import Reason, Refused
 
-
-@pytest.fixture(autouse=True)
-def umask_022() -> Iterator[None]:
-    old = os.umask(0o022)
-    try:
-        yield
-    finally:
-        os.umask(old)
+pytestmark = pytest.mark.usefixtures("umask_022")
 
 
 def _mode(path: Path) -> int:
