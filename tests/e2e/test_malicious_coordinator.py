@@ -252,13 +252,14 @@ def attack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attack]:
         register_sites(fed, paths)
         for site in cfgs:
             local.start_site(site)
-        with attacker_host:  # both runs at once: the foreign-app query does no work at the site
-            ids = {"evil": _submit(paths, evil, {**plan, "scenarios": ["foreign-app"], "out": str(root / "evil.json")},
-                                   root / "plan-evil.json"),
-                   "main": _submit(paths, main, {**plan, "scenarios": MAIN, "out": str(root / "main.json")},
-                                   root / "plan-main.json")}
+        # one run after the other: each scenario's before/after snapshot of the site sees only its own requests
         deadline = time.monotonic() + RUN_TIMEOUT
-        runs = {name: _wait(paths, run_id, root / f"{name}.json", deadline) for name, run_id in ids.items()}
+        runs = {}
+        for name, scenarios, bundle in (("evil", ["foreign-app"], evil), ("main", MAIN, main)):
+            with attacker_host:
+                run_id = _submit(paths, bundle, {**plan, "scenarios": scenarios, "out": str(root / f"{name}.json")},
+                                 root / f"plan-{name}.json")
+            runs[name] = _wait(paths, run_id, root / f"{name}.json", deadline)
         evil_steps, evil_error = _read_steps(root / "evil.json")
         main_steps, main_error = _read_steps(root / "main.json")
         yield Attack(root, state, runs, evil_steps + main_steps, {"evil": evil_error, "main": main_error},
