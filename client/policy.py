@@ -120,7 +120,12 @@ def check_recipients(policy: SitePolicy, req: TrainRequest, site: str, where: st
     ``policy.deliver_to``. The coordinator only ever gets the final model, and only if listed there."""
     later = set(req.schedule[req.link + 1:]) | {site}
     evaluating = set(req.schedule)  # the run's sites evaluate each link's model (evaluate: all)
+    # what the link will produce (weckd.client.app.link_output): asked for anything else, refuse before training
+    kinds = {req.mode} | ({"weights"} if req.deliver else set())
     for kind, recipient in req.seal_for:
+        if kind not in kinds:
+            raise Refused(Reason.BAD_REQUEST, f"{where}: asked to seal a {kind} payload; this link produces "
+                          f"{sorted(kinds)}")
         if recipient == COORDINATOR:
             ok = req.deliver and kind == "weights" and COORDINATOR in policy.deliver_to
         elif req.deliver and kind == "weights":

@@ -129,6 +129,10 @@ def test_the_final_model_goes_to_the_coordinator_only_if_the_policy_lists_it(tmp
     assert _admit(tmp_path / "listed", config, deliver_to=("coordinator",)).req.deliver
 
 
+def test_sealing_a_kind_the_link_does_not_produce_is_refused_before_training(tmp_path: Path) -> None:
+    _refused(Reason.BAD_REQUEST, _admit, tmp_path, _train_config(**{"seal-for": "logits:C"}))
+
+
 def test_sealing_for_a_site_outside_the_run_is_refused(tmp_path: Path) -> None:
     _refused(Reason.RECIPIENT_NOT_ALLOWED, _admit, tmp_path, _train_config(**{"seal-for": "weights:Z"}))
 
