@@ -42,7 +42,7 @@ def pinned_sites(party: Party | None) -> set[str] | None:
 
 def link_settings(values: Mapping[str, Any], where: str) -> LinkSettings:
     """The link's settings from the wire; a local path (``weights``) is never taken from there."""
-    if values.get("weights") not in (None, ""):
+    if "weights" in values:  # the coordinator never sends it (chain.config.link_to_mapping); any value is a path
         raise Refused(Reason.WEIGHTS_FROM_WIRE, f"{where}: link settings name a weights file; only this site's "
                       "own config may name local files")
     try:

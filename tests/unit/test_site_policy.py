@@ -68,6 +68,7 @@ def test_run_ids_that_are_not_plain_names_are_refused(tmp_path: Path, run_id: st
     (_link(), {"require_dp": True}, Reason.DP_REQUIRED),
     (_link(**{"privacy.epsilon": 8.0}), {"max_epsilon_per_link": 2.0}, Reason.EPSILON_OVER_LIMIT),
     (_link(weights="/etc/hostname"), {}, Reason.WEIGHTS_FROM_WIRE),
+    (_link(weights=""), {}, Reason.WEIGHTS_FROM_WIRE),
     (_link(epochs="3"), {}, Reason.BAD_REQUEST),
 ])
 def test_link_settings_outside_the_policy_are_refused(tmp_path: Path, link: dict[str, Any], policy: dict[str, Any],
