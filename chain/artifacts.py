@@ -10,21 +10,26 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, Mapping
 
-import torch
+import numpy as np
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
 
 from . import __version__
-from .data import MEAN, STD, ImageSpec
 from .errors import PayloadError, shown
 from .files import atomic_write, atomic_write_text, inside, private_dir, staged_dir
+
+if TYPE_CHECKING:  # torch loads with the weights: the coordinator writes a delivered model without it
+    import torch
+
+    from .data import ImageSpec
 
 __all__ = ["ModelCard", "save_model", "load_model_files", "read_card", "load_weights", "sha256_file", "write_json",
            "write_yaml", "staged_dir", "image_spec_of_card"]
 
+MEAN = 0.5  # every model's input normalisation: pixels / 255, then (x - MEAN) / STD (chain.data)
+STD = 0.5
 MODEL_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
 CARD_FORMAT = "weckd-model/1"
@@ -55,10 +60,20 @@ class ModelCard:
         }
 
 
-def save_model(folder: Path, state: dict[str, torch.Tensor], card: ModelCard) -> None:
-    """Write model.safetensors and model_card.json into ``folder`` (created 0700; files 0600, atomic)."""
+def save_model(folder: Path, state: Mapping[str, torch.Tensor | np.ndarray], card: ModelCard) -> None:
+    """Write model.safetensors and model_card.json into ``folder`` (created 0700; files 0600, atomic).
+
+    ``state`` holds torch tensors (a site, ``weckd chain``) or numpy arrays (the coordinator); the file
+    is the same either way."""
     private_dir(folder)
-    data = save({k: v.contiguous() for k, v in state.items()}, metadata={"arch": card.arch})
+    if all(isinstance(v, np.ndarray) for v in state.values()):
+        from safetensors.numpy import save as save_numpy
+
+        data = save_numpy({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata={"arch": card.arch})
+    else:
+        from safetensors.torch import save
+
+        data = save({k: v.contiguous() for k, v in state.items()}, metadata={"arch": card.arch})
     atomic_write(folder / MODEL_FILE, data)
     write_json(folder / CARD_FILE, card.to_json(hashlib.sha256(data).hexdigest()))
 
@@ -105,6 +120,9 @@ def load_weights(folder: Path, card: dict[str, Any]) -> dict[str, torch.Tensor]:
     if hasher.hexdigest() != digest:
         raise PayloadError(f"{weights}: sha256 does not match the model card; the file is damaged or altered")
     try:
+        import torch
+        from safetensors.torch import load_file
+
         state = load_file(str(weights))
     except (SafetensorError, OSError) as err:
         raise PayloadError(f"{weights}: not a readable safetensors file ({shown(str(err), 120)}); "
@@ -155,4 +173,6 @@ def write_yaml(path: Path, data: Any) -> None:
 
 
 def image_spec_of_card(card: dict[str, Any]) -> ImageSpec:
+    from .data import ImageSpec
+
     return ImageSpec(tuple(card["classes"]), int(card["input"]["size"]), int(card["input"]["channels"]))

@@ -11,16 +11,13 @@ import logging
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import __version__
-from .artifacts import ModelCard, save_model, staged_dir, write_json, write_yaml
-from .config import ChainConfig, config_to_mapping, load_config
 from .errors import ConfigError, WeckdError
-from .models import check_arch
-from .prepare import prepare
-from .report import write_report
-from .runner import format_table, provenance, results_json, run_chain, timings_json
+
+if TYPE_CHECKING:
+    from .config import ChainConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +83,14 @@ def chain_command(argv: Sequence[str]) -> int:
 
 
 def _chain(args: argparse.Namespace) -> int:
+    # torch and the training stack load here, not with the module: the coordinator and the site's
+    # supervisor share run_command/setup_logging and never train
+    from .artifacts import ModelCard, save_model, staged_dir, write_json, write_yaml
+    from .config import config_to_mapping, load_config
+    from .prepare import prepare
+    from .report import write_report
+    from .runner import format_table, provenance, results_json, run_chain, timings_json
+
     overrides = list(args.set)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
@@ -112,6 +117,8 @@ def _chain(args: argparse.Namespace) -> int:
 
 def check_archs(cfg: ChainConfig) -> None:
     """Every link's architecture must be a timm model; fail before any data is read."""
+    from .models import check_arch
+
     for i in range(cfg.n_links):
         arch = cfg.link_settings(i).arch
         key = f"links[{i}].arch" if i < len(cfg.links) else "link.arch"

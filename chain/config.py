@@ -15,8 +15,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from .archnames import student_arch, warm_start_mismatch
 from .errors import ConfigError, shown
-from .privacy import student_arch, warm_start_mismatch
 from .schema import Origin, build
 
 

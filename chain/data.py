@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .artifacts import MEAN, STD
 from .errors import SiteDataError
 from .synthetic import make_synthetic, make_unlabelled
 
@@ -27,8 +28,6 @@ IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")  # the decoders PIL may use: no o
 # Decoding limit, checked from the file's header before any pixel is decoded (a 69-byte PNG can declare
 # gigapixels): 64 Mi pixels, e.g. 8192 x 8192, well above any radiograph, below PIL's own warning level.
 MAX_IMAGE_PIXELS = 1 << 26
-MEAN = 0.5
-STD = 0.5
 SYNTHETIC = "synthetic"
 
 

@@ -20,6 +20,14 @@ class WeckdError(Exception):
     exit_code = 1
 
 
+class ReportedError(WeckdError):
+    """The one-line error a child process reported (``weckd: error: …``), with the child's exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class ConfigError(WeckdError):
     """A configuration file, key or command-line flag is invalid."""
 

@@ -21,24 +21,10 @@ import torch
 from safetensors.torch import load_file
 from timm.layers import GroupNormAct
 
+from .archnames import GROUP_NORM_SUFFIX, group_norm_arch, split_arch  # noqa: F401 (re-exported)
 from .errors import ConfigError, PayloadError
 
 log = logging.getLogger(__name__)
-
-GROUP_NORM_SUFFIX = "+gn"
-
-
-def split_arch(arch: str) -> tuple[str, bool]:
-    """``'resnet18+gn'`` → ``('resnet18', True)``; a plain timm name → ``(name, False)``."""
-    if arch.endswith(GROUP_NORM_SUFFIX):
-        return arch[: -len(GROUP_NORM_SUFFIX)], True
-    return arch, False
-
-
-def group_norm_arch(arch: str) -> str:
-    """The GroupNorm variant's name of ``arch`` (unchanged when it already is one)."""
-    return arch if split_arch(arch)[1] else arch + GROUP_NORM_SUFFIX
-
 
 def is_arch(name: str) -> bool:
     """Whether ``name`` is a timm architecture, optionally with the ``+gn`` suffix."""

@@ -15,12 +15,14 @@ import json
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import numpy as np
-import torch
 
 from .errors import PayloadError, shown
+
+if TYPE_CHECKING:  # torch loads where tensors are made: the coordinator relays payloads without it
+    import torch
 
 FORMAT = "weckd-payload"
 VERSION = 2  # v2: floating tensors in the header's wire dtype (float32 or float16)
@@ -90,6 +92,8 @@ class Payload:
 
 def _wire_tensor(tensor: torch.Tensor, wire_dtype: str) -> torch.Tensor:
     """One tensor as it travels: floating → the wire dtype, integer/bool → int64."""
+    import torch
+
     t = tensor.detach().cpu()
     return t.to(getattr(torch, wire_dtype)) if t.is_floating_point() else t.long()
 
@@ -170,6 +174,22 @@ def decode_state(
     where: str = "payload",
 ) -> tuple[str, dict[str, torch.Tensor]]:
     """A weights payload back to (arch, state_dict); the header is checked first."""
+    import torch
+
+    got, named = decode_arrays(header, arrays, link=link, arch=arch, where=where)
+    return got, {name: torch.from_numpy(a) for name, a in named.items()}
+
+
+def decode_arrays(
+    header: Mapping[str, object],
+    arrays: Mapping[str, np.ndarray],
+    *,
+    link: int | None = None,
+    arch: str | None = None,
+    where: str = "payload",
+) -> tuple[str, dict[str, np.ndarray]]:
+    """A weights payload back to (arch, named arrays: floating ones float32, the rest int64), checked as
+    :func:`decode_state` checks it; for the coordinator, which writes a delivered model without torch."""
     meta = check_header(header, kind="weights", link=link, arch=arch, where=where)
     if not arrays:
         raise PayloadError(f"{where}: weights payload carries no arrays")
@@ -178,8 +198,7 @@ def decode_state(
     if any(a.dtype.kind == "f" and str(a.dtype) != wire for a in named.values()):
         raise PayloadError(f"{where}: floating tensors not in the declared wire dtype {wire}; the payload is damaged")
     check_finite(named, where)
-    state = {name: torch.from_numpy(a.astype(np.float32) if a.dtype.kind == "f" else a) for name, a in named.items()}
-    return meta.arch, state
+    return meta.arch, {name: a.astype(np.float32) if a.dtype.kind == "f" else a for name, a in named.items()}
 
 
 def decode_logits(
@@ -203,6 +222,8 @@ def decode_logits(
             f"{n_classes}) float32; do all sites hold the same proxy set and classes?"
         )
     check_finite(named, where)
+    import torch
+
     return meta.arch, torch.from_numpy(np.array(logits, copy=True))
 
 

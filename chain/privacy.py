@@ -66,8 +66,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from .archnames import student_arch, warm_start_mismatch  # noqa: F401 (re-exported)
 from .errors import LinkError
-from .models import group_norm_arch, split_arch
 
 if TYPE_CHECKING:
     from .config import LinkSettings, PrivacySettings
@@ -107,24 +107,6 @@ class PrivacySpent(Mapping[str, float]):
 
     def _names(self) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(self))
-
-
-def student_arch(settings: LinkSettings) -> str:
-    """The architecture a link trains: the GroupNorm variant of ``arch`` when privacy is on."""
-    return group_norm_arch(settings.arch) if settings.privacy is not None else settings.arch
-
-
-def warm_start_mismatch(student: str, predecessor: str) -> str | None:
-    """Why ``student`` cannot start from ``predecessor``'s weights when only the norm layers differ."""
-    (base, gn), (their_base, their_gn) = split_arch(student), split_arch(predecessor)
-    if base != their_base or gn == their_gn:
-        return None
-    ours, theirs = ("GroupNorm", "BatchNorm") if gn else ("BatchNorm", "GroupNorm")
-    return (
-        f"({student}, {ours}) cannot start from its predecessor's weights ({predecessor}, {theirs}): "
-        f"privacy swaps BatchNorm for GroupNorm; set init: scratch for this link, or give both links "
-        f"privacy (or arch: {base}+gn)"
-    )
 
 
 class PrivateTraining:

@@ -241,3 +241,8 @@ class EvaluateRequest:
         if v["deliver"] and v["link"] != len(schedule) - 1:
             raise Refused(Reason.BAD_REQUEST, f"{where}: only the last link's model is delivered")
         return cls(v["run-id"], v["link"], v["sender"], schedule, v["deliver"])
+
+
+def link_seed(seed: int, index: int) -> int:
+    """The training seed of link ``index`` (0-based); the federation sends the same one."""
+    return seed * 1_000_003 + 7919 * (index + 1)

@@ -21,6 +21,7 @@ from .link import Evaluation, LinkResult, Teacher, evaluate, model_from_state, t
 from .models import pick_device
 from .payload import round_state
 from .prepare import Prepared, prepare
+from .protocol import link_seed
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,6 @@ class ChainRun:
     @property
     def final(self) -> Row:
         return self.links[-1]
-
-
-def link_seed(seed: int, index: int) -> int:
-    """The training seed of link ``index`` (0-based); the federation sends the same one."""
-    return seed * 1_000_003 + 7919 * (index + 1)
 
 
 def run_chain(

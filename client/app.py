@@ -30,6 +30,7 @@ from weckd.chain.artifacts import ModelCard, save_model
 from weckd.chain.audit import AUDIT_FILE, AuditLog
 from weckd.chain.errors import LinkError, PayloadError, SecurityError
 from weckd.chain.files import check_run_id, inside, private_dir
+from weckd.chain.flower import config_dict, payload_records_from_bytes, read_payload
 from weckd.chain.link import LinkResult, Teacher, evaluate, model_from_state, train_link
 from weckd.chain.models import pick_device
 from weckd.chain.payload import (
@@ -57,7 +58,6 @@ from weckd.chain.seal import SealError
 from .admit import admit_evaluate, admit_train, check_model_arch
 from .linkstore import LinkOutput, LinkStore, link_key
 from .metrics import SiteStatus, status_path
-from .records import config_dict, payload_records_from_bytes, read_payload
 from .runstate import RunState
 from .site import LocalData, SiteConfig, load_local_data, load_site_config
 

@@ -1,9 +1,10 @@
 """``weckd-client --site A -c site-A.yaml``: serve one hospital site in the federation.
 
-Validates the config and reads the local data first (a clear one-line error before connecting),
-then starts the SuperNode (gRPC + TLS with the pinned CA, the site's auth key, ``--isolation
-process``, Fleet poll capped) and the site's warm ClientApp executor, and supervises both until
-Ctrl-C/SIGTERM or until one of them exits. There is no plaintext mode: TLS and the auth key are always on.
+Validates the config first, then starts the site's warm ClientApp executor, which reads the local data
+(a clear one-line error before connecting), and only then the SuperNode (gRPC + TLS with the pinned
+CA, the site's auth key, ``--isolation process``, Fleet poll capped), and supervises both until
+Ctrl-C/SIGTERM or until one of them exits. This supervisor never imports torch: only the executor trains.
+There is no plaintext mode: TLS and the auth key are always on.
 
 The SuperNode's local Runtime (ClientAppIo) API listens on 127.0.0.1 only, and its task-handing calls
 (AcquireTask, …) require an HMAC made with a secret that only this site's processes can read
@@ -13,28 +14,31 @@ reaches the port cannot take the site's tasks. See docs/ports.md.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import secrets
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
 from weckd.chain.cli import run_command, setup_logging
-from weckd.chain.errors import ConfigError, WeckdError
+from weckd.chain.errors import ConfigError, ReportedError, WeckdError
 from weckd.chain.files import atomic_write, atomic_write_text, private_dir
+from weckd.chain.flower import check_internals
 from weckd.chain.peers import load_party
+from weckd.chain.procs import Group, flower_env, raise_on_sigterm, wait_port
 
-from .fastflower import check_internals
-from .metrics import SiteMetrics, SiteStatus, site_counts, status_path
-from .procs import Group, flower_env, raise_on_sigterm, wait_port
-from .site import SiteConfig, load_local_data, load_site_config
+from .metrics import SiteMetrics, SiteStatus, read_status, status_path
+from .site import SiteConfig, load_site_config
 
 log = logging.getLogger(__name__)
 
 SUPERVISE_POLL_S = 0.5
 REJOIN_EVERY_S = 5.0
 ADMITTED_FILE = "admitted"  # written once the coordinator admitted this site's SuperNode
+ERROR_PREFIX = "weckd: error: "
 SECRET_FILE = "superexec.secret"  # HMAC secret shared by the SuperNode and the executor (see the docstring)
 
 
@@ -62,16 +66,16 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         log.warning("site %s: no sealing: section; payloads are protected by TLS only and the coordinator can "
                     "read them", cfg.site)
-    data = load_local_data(cfg)  # fail on bad data before connecting
     if args.check:
-        log.info("site %s: config and data OK", cfg.site)
+        counts = check_data(cfg)
+        log.info("site %s: config and data OK (%s)", cfg.site, ", ".join(f"{n} {k}" for k, n in counts.items()))
         return 0
     check_internals()
     state = Path(cfg.state_dir).resolve()
     group = Group(state / "logs", 10.0)
     raise_on_sigterm()
     SiteStatus(status_path(cfg.state_dir)).reset()
-    metrics = SiteMetrics(status_path(cfg.state_dir), site_counts(data.site))
+    metrics = SiteMetrics(status_path(cfg.state_dir))
     metrics.serve(cfg.metrics_address, cfg.metrics_port if cfg.metrics else 0)
     try:
         node_log = group.log_dir / f"supernode-{cfg.site}.log"
@@ -109,10 +113,36 @@ def executor_cmd(cfg: SiteConfig, secret: Path) -> list[str]:
             "--superexec-auth-secret-file", str(secret), "--site-config", str(Path(cfg.source).resolve())]
 
 
+def check_data(cfg: SiteConfig) -> dict[str, int]:
+    """Read the site's data in a child process (this process never imports torch); its counts per split,
+    or the child's one-line error."""
+    cmd = [sys.executable, "-m", "weckd.client.executor", "--check", "--site-config", str(Path(cfg.source).resolve())]
+    done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise ReportedError(_reported(done.stderr) or f"site {cfg.site}: the data check failed (exit "
+                            f"{done.returncode}): {done.stderr.strip()[-300:]}", done.returncode)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _reported(text: str) -> str:
+    """The last ``weckd: error: …`` line of a child's output, without the prefix, or ''."""
+    lines = [line for line in text.splitlines() if line.startswith(ERROR_PREFIX)]
+    return lines[-1][len(ERROR_PREFIX):] if lines else ""
+
+
 def _start(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
+    """The executor first: it reads the data, so bad data fails before the site connects; then the SuperNode."""
+    executor = group.start(f"executor-{cfg.site}", executor_cmd(cfg, secret), flower_env(state / "flwr-supernode"))
+    status = status_path(cfg.state_dir)
+    while "counts" not in read_status(status):
+        if executor.poll() is not None:
+            log_file = group.log_dir / f"executor-{cfg.site}.log"
+            text = log_file.read_text(errors="replace") if log_file.is_file() else ""
+            raise ReportedError(_reported(text) or f"site {cfg.site}: the executor exited with code "
+                                f"{executor.returncode} while reading the data; see {log_file}", executor.returncode)
+        time.sleep(0.1)
     _start_supernode(cfg, group, state, secret)
-    group.start(f"executor-{cfg.site}", executor_cmd(cfg, secret), flower_env(state / "flwr-supernode"))
-    log.info("site %s: SuperNode connecting to %s (TLS, pinned CA, auth key), executor warm", cfg.site,
+    log.info("site %s: executor warm, SuperNode connecting to %s (TLS, pinned CA, auth key)", cfg.site,
              cfg.superlink)
 
 

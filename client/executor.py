@@ -17,53 +17,23 @@ by ``weckd-client``).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
+import sys
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
-from flwr.app import Message
-from flwr.app.error import Error
-from flwr.common.constant import ErrorCode, SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
-from flwr.supercore.auth import load_superexec_auth_secret
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import (
-    RuntimeTokenHttpInterceptor,
-    RuntimeVersionHttpInterceptor,
-    SuperExecAuthHttpInterceptor,
-)
-from flwr.supercore.retry import make_simple_http_retry_invoker
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 from weckd.chain.appbundle import check_bundle
+from weckd.chain.errors import WeckdError
+from weckd.chain.flower import acquire_task_request, fast_pull, runtime, runtime_client, task_heartbeat
 from weckd.chain.protocol import Reason, Refused, error_text, reason_of
-
-from .fastflower import fast_pull
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.05
 RETRY_S = 0.5
-# The SuperNode's Runtime API calls that hand out tasks; signed with the shared secret (as Flower's SuperExec does).
-SUPEREXEC_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
-                               "/flwr.proto.Runtime/ClaimTask"})
-
-
-def _client(address: str, token: str | None, secret: bytes | None = None) -> RuntimeHttpClient:
-    """A client of the SuperNode's loopback Runtime API: the executor's own (signed with ``secret``), or one
-    task's (authenticated by its ``token``)."""
-    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
-    if token:
-        interceptors.append(RuntimeTokenHttpInterceptor(token))
-    if secret:
-        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=SUPEREXEC_METHODS))
-    return RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True, root_certificates=None,  # loopback ClientAppIo only
-        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker(),
-    )
 
 
 def run_task(address: str, token: str) -> None:
@@ -73,13 +43,17 @@ def run_task(address: str, token: str) -> None:
     the weckd installed on it. A failure goes back as a reason code and that reason's fixed text
     (``chain.protocol.error_text``); the details stay in this site's log.
     """
-    client = _client(address, token)
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
-    heartbeat.start()
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.common.constant import ErrorCode, SubStatus
+
+    rt = runtime()
+    client = runtime_client(address, token)
+    heartbeat = task_heartbeat(client)
     message = reply = context = None
     sub_status, details = SubStatus.FAILED, "unknown"
     try:
-        message, context, run, fab = pull_task_input(client)
+        message, context, run, fab = rt.pull_task_input(client)
         from weckd.client.app import app, refuse_bundle
 
         try:
@@ -101,17 +75,17 @@ def run_task(address: str, token: str) -> None:
     finally:
         try:
             if reply is not None and context is not None:
-                push_message(client, reply, context)
+                rt.push_message(client, reply, context)
         finally:
-            push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+            rt.push_task_output(client=client, context=context, sub_status=sub_status, details=details)
             heartbeat.stop()
             client.close()
 
 
 def serve(address: str, secret: bytes) -> None:
     """Poll for ClientApp tasks forever (until SIGTERM)."""
-    client = _client(address, None, secret)
-    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+    client = runtime_client(address, None, secret)
+    request = acquire_task_request()
     while True:
         try:
             res = client.AcquireTask(request)
@@ -127,25 +101,39 @@ def serve(address: str, secret: bytes) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weckd.client.executor")
-    parser.add_argument("--clientappio", required=True, help="the SuperNode's ClientAppIo address")
-    parser.add_argument("--superexec-auth-secret-file", required=True,
+    parser.add_argument("--clientappio", help="the SuperNode's ClientAppIo address")
+    parser.add_argument("--superexec-auth-secret-file",
                         help="the secret the SuperNode was started with (--superexec-auth-secret-file)")
     parser.add_argument("--site-config", help="read and cache this site's data before serving")
+    parser.add_argument("--check", action="store_true",
+                        help="read the site's config and data, print the counts per split as JSON, exit")
     args = parser.parse_args(argv)
-    secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
-    assert secret is not None  # the flag is required
+    if not args.check and not (args.clientappio and args.superexec_auth_secret_file):
+        parser.error("--clientappio and --superexec-auth-secret-file are required unless --check")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "alembic"):  # one line per 50 ms poll otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
-    fast_pull()
     t0 = time.perf_counter()
     from weckd.client.app import warm_site_data  # torch and the ClientApp, imported once
 
-    if args.site_config:
-        warm_site_data(args.site_config)
+    from .metrics import SiteStatus, site_counts, status_path
 
+    if args.site_config:
+        try:  # bad data is the site's one-line error (weckd-client shows it), before the SuperNode connects
+            site = warm_site_data(args.site_config)
+        except WeckdError as err:
+            print(f"weckd: error: {err}", file=sys.stderr, flush=True)
+            return err.exit_code
+        counts = site_counts(site.data.site)
+        if args.check:
+            print(json.dumps(counts), flush=True)
+            return 0
+        SiteStatus(status_path(site.cfg.state_dir)).update(counts=counts)  # weckd-client: "executor ready"
     log.info("executor ready (pid %d, warm-up %.1fs)", os.getpid(), time.perf_counter() - t0)
+    secret = runtime().load_secret(args.superexec_auth_secret_file)
+    assert secret is not None  # the flag is required
+    fast_pull()
     serve(args.clientappio, secret)
     return 0
 

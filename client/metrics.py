@@ -25,11 +25,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, TypeVar
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from weckd.chain.errors import PayloadError, SecurityError, WeckdError
+from weckd.chain.errors import PayloadError, SecurityError
 from weckd.chain.files import atomic_write_text, private_dir
+from weckd.chain.procs import serve_registry
 
 if TYPE_CHECKING:
     from weckd.chain.data import SiteData
@@ -142,11 +143,12 @@ class SiteStatus:
 
 
 class SiteCollector(Collector):
-    """The supervisor's side: turns the status file (and the site's data counts) into metrics per scrape."""
+    """The supervisor's side: turns the status file (with the data counts the executor wrote there) into
+    metrics per scrape; ``counts`` stand in until the executor has written its own."""
 
-    def __init__(self, path: Path, counts: dict[str, int]) -> None:
+    def __init__(self, path: Path, counts: dict[str, int] | None = None) -> None:
         self.path = path
-        self.counts = counts
+        self.counts = counts or {}
         self.connected = 0  # set by the supervisor once the coordinator admitted the SuperNode
 
     def collect(self) -> Iterable[Metric]:
@@ -172,8 +174,9 @@ class SiteCollector(Collector):
                 g.add_metric([], float(s[key]))
             yield g
         samples = GaugeMetricFamily("weckd_site_samples", "Local dataset size (counts only)", labels=["split"])
+        counts = s.get("counts") or self.counts
         for split in SPLITS:
-            samples.add_metric([split], float(self.counts.get(split, 0)))
+            samples.add_metric([split], float(counts.get(split, 0)))
         yield samples
         yield CounterMetricFamily("weckd_site_links_trained", "Chain links trained here", value=s["links_trained"])
         yield CounterMetricFamily("weckd_site_evaluations", "Models evaluated here", value=s["evaluations"])
@@ -193,7 +196,8 @@ class SiteCollector(Collector):
                                 value=s["updated"])
 
 
-def site_registry(path: Path, counts: dict[str, int], collector: SiteCollector | None = None) -> CollectorRegistry:
+def site_registry(path: Path, counts: dict[str, int] | None = None, collector: SiteCollector | None = None
+                  ) -> CollectorRegistry:
     """A dedicated registry holding the site's collector (never the global default registry)."""
     registry = CollectorRegistry()
     registry.register(collector or SiteCollector(path, counts))
@@ -203,7 +207,7 @@ def site_registry(path: Path, counts: dict[str, int], collector: SiteCollector |
 class SiteMetrics:
     """``/metrics`` of one site, served by the ``weckd-client`` supervisor."""
 
-    def __init__(self, path: Path, counts: dict[str, int]) -> None:
+    def __init__(self, path: Path, counts: dict[str, int] | None = None) -> None:
         self.collector = SiteCollector(path, counts)
         self.registry = site_registry(path, counts, self.collector)
         self._server: Any = None
@@ -219,20 +223,3 @@ class SiteMetrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
-
-
-def serve_registry(registry: CollectorRegistry, address: str, port: int, setting: str) -> Any:
-    """Serve ``/metrics`` for ``registry`` in a daemon thread; port 0 turns it off (returns None).
-
-    ``setting`` names the config key to change when the port is taken.
-    """
-    if not port:
-        log.warning("metrics: off (%s is 0 or metrics is false)", setting)
-        return None
-    try:
-        server, _ = start_http_server(port, address, registry=registry)
-    except OSError as err:
-        raise WeckdError(f"metrics: cannot listen on {address}:{port} ({err}); set {setting} to a free port, "
-                         "or metrics: false") from err
-    log.info("metrics on http://%s:%d/metrics", address, port)
-    return server

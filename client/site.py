@@ -14,17 +14,18 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from weckd.chain.config import DataSettings, read_yaml
-from weckd.chain.data import ImageSet, ImageSpec, SiteData, make_site, read_labelled
 from weckd.chain.errors import ConfigError
 from weckd.chain.peers import SealingSettings
-from weckd.chain.prepare import _unlabelled, image_spec, load_proxy, site_fraction
 from weckd.chain.schema import Origin, build
 
 from .policy import SitePolicy
+
+if TYPE_CHECKING:  # the data (and torch) load in the executor only: weckd-client's supervisor never trains
+    import torch
+    from weckd.chain.data import ImageSet, ImageSpec, SiteData
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,9 @@ def _check_data(cfg: SiteConfig, origin: Origin) -> None:
 
 def load_local_data(cfg: SiteConfig, need_proxy: bool | None = None) -> LocalData:
     """Read and split the site's data (raises SiteDataError with the path on bad data)."""
+    from weckd.chain.data import SiteData, make_site, read_labelled
+    from weckd.chain.prepare import image_spec, load_proxy, site_fraction, site_unlabelled
+
     spec = image_spec(cfg.data)
     if cfg.data.dataset is not None:
         assert cfg.split is not None  # checked by load_site_config
@@ -125,7 +129,7 @@ def load_local_data(cfg: SiteConfig, need_proxy: bool | None = None) -> LocalDat
     else:
         labelled = read_labelled(cfg.data.sites[cfg.site], spec)
         seed = cfg.split.seed if cfg.split is not None else 0
-        site = make_site(cfg.site, labelled, cfg.data.val_fraction, seed, _unlabelled(cfg.data, cfg.site, spec))
+        site = make_site(cfg.site, labelled, cfg.data.val_fraction, seed, site_unlabelled(cfg.data, cfg.site, spec))
     want_proxy = cfg.data.proxy is not None if need_proxy is None else need_proxy
     proxy = load_proxy(cfg.data, spec) if want_proxy else None
     log.info("site %s: %d train, %d validation images%s", cfg.site, len(site.train), len(site.val),

@@ -1,4 +1,4 @@
-"""``flower-supernode`` in this process, with the Fleet poll capped (see ``weckd.client.fastflower``).
+"""``flower-supernode`` in this process, with the Fleet poll capped (see ``weckd.chain.flower``).
 
 ``python -m weckd.client.supernode <flower-supernode arguments>`` (started by ``weckd-client``).
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .fastflower import cap_supernode_sleep, check_internals, fast_pull
+from weckd.chain.flower import cap_supernode_sleep, check_internals, fast_pull
 
 POLL_ENV = "WECKD_FLEET_POLL_S"
 

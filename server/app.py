@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from weckd.chain.audit import AUDIT_FILE, AuditLog
 from weckd.chain.errors import LinkError
 from weckd.chain.files import append_text
-from weckd.client.fastflower import fast_pull
+from weckd.chain.flower import fast_pull
 
 from .report import write_outputs
 from .schedule import ChainRun, discover

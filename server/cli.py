@@ -17,9 +17,9 @@ from typing import Any, Sequence
 from weckd.chain.cli import run_command, setup_logging
 from weckd.chain.errors import ConfigError, LinkError, WeckdError
 from weckd.chain.files import atomic_write_text, private_dir
+from weckd.chain.flower import check_internals
 from weckd.chain.peers import COORDINATOR, load_party
-from weckd.client.fastflower import check_internals
-from weckd.client.procs import Group, raise_on_sigterm
+from weckd.chain.procs import Group, raise_on_sigterm
 
 from .metrics import ServerMetrics, format_seconds
 from .report import RESULTS_FILE

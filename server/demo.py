@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 from weckd.chain.cli import run_command, setup_logging
 from weckd.chain.errors import LinkError
-from weckd.client.procs import Group, raise_on_sigterm
+from weckd.chain.procs import Group, raise_on_sigterm
 
 from .report import RESULTS_FILE
 from .scaffold import Scaffold, chain_settings, make_scaffold

@@ -20,7 +20,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
 from weckd.chain import __version__
-from weckd.client.metrics import serve_registry
+from weckd.chain.procs import serve_registry
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 from weckd.chain.errors import LinkError
+from weckd.chain.flower import payload_records_from_bytes
 from weckd.chain.payload import (
     KEY_ARRAYS,
     KEY_HEADER,
@@ -24,7 +25,6 @@ from weckd.chain.payload import (
     SEALED_ENTRY,
     pack_bytes,
 )
-from weckd.client.records import payload_records_from_bytes
 
 
 def blob_key(kind: str, recipient: str) -> str:

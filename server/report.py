@@ -10,9 +10,8 @@ from weckd.chain import __version__
 from weckd.chain.artifacts import ModelCard, save_model, write_json, write_yaml
 from weckd.chain.config import config_to_mapping
 from weckd.chain.files import atomic_write, inside, private_dir
-from weckd.chain.payload import decode_state, payload_from_bytes
+from weckd.chain.payload import decode_arrays, payload_from_bytes
 from weckd.chain.peers import COORDINATOR, load_party
-from weckd.chain.report import write_report
 
 from .schedule import ChainOutcome
 from .settings import Federation, coordinator_sealing
@@ -101,7 +100,7 @@ def final_model(fed: Federation, outcome: ChainOutcome, run_id: str) -> tuple[st
     else:
         data = relay.blob("weights", COORDINATOR)
     header, buffers = payload_from_bytes(data, where)
-    return decode_state(header, buffers, link=relay.link, where=where)
+    return decode_arrays(header, buffers, link=relay.link, where=where)
 
 
 def write_outputs(out: Path, fed: Federation, outcome: ChainOutcome, seconds: float, run_id: str) -> None:
@@ -132,6 +131,8 @@ def write_outputs(out: Path, fed: Federation, outcome: ChainOutcome, seconds: fl
     write_json(out / RESULTS_FILE, data)
     log.info("results written to %s", out)
     if all("test" in row for row in data["links"]):
+        from weckd.chain.report import write_report  # matplotlib loads only when there is a report to draw
+
         write_report(out)
     else:
         log.info("no federated evaluation of every link (evaluate: %s): no report plots", fed.settings.evaluate)

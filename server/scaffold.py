@@ -16,7 +16,7 @@ from weckd.chain.certs import make_ca, make_server_cert, make_site_key
 from weckd.chain.files import atomic_write, atomic_write_text
 from weckd.chain.keys import generate_site_keys
 from weckd.chain.peers import COORDINATOR
-from weckd.client.procs import free_port
+from weckd.chain.procs import free_port
 
 SYNTHETIC_CHAIN: dict[str, Any] = {
     # the settings of configs/chain-synthetic.yaml

@@ -1,7 +1,7 @@
 """The chain protocol on the coordinator: discover the sites, run every link in order, evaluate, deliver.
 
 Link k goes to site ``schedule[k]`` with the link's settings, the link seed
-(``weckd.chain.runner.link_seed``) and link k−1's output, relayed as received: the coordinator
+(``weckd.chain.protocol.link_seed``) and link k−1's output, relayed as received: the coordinator
 relays, it does not read (in a sealed federation it cannot). The schedule is ``chain.order`` ×
 ``cycles`` minus the sites skipped so far (``on_site_failure: skip``); it travels with every
 message so a site knows whom to expect its teacher from.
@@ -32,8 +32,7 @@ from weckd.chain.config import link_to_mapping
 from weckd.chain.errors import LinkError
 from weckd.chain.payload import KEY_CONFIG, KEY_INFO, KEY_LINK, KEY_METRICS, MSG_EVALUATE, MSG_QUERY, MSG_TRAIN
 from weckd.chain.peers import COORDINATOR
-from weckd.chain.protocol import EvaluateRequest, TrainRequest
-from weckd.chain.runner import link_seed
+from weckd.chain.protocol import EvaluateRequest, TrainRequest, link_seed
 
 from .relay import Relay, blob_key, relay_from_reply
 from .settings import Federation

@@ -17,7 +17,7 @@ from typing import IO, Any
 from weckd.chain.appbundle import app_pyproject
 from weckd.chain.errors import WeckdError
 from weckd.chain.files import atomic_write_text, private_dir, refuse_symlink
-from weckd.client.procs import Group, flower_env, kill_leftovers, wait_port
+from weckd.chain.procs import Group, flower_env, kill_leftovers, wait_port
 
 from .settings import Federation
 

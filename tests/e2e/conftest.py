@@ -14,11 +14,12 @@ from typing import Any, Iterator
 import pytest
 import yaml
 from weckd.chain.certs import make_ca, make_site_key
-from weckd.client.procs import flower_env, free_port
+from weckd.chain.procs import flower_env, free_port
 from weckd.server.demo import LocalFederation
 from weckd.server.scaffold import Scaffold, chain_settings, make_scaffold, write_site_config
 
 from . import prometheus
+from .procwatch import ProcWatch
 
 RUN_TIMEOUT = 300.0
 EPOCHS = 4
@@ -33,6 +34,7 @@ class FederatedRun:
     refused: dict[str, int | None] = field(default_factory=dict)
     seconds: float = 0.0
     observed: prometheus.Observed | None = None  # what a real Prometheus scraped (monitor=True)
+    procs: ProcWatch | None = None  # what the federation's processes held while it ran
 
     @property
     def out(self) -> Path:
@@ -77,8 +79,10 @@ def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any]
     fed = LocalFederation(scaffold, stop_timeout=10.0)
     prom = prometheus.Prometheus(scaffold) if monitor else None
     observed = None
+    watch = ProcWatch(root)
     start = time.monotonic()
     try:
+        watch.start()
         if prom is not None:
             prom.start()
         fed.start_server("--wire-log", str(wire), *server_args)
@@ -91,11 +95,12 @@ def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any]
         observed = prom.observe() if prom is not None else None
         codes = {n: fed.exit_code(proc, 60.0) for n, proc in names.items()}
     finally:
+        watch.stop()
         fed.stop()
         if prom is not None:
             prom.stop()
     results = json.loads((scaffold.root / "out" / "results.json").read_text()) if rc == 0 else {}
-    return FederatedRun(scaffold, rc, results, _read_wire(wire), codes, seconds, observed)
+    return FederatedRun(scaffold, rc, results, _read_wire(wire), codes, seconds, observed, watch)
 
 
 @pytest.fixture(scope="session")

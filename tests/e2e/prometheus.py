@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from weckd.client.procs import free_port
+from weckd.chain.procs import free_port
 from weckd.server.scaffold import Scaffold
 
 SCRAPE_S = 1.0

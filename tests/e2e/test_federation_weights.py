@@ -105,3 +105,27 @@ def _pinned(fed: Any, site: str) -> Any:
     from weckd.chain.keys import key_files, load_ed25519_public
 
     return load_ed25519_public(key_files(site, Path(fed.settings.sealing.peers[site])).ed25519_pub)
+
+
+COORDINATOR_RSS_MB = 400.0  # DESIGN.md: the coordinator relays bytes and metrics; it never trains
+
+
+def test_only_the_site_executors_load_torch(weights_run: FederatedRun) -> None:
+    """Sampled from /proc while the federation ran: torch's library is mapped into each site's executor and
+    into no other process (coordinator, ServerApp, SuperLink, site supervisors, SuperNodes)."""
+    assert weights_run.procs is not None
+    roles = weights_run.procs.by_role()
+    assert set(roles) >= {"weckd-server", "serverapp", "superlink", "site-supervisor", "supernode", "executor"}, roles
+    executors = roles["executor"]  # the three sites' and the refused impostors'
+    assert len(executors) >= 3 and all(s.torch for s in executors)  # the probe sees torch where it is
+    loaded = sorted(role for role, seen in roles.items() if role != "executor" and any(s.torch for s in seen))
+    assert loaded == []
+
+
+def test_the_coordinator_stays_within_its_memory_budget(weights_run: FederatedRun) -> None:
+    assert weights_run.procs is not None
+    roles = weights_run.procs.by_role()
+    peaks = {role: round(sum(s.peak_rss_mb for s in roles[role]))
+             for role in ("weckd-server", "serverapp", "superlink")}
+    print(f"\ncoordinator peak RSS (MB): {peaks}, total {sum(peaks.values())}")
+    assert sum(peaks.values()) <= COORDINATOR_RSS_MB, peaks

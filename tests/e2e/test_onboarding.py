@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from weckd.client.procs import free_port
+from weckd.chain.procs import free_port
 
 pytestmark = pytest.mark.slow
 

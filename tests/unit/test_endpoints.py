@@ -21,9 +21,9 @@ from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 from flwr.supernode.main import create_app
 from flwr.supernode.nodestate import NodeStateFactory
+from weckd.chain.flower import SUPEREXEC_METHODS, runtime_client
+from weckd.chain.procs import flower_env, free_port
 from weckd.client import cli as client_cli
-from weckd.client.executor import SUPEREXEC_METHODS, _client
-from weckd.client.procs import flower_env, free_port
 from weckd.client.site import SiteConfig
 from weckd.server.scaffold import chain_settings, write_site_config
 from weckd.server.settings import Federation, FederationSettings
@@ -173,7 +173,7 @@ def _acquire(client: RuntimeHttpClient) -> Any:
 
 
 def test_executor_with_the_secret_may_acquire_tasks(runtime_api: str) -> None:
-    assert not _acquire(_client(runtime_api, None, SECRET)).HasField("task")  # answered: no task pending
+    assert not _acquire(runtime_client(runtime_api, None, SECRET)).HasField("task")  # answered: no task pending
 
 
 @pytest.mark.parametrize("secret", [None, b"not the secret"])

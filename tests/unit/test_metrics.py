@@ -8,8 +8,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from weckd.chain.errors import PayloadError, WeckdError
 from weckd.chain.link import EpochStats
+from weckd.chain.procs import free_port
 from weckd.client.metrics import SiteMetrics, SiteStatus, site_registry
-from weckd.client.procs import free_port
 from weckd.server.metrics import ChainClock, ServerMetrics, failure_reason
 
 LINK_DONE = {"event": "link-done", "link": 1, "links": 2, "site": "A", "val_accuracy": 0.6, "seconds": 12.0,

@@ -1,4 +1,5 @@
-"""Child processes for ``weckd-server`` and ``weckd-client``: start in their own process group, wait for
+"""Child processes and local listeners for ``weckd-server`` and ``weckd-client`` (both roles import this
+Flower-free module): start in their own process group, wait for
 ports, stop the whole group (SIGTERM, then SIGKILL after a timeout: ``flower-supernode`` sometimes
 hangs in interpreter shutdown, and ``flwr-clientapp``/``flwr-serverapp`` children can outlive a run).
 """
@@ -15,10 +16,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from weckd.chain.errors import WeckdError
 from weckd.chain.files import open_append, private_dir
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger(__name__)
 
@@ -170,3 +174,22 @@ def raise_on_sigterm() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def serve_registry(registry: CollectorRegistry, address: str, port: int, setting: str) -> Any:
+    """Serve ``/metrics`` for ``registry`` in a daemon thread; port 0 turns it off (returns None).
+
+    ``setting`` names the config key to change when the port is taken.
+    """
+    from prometheus_client import start_http_server
+
+    if not port:
+        log.warning("metrics: off (%s is 0 or metrics is false)", setting)
+        return None
+    try:
+        server, _ = start_http_server(port, address, registry=registry)
+    except OSError as err:
+        raise WeckdError(f"metrics: cannot listen on {address}:{port} ({err}); set {setting} to a free port, "
+                         "or metrics: false") from err
+    log.info("metrics on http://%s:%d/metrics", address, port)
+    return server

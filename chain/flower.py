@@ -1,0 +1,174 @@
+"""The one adapter over Flower 1.39 that both roles share; nothing else in weckd touches Flower's internals.
+
+*Records*: payloads in and out of Flower records (``payload_records_from_bytes``, ``read_payload``,
+``config_dict``); ``weckd.chain.payload`` itself stays Flower-free.
+
+*Tighter polling*, without editing Flower. Stock Flower 1.39 costs ~6 s per chain link on loopback: the
+SuperNode sleeps a hard-coded 3 s between Fleet polls, an object pull that races the upload backs off
+1 s, and every message starts a new ``flwr-clientapp`` process that imports torch. weckd removes all
+three, each only in the process that needs it:
+
+* :func:`cap_supernode_sleep` (the site's SuperNode process) replaces the ``time`` name seen by
+  ``flwr.supernode.start_client_internal`` with a shim whose ``sleep`` is capped;
+* :func:`fast_pull` (the SuperNode, the site's executor and the ServerApp: the processes that pull
+  message objects) lowers the keyword defaults of the object-pull backoff in
+  ``flwr.supercore.inflatable.inflatable_utils``;
+* ``weckd.client.executor`` keeps one warm ClientApp executor per site (``--isolation process``),
+  built on the SuperNode's Runtime API through :func:`runtime_client`, :func:`acquire_task_request`,
+  :func:`task_heartbeat` and :data:`RUNTIME` (Flower's own ``run_clientapp`` helpers).
+
+These touch Flower internals, so flwr is pinned to 1.39.* and :func:`check_internals` (called by
+both CLIs and by a unit test) fails loudly when any of them moves.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import time as _time
+from types import SimpleNamespace
+from typing import Any, Mapping
+
+import numpy as np
+
+from .errors import ConfigError, PayloadError
+from .payload import KEY_ARRAYS, KEY_HEADER, payload_from_bytes
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = "1.39."
+PULL_KWARGS = ("initial_backoff", "backoff_cap", "max_tries_per_object")
+
+
+class _CappedTime:
+    """The ``time`` module with ``sleep`` capped at ``cap`` seconds."""
+
+    def __init__(self, cap: float) -> None:
+        self._cap = cap
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_time, name)
+
+    def sleep(self, seconds: float) -> None:
+        _time.sleep(min(seconds, self._cap))
+
+
+def check_internals() -> None:
+    """Fail with a clear reason when the Flower internals weckd patches are not where 1.39 had them."""
+    import flwr
+    import flwr.supernode.start_client_internal as sci
+    from flwr.supercore.inflatable import inflatable_utils as utils
+
+    version = getattr(flwr, "__version__", "?")
+    if not version.startswith(SUPPORTED):
+        raise ConfigError(f"flwr {version} installed; weckd needs flwr {SUPPORTED}* (pip install 'flwr>=1.39,<1.40')")
+    if "time.sleep(3)" not in inspect.getsource(sci) or getattr(sci, "time", None) is None:
+        raise ConfigError("flwr.supernode.start_client_internal no longer polls with time.sleep(3); "
+                          "update weckd.chain.flower for this Flower release")
+    for fn in (utils.pull_objects, utils.pull_and_inflate_object_from_tree):
+        missing = [k for k in PULL_KWARGS if k not in (fn.__kwdefaults__ or {})]
+        if missing:
+            raise ConfigError(f"flwr {fn.__qualname__} lost keyword(s) {missing}; update weckd.chain.flower")
+    try:
+        runtime()
+    except (ImportError, AttributeError) as err:
+        raise ConfigError(f"flwr {version}: a Runtime API helper the site executor uses moved ({err}); "
+                          "update weckd.chain.flower") from None
+
+
+def cap_supernode_sleep(cap: float = 0.2) -> None:
+    """Cap every sleep of the SuperNode main loop (Fleet poll 3 s, reply wait 0.5 s) at ``cap``."""
+    import flwr.supernode.start_client_internal as sci
+
+    sci.time = _CappedTime(cap)  # type: ignore[assignment]
+
+
+def fast_pull(initial_backoff: float = 0.05, backoff_cap: float = 0.5, max_tries: int = 20_000) -> None:
+    """Retry object pulls after 50 ms instead of 1 s (the object is usually a moment behind)."""
+    from flwr.supercore.inflatable import inflatable_utils as utils
+
+    for fn in (utils.pull_objects, utils.pull_and_inflate_object_from_tree):
+        fn.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), "initial_backoff": initial_backoff,
+                             "backoff_cap": backoff_cap, "max_tries_per_object": max_tries}
+
+
+# The SuperNode's Runtime API calls that hand out tasks; signed with the shared secret (as Flower's SuperExec does).
+SUPEREXEC_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask", "/flwr.proto.Runtime/PullPendingTasks",
+                               "/flwr.proto.Runtime/ClaimTask"})
+
+
+def runtime() -> SimpleNamespace:
+    """Flower's own ClientApp-side Runtime helpers (``flwr.supernode.runtime.run_clientapp``) and the SuperExec
+    secret loader, imported on first use (only the site's executor needs them)."""
+    from flwr.supercore.auth import load_superexec_auth_secret
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    return SimpleNamespace(pull_task_input=pull_task_input, push_message=push_message,
+                           push_task_output=push_task_output, load_secret=load_superexec_auth_secret)
+
+
+def runtime_client(address: str, token: str | None, secret: bytes | None = None) -> Any:
+    """A client of the SuperNode's loopback Runtime API: the executor's own (signed with ``secret``), or one
+    task's (authenticated by its ``token``)."""
+    from flwr.supercore.interceptors import (
+        RuntimeTokenHttpInterceptor,
+        RuntimeVersionHttpInterceptor,
+        SuperExecAuthHttpInterceptor,
+    )
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp" if token else "SuperExec")]
+    if token:
+        interceptors.append(RuntimeTokenHttpInterceptor(token))
+    if secret:
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=SUPEREXEC_METHODS))
+    return RuntimeHttpClient.from_server_address(
+        server_address=address, insecure=True, root_certificates=None,  # loopback ClientAppIo only
+        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker(),
+    )
+
+
+def acquire_task_request() -> Any:
+    """An AcquireTask request for ClientApp tasks."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+
+    return AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+
+
+def task_heartbeat(client: Any) -> Any:
+    """A started heartbeat for the task ``client`` is bound to (call ``.stop()`` when the task ends)."""
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+
+    sender = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    sender.start()
+    return sender
+
+
+def payload_records_from_bytes(data: bytes, header_key: str = KEY_HEADER, arrays_key: str = KEY_ARRAYS
+                               ) -> dict[str, Any]:
+    """A payload (``chain.payload.payload_bytes``) as a ConfigRecord (header) and an ArrayRecord (arrays)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    header, buffers = payload_from_bytes(data)
+    arrays = ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in buffers.items()})
+    return {header_key: ConfigRecord(header), arrays_key: arrays}
+
+
+def read_payload(content: Any, where: str, header_key: str = KEY_HEADER,
+                 arrays_key: str = KEY_ARRAYS) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """(header, arrays) of a received payload (a RecordDict), or None when the message carries none."""
+    if header_key not in content.config_records:
+        return None
+    if arrays_key not in content.array_records:
+        raise PayloadError(f"{where}: payload header without arrays; upgrade weckd on both sides")
+    header = dict(content.config_records[header_key])
+    arrays = {name: arr.numpy() for name, arr in content.array_records[arrays_key].items()}
+    return header, arrays
+
+
+def config_dict(content: Any, key: str, where: str) -> Mapping[str, Any]:
+    """A ConfigRecord that must be present (a missing one means mismatched weckd versions)."""
+    if key not in content.config_records:
+        raise PayloadError(f"{where}: message lacks {key!r}; upgrade weckd on both sides")
+    return dict(content.config_records[key])
