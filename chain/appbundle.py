@@ -14,6 +14,7 @@ import io
 import zipfile
 from typing import Any
 
+import tomli_w
 import tomllib
 
 from . import __version__
@@ -31,11 +32,12 @@ FILES = {"pyproject.toml", ".info/CONTENT"}
 
 def app_pyproject(version: str = __version__) -> str:
     """The ``pyproject.toml`` of weckd's config-only app for ``version``."""
-    keys = "\n".join(f'{k} = ""' for k in RUN_CONFIG_KEYS)
-    return (f'[project]\nname = "{APP_NAME}"\nversion = "{version}"\n\n'
-            f'[tool.flwr.app]\npublisher = "{PUBLISHER}"\n\n'
-            f'[tool.flwr.app.components]\nserverapp = "{SERVERAPP}"\nclientapp = "{CLIENTAPP}"\n\n'
-            f"[tool.flwr.app.config]\n{keys}\n")
+    return tomli_w.dumps({
+        "project": {"name": APP_NAME, "version": version},
+        "tool": {"flwr": {"app": {"publisher": PUBLISHER,
+                                  "components": {"serverapp": SERVERAPP, "clientapp": CLIENTAPP},
+                                  "config": {k: "" for k in RUN_CONFIG_KEYS}}}},
+    })
 
 
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -52,8 +54,11 @@ def check_bundle(fab: bytes, fab_id: str, fab_version: str, where: str) -> None:
         return Refused(Reason.FOREIGN_APP, f"{where}: the run's app bundle {why}; this site runs only weckd "
                        f"{__version__}'s own ClientApp (install the same weckd version at the coordinator)")
 
-    if fab_id != f"{PUBLISHER}/{APP_NAME}" or fab_version != __version__:
+    if fab_id != f"{PUBLISHER}/{APP_NAME}":
         raise refuse(f"is {fab_id[:80]!r} {fab_version[:20]!r}, not {PUBLISHER}/{APP_NAME} {__version__}")
+    if fab_version != __version__:  # every message carries its run's bundle version: checked each time
+        raise Refused(Reason.VERSION_MISMATCH, f"{where}: the coordinator runs weckd {fab_version[:20]!r}, this "
+                      f"site weckd {__version__}; install the same weckd version on both sides")
     if len(fab) > MAX_BUNDLE_BYTES:
         raise refuse(f"is {len(fab)} bytes; a config-only app is under {MAX_BUNDLE_BYTES}")
     try:

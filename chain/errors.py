@@ -47,7 +47,15 @@ class SecurityError(WeckdError):
 
 
 class LinkError(WeckdError):
-    """Training or evaluating one link of the chain failed."""
+    """Training or evaluating one link of the chain failed; ``failure`` is its label
+    (``weckd.chain.protocol.Failure``), set where the failure is raised, never read back from the text."""
+
+    failure = "other"
+
+    def __init__(self, message: str = "", failure: str | None = None) -> None:
+        super().__init__(message)
+        if failure is not None:
+            self.failure = str(getattr(failure, "value", failure))
 
 
 def shown(value: object, limit: int = 200) -> str:

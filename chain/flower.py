@@ -8,6 +8,8 @@ SuperNode sleeps a hard-coded 3 s between Fleet polls, an object pull that races
 1 s, and every message starts a new ``flwr-clientapp`` process that imports torch. weckd removes all
 three, each only in the process that needs it:
 
+* :func:`set_node_heartbeat` (the site's SuperNode process) sets its heartbeat period (``heartbeat`` in
+  the site config) so that a site that dies is noticed in seconds, not Flower's minute;
 * :func:`cap_supernode_sleep` (the site's SuperNode process) replaces the ``time`` name seen by
   ``flwr.supernode.start_client_internal`` with a shim whose ``sleep`` is capped;
 * :func:`fast_pull` (the SuperNode, the site's executor and the ServerApp: the processes that pull
@@ -68,6 +70,14 @@ def check_internals() -> None:
         missing = [k for k in PULL_KWARGS if k not in (fn.__kwdefaults__ or {})]
         if missing:
             raise ConfigError(f"flwr {fn.__qualname__} lost keyword(s) {missing}; update weckd.chain.flower")
+    import flwr.client.grpc_rere_client.connection as conn
+    from flwr.supercore import heartbeat as hb
+
+    for module in (conn, hb):
+        if "HEARTBEAT_DEFAULT_INTERVAL" not in inspect.getsource(module) or \
+                not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
+            raise ConfigError(f"{module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL; "
+                              "update weckd.chain.flower")
     try:
         runtime()
     except (ImportError, AttributeError) as err:
@@ -80,6 +90,16 @@ def cap_supernode_sleep(cap: float = 0.2) -> None:
     import flwr.supernode.start_client_internal as sci
 
     sci.time = _CappedTime(cap)  # type: ignore[assignment]
+
+
+def set_node_heartbeat(interval: float) -> None:
+    """The SuperNode's heartbeat period in seconds (Flower's default is 30; the SuperLink takes a node for gone
+    after two missed periods, so a site that dies is noticed after about twice this). Flower hard-codes the
+    period in the node connection (what it announces) and in the heartbeat sender (how often it beats)."""
+    import flwr.client.grpc_rere_client.connection as conn
+    from flwr.supercore import heartbeat as hb
+
+    conn.HEARTBEAT_DEFAULT_INTERVAL = hb.HEARTBEAT_DEFAULT_INTERVAL = interval  # type: ignore[attr-defined]
 
 
 def fast_pull(initial_backoff: float = 0.05, backoff_cap: float = 0.5, max_tries: int = 20_000) -> None:

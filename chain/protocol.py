@@ -243,6 +243,39 @@ class EvaluateRequest:
         return cls(v["run-id"], v["link"], v["sender"], schedule, v["deliver"])
 
 
+class Event(str, Enum):
+    """The coordinator's progress events (``progress-*.jsonl``: one JSON object per line, ``{"event": …}``),
+    read by ``weckd-server`` (progress lines, exit status) and its metrics."""
+
+    SITE_ONLINE = "site-online"
+    SITES_ONLINE = "sites-online"
+    DISCOVERED = "discovered"
+    RESUMED = "resumed"
+    LINK_START = "link-start"
+    SITE_FAILURE = "site-failure"
+    RETRY = "retry"
+    SITE_SKIPPED = "site-skipped"
+    EVALUATION_MISSING = "evaluation-missing"
+    DELIVERED = "delivered"
+    LINK_DONE = "link-done"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class Failure(str, Enum):
+    """Why a chain run failed: the ``failed`` progress event's ``failure`` field and the coordinator's
+    ``weckd_failures_total{reason}`` label, set where the failure is raised."""
+
+    DISCOVERY_TIMEOUT = "discovery-timeout"  # sites not online within discovery_timeout
+    SITE_MISMATCH = "site-mismatch"  # a site's version, classes, image format, proxy or sealing differ
+    LINK_TIMEOUT = "link-timeout"  # no reply within link_timeout
+    SITE_ERROR = "site-error"  # the request failed at the site (its own log says why)
+    SITE_FAILED = "site-failed"  # a site stayed offline or unavailable through every retry
+    SITE_REFUSED = "site-refused"  # a site refused a request (a Reason): never retried or skipped
+    DEADLINE = "deadline"  # the whole run outlived its deadline
+    OTHER = "other"
+
+
 def link_seed(seed: int, index: int) -> int:
     """The training seed of link ``index`` (0-based); the federation sends the same one."""
     return seed * 1_000_003 + 7919 * (index + 1)

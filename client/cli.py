@@ -17,9 +17,12 @@ import argparse
 import json
 import logging
 import secrets
+import socket
+import ssl
 import subprocess
 import sys
 import time
+from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
@@ -32,11 +35,14 @@ from weckd.chain.procs import Group, flower_env, raise_on_sigterm, wait_port
 
 from .metrics import SiteMetrics, SiteStatus, read_status, status_path
 from .site import SiteConfig, load_site_config
+from .supernode import HEARTBEAT_ENV
 
 log = logging.getLogger(__name__)
 
 SUPERVISE_POLL_S = 0.5
 REJOIN_EVERY_S = 5.0
+JOIN_BACKOFF_S = (1.0, 10.0)  # first and longest wait between SuperNodes while the coordinator is not up
+KEY_GRACE_S = 30.0  # a coordinator that answers but does not admit the site: its key is not registered
 ADMITTED_FILE = "admitted"  # written once the coordinator admitted this site's SuperNode
 ERROR_PREFIX = "weckd: error: "
 SECRET_FILE = "superexec.secret"  # HMAC secret shared by the SuperNode and the executor (see the docstring)
@@ -105,7 +111,7 @@ def supernode_cmd(cfg: SiteConfig, secret: Path) -> list[str]:
             "--root-certificates", cfg.ca, "--auth-supernode-private-key", cfg.auth_key,
             "--node-config", f"site-id={cfg.site!r} site-config={source!r}",
             "--isolation", "process", "--host", "127.0.0.1", "--port", str(cfg.clientappio_port),
-            "--superexec-auth-secret-file", str(secret), "--max-wait-time", str(cfg.max_wait)]
+            "--superexec-auth-secret-file", str(secret), "--max-wait-time", str(cfg.max_wait or 86_400)]
 
 
 def executor_cmd(cfg: SiteConfig, secret: Path) -> list[str]:
@@ -147,46 +153,124 @@ def _start(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
 
 
 def _start_supernode(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
-    node = group.start(f"supernode-{cfg.site}", supernode_cmd(cfg, secret), flower_env(state / "flwr-supernode"))
+    node = group.start(f"supernode-{cfg.site}", supernode_cmd(cfg, secret),
+                       flower_env(state / "flwr-supernode", {HEARTBEAT_ENV: str(cfg.heartbeat)}))
     wait_port("127.0.0.1", cfg.clientappio_port, 60.0, node, f"SuperNode of site {cfg.site}")
+
+
+class Reach(str, Enum):
+    """What a TLS probe of the coordinator's Fleet address says (``probe_coordinator``)."""
+
+    UNREACHABLE = "unreachable"  # nothing answers: the coordinator is not up (yet), or restarting
+    WRONG_CA = "wrong-ca"  # it answers with a certificate the pinned CA did not sign (or for another name)
+    UP = "up"  # it answers with a certificate the pinned CA signed
+
+
+def probe_coordinator(address: str, ca: str, timeout: float = 3.0) -> Reach:
+    """Connect to the coordinator's Fleet API and check its certificate against the pinned CA (TLS handshake,
+    ALPN h2 as gRPC speaks it; no request is sent)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ctx = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"ca: {ca}: not a readable CA certificate ({err})") from None
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as sock:
+            with ctx.wrap_socket(sock, server_hostname=host):
+                return Reach.UP
+    except ssl.SSLCertVerificationError:
+        return Reach.WRONG_CA
+    except (OSError, ValueError):  # refused, reset, timed out, unresolvable; a TLS error other than the certificate
+        return Reach.UNREACHABLE
+
+
+class Joining:
+    """A site not admitted yet whose SuperNode exited: wait for the coordinator, or give up for a definite reason.
+
+    Sites are services that may start before their coordinator, or while it restarts: while the Fleet
+    address does not answer, the SuperNode is started again with backoff for up to ``max_wait`` seconds
+    (0: forever). A certificate the pinned CA did not sign is definite at once. A coordinator that answers
+    but does not admit the site is given ``KEY_GRACE_S`` (it registers the sites' keys right after its
+    SuperLink starts); after that the site's auth key is not registered there, which is definite too.
+    """
+
+    def __init__(self, cfg: SiteConfig) -> None:
+        self.cfg = cfg
+        self.start = time.monotonic()
+        self.refused_since: float | None = None
+        self.backoff = JOIN_BACKOFF_S[0]
+
+    def next_wait(self, code: int) -> float:
+        """Seconds to wait before the next SuperNode, or raise the definite reason."""
+        cfg, now = self.cfg, time.monotonic()
+        reach = probe_coordinator(cfg.superlink, cfg.ca)
+        if reach is Reach.WRONG_CA:
+            raise WeckdError(f"site {cfg.site}: the coordinator at {cfg.superlink} presents a certificate that the "
+                             f"pinned CA ({cfg.ca}) did not sign, or not for that address; copy the federation's "
+                             "ca.crt from the coordinator (wrong-ca)")
+        if reach is Reach.UP:
+            if self.refused_since is None:
+                self.refused_since = now
+            if now - self.refused_since > KEY_GRACE_S:
+                raise WeckdError(f"site {cfg.site}: the coordinator at {cfg.superlink} answers but does not admit this "
+                                 f"site (SuperNode exit {code}) after {KEY_GRACE_S:.0f}s: its auth key "
+                                 f"({cfg.auth_key}) is not registered there under the name {cfg.site!r}; send the "
+                                 "public key to the coordinator (key-not-registered)")
+        else:
+            self.refused_since = None
+            if cfg.max_wait and now - self.start > cfg.max_wait:
+                raise WeckdError(f"site {cfg.site}: the coordinator at {cfg.superlink} did not answer for "
+                                 f"{cfg.max_wait:.0f}s (max_wait); is weckd-server running and the address right? "
+                                 "(unreachable)")
+        wait, self.backoff = self.backoff, min(self.backoff * 2, JOIN_BACKOFF_S[1])
+        log.warning("site %s: SuperNode exited (code %d) before the coordinator admitted it; the coordinator is %s: "
+                    "trying again in %.0fs", cfg.site, code, "up" if reach is Reach.UP else "not reachable yet", wait)
+        return wait
 
 
 def _supervise(group: Group, cfg: SiteConfig, metrics: SiteMetrics, offset: int, secret: Path) -> int:
     """Watch the SuperNode and the executor; report when the coordinator admits the site.
 
-    A site the coordinator admitted before (``<state_dir>/admitted``) that loses its SuperNode — the
+    A site not admitted yet waits for its coordinator (:class:`Joining`): any start order works. A site
+    the coordinator admitted before (``<state_dir>/admitted``) that loses its SuperNode — the
     coordinator restarted, or this site restarted while the coordinator still holds its previous
     session (Flower refuses a second activation until that session's heartbeat expires) — starts a new
-    SuperNode every ``REJOIN_EVERY_S`` for up to ``rejoin_wait`` seconds. A site never admitted fails at
-    once: a wrong CA or an unregistered key does not heal by waiting.
+    SuperNode every ``REJOIN_EVERY_S`` for up to ``rejoin_wait`` seconds.
     """
     state = Path(cfg.state_dir).resolve()
     node_log, admitted = group.log_dir / f"supernode-{cfg.site}.log", state / ADMITTED_FILE
     connected, deadline = False, None
+    joining = None if admitted.is_file() else Joining(cfg)
     while True:
         died = group.exited()
         if died is not None:
             name, code = died
-            if name == f"supernode-{cfg.site}" and admitted.is_file():
+            wait = None
+            if name == f"supernode-{cfg.site}" and joining is not None:
+                wait = joining.next_wait(code)
+            elif name == f"supernode-{cfg.site}" and admitted.is_file():
                 deadline = deadline or time.monotonic() + cfg.rejoin_wait
                 if time.monotonic() < deadline:
                     log.warning("site %s: SuperNode exited (code %d); this site was admitted before, so the "
                                 "coordinator may be restarting or still hold the previous session: rejoining in "
                                 "%.0fs (up to rejoin_wait %.0fs)", cfg.site, code, REJOIN_EVERY_S, cfg.rejoin_wait)
-                    metrics.set_connected(False)
-                    connected = False
-                    group.procs = [(n, p) for n, p in group.procs if n != name]
-                    time.sleep(REJOIN_EVERY_S)
-                    offset = node_log.stat().st_size if node_log.is_file() else 0
-                    _start_supernode(cfg, group, state, secret)
-                    continue
-            raise WeckdError(f"site {cfg.site}: {name} exited with code {code}; see "
-                             f"{group.log_dir / (name + '.log')} (refused by the coordinator? wrong CA or "
-                             "unregistered auth key?)")
+                    wait = REJOIN_EVERY_S
+            if wait is None:
+                raise WeckdError(f"site {cfg.site}: {name} exited with code {code}; see "
+                                 f"{group.log_dir / (name + '.log')}")
+            metrics.set_connected(False)
+            connected = False
+            group.procs = [(n, p) for n, p in group.procs if n != name]
+            time.sleep(wait)
+            offset = node_log.stat().st_size if node_log.is_file() else 0
+            _start_supernode(cfg, group, state, secret)
+            continue
         if not connected:
             node = admitted_node(node_log, offset)
             if node:
-                connected, deadline = True, None
+                connected, deadline, joining = True, None, None
                 atomic_write_text(admitted, f"{node}\n")
                 metrics.set_connected(True)
                 log.info("site %s: connected to the coordinator at %s (TLS, auth key accepted; node id %s)",

@@ -7,15 +7,18 @@ from __future__ import annotations
 import os
 import sys
 
-from weckd.chain.flower import cap_supernode_sleep, check_internals, fast_pull
+from weckd.chain.flower import cap_supernode_sleep, check_internals, fast_pull, set_node_heartbeat
 
 POLL_ENV = "WECKD_FLEET_POLL_S"
+HEARTBEAT_ENV = "WECKD_HEARTBEAT_S"  # the site config's heartbeat (weckd-client sets it)
 
 
 def main() -> int:
     check_internals()
     cap_supernode_sleep(float(os.environ.get(POLL_ENV, "0.2")))
     fast_pull()
+    if os.environ.get(HEARTBEAT_ENV):
+        set_node_heartbeat(float(os.environ[HEARTBEAT_ENV]))
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv[0] = "flower-supernode"

@@ -21,6 +21,7 @@ from weckd.chain.audit import AUDIT_FILE, AuditLog
 from weckd.chain.errors import LinkError
 from weckd.chain.files import append_text
 from weckd.chain.flower import fast_pull
+from weckd.chain.protocol import Event, Failure
 
 from .report import write_outputs
 from .schedule import ChainRun, discover
@@ -59,13 +60,13 @@ def main(grid: Grid, context: Context) -> None:
         state = load_state(state_dir, fed) or new_state(fed)
         wanted = [site for site in dict.fromkeys(fed.chain.chain.order) if site not in state.skipped]
         nodes = wait_for_sites(grid, wanted, s.discovery_timeout, s.poll_interval,
-                               lambda site: progress({"event": "site-online", "site": site}))
+                               lambda site: progress({"event": Event.SITE_ONLINE, "site": site}))
         _offline_at_discovery(fed, state, [site for site in wanted if site not in nodes], progress)
         transport = Transport(grid, nodes, Timing(s.message_ttl, s.link_timeout, s.poll_interval),
                               WireLog(str(rc["wire-log"])))
-        progress({"event": "sites-online", "sites": sorted(nodes)})
+        progress({"event": Event.SITES_ONLINE, "sites": sorted(nodes)})
         infos = discover(transport, fed)
-        progress({"event": "discovered", "sites": {k: v["counts"] for k, v in infos.items()}})
+        progress({"event": Event.DISCOVERED, "sites": {k: v["counts"] for k, v in infos.items()}})
         audit = AuditLog(state_dir / AUDIT_FILE)
         _audit_discovery(audit, state.run_id, infos)
         outcome = ChainRun(transport, fed, infos, progress, state, state_dir, audit).run()
@@ -73,9 +74,9 @@ def main(grid: Grid, context: Context) -> None:
         state.completed = True
         save_state(state_dir, state)
     except Exception as err:
-        progress({"event": "failed", "reason": str(err)})
+        progress({"event": Event.FAILED, "reason": str(err), "failure": getattr(err, "failure", Failure.OTHER.value)})
         raise
-    progress({"event": "completed", "seconds": time.monotonic() - start})
+    progress({"event": Event.COMPLETED, "seconds": time.monotonic() - start})
 
 
 def _audit_discovery(audit: AuditLog, run_id: str, infos: dict[str, dict[str, Any]]) -> None:
@@ -94,10 +95,10 @@ def _offline_at_discovery(fed: Federation, state: ChainState, missing: list[str]
     message = (f"discovery: site(s) {', '.join(missing)} not online after {s.discovery_timeout:.0f}s; start "
                "weckd-client there, check its fleet address, CA and auth key, or raise federation.discovery_timeout")
     if s.on_site_failure == "fail":
-        raise LinkError(message)
+        raise LinkError(message, Failure.DISCOVERY_TIMEOUT)
     for site in missing:
-        progress({"event": "site-failure", "site": site, "link": len(state.links) + 1, "attempt": 1,
+        progress({"event": Event.SITE_FAILURE, "site": site, "link": len(state.links) + 1, "attempt": 1,
                   "kind": "offline", "reason": "offline", "message": message})
-        progress({"event": "site-skipped", "site": site, "link": len(state.links) + 1, "reason": "offline"})
+        progress({"event": Event.SITE_SKIPPED, "site": site, "link": len(state.links) + 1, "reason": "offline"})
         state.skipped.append(site)
     log.warning("%s; skipping them (on_site_failure: skip)", message)

@@ -20,6 +20,7 @@ from weckd.chain.files import atomic_write_text, private_dir
 from weckd.chain.flower import check_internals
 from weckd.chain.peers import COORDINATOR, load_party
 from weckd.chain.procs import Group, raise_on_sigterm
+from weckd.chain.protocol import Event, Failure
 
 from .metrics import ServerMetrics, format_seconds
 from .report import RESULTS_FILE
@@ -139,8 +140,8 @@ def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, 
         log.info("run %d completed; outputs in %s", run_id, out)
         return 0
     reason = _failure_reason(progress) or details or status
-    if not _failure_reason(progress):
-        metrics.fail(f"{status}: {reason}")
+    if not _failure_reason(progress):  # the ServerApp never said why: it died, or the run outlived its deadline
+        metrics.fail(Failure.DEADLINE.value if status == "timed out" else Failure.OTHER.value)
     raise LinkError(f"run {run_id} {status}: {reason}; logs in {paths.logs}")
 
 
@@ -161,7 +162,7 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
         died = group.exited()
         if died is not None:
             raise WeckdError(f"{died[0]} exited with code {died[1]}; see {paths.logs / (died[0] + '.log')}")
-        ended = any(e.get("event") in ("completed", "failed") for e in _events(progress))
+        ended = any(e.get("event") in (Event.COMPLETED, Event.FAILED) for e in _events(progress))
         if ended or time.monotonic() >= next_status:
             status, details = run_status(paths, run_id)
             next_status = time.monotonic() + STATUS_EVERY_S
@@ -199,21 +200,21 @@ def _show_progress(progress: Path, seen: int, metrics: ServerMetrics) -> int:
         kind = e.get("event")
         c = metrics.clock
         when = f"elapsed {format_seconds(c.elapsed())}, eta {format_seconds(c.eta())}"
-        if kind == "link-start":
+        if kind == Event.LINK_START:
             log.info("link %d/%d: training at site %s (%s)", e["link"], e["links"], e["site"], when)
-        elif kind == "link-done":
+        elif kind == Event.LINK_DONE:
             evals = " ".join(f"{s}={a:.3f}" for s, a in e.get("evaluations", {}).items())
             log.info("link %d/%d site %s done: val acc %.3f, %.1fs%s (%s)", e["link"], e["links"], e["site"],
                      e["val_accuracy"], e["seconds"], f", evaluated {evals}" if evals else "", when)
-        elif kind == "sites-online":
+        elif kind == Event.SITES_ONLINE:
             log.info("all sites online: %s", ", ".join(e["sites"]))
-        elif kind == "failed":
+        elif kind == Event.FAILED:
             log.error("run failed: %s", e.get("reason"))
     return len(events)
 
 
 def _failure_reason(progress: Path) -> str:
-    failed = [e for e in _events(progress) if e.get("event") == "failed"]
+    failed = [e for e in _events(progress) if e.get("event") == Event.FAILED]
     return str(failed[-1].get("reason", "")) if failed else ""
 
 

@@ -21,34 +21,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Enum, Gauge, Histogram, Info
 from weckd.chain import __version__
 from weckd.chain.procs import serve_registry
+from weckd.chain.protocol import Event, Failure
 
 log = logging.getLogger(__name__)
 
 RUN_STATES = ("starting", "discovering", "training", "completed", "failed")
-FAILURE_REASONS = ("discovery-timeout", "site-mismatch", "link-timeout", "site-error", "site-failed",
-                   "site-refused", "deadline", "other")
+FAILURE_REASONS = tuple(f.value for f in Failure)
 DIRECTIONS = ("to_site", "from_site")
 DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
-
-
-def failure_reason(message: str) -> str:
-    """A low-cardinality label for a failure message (the message itself goes to the log)."""
-    text = message.lower()
-    if "refused the request" in text:
-        return "site-refused"
-    if "failed after" in text and "attempt(s)" in text:
-        return "site-failed"
-    if "not online after" in text:
-        return "discovery-timeout"
-    if text.startswith("discovery:"):
-        return "site-mismatch"
-    if "no reply from site" in text:
-        return "link-timeout"
-    if " failed: " in text and "(code" in text:
-        return "site-error"
-    if "deadline" in text or "timed out" in text:
-        return "deadline"
-    return "other"
 
 
 @dataclass
@@ -64,9 +44,9 @@ class ChainClock:
 
     def observe(self, event: dict[str, Any]) -> None:
         kind, t = event.get("event"), float(event.get("t", time.time()))
-        if kind == "link-start":
+        if kind == Event.LINK_START:
             self.links, self.link_start, self.site = int(event["links"]), t, str(event["site"])
-        elif kind == "link-done":
+        elif kind == Event.LINK_DONE:
             self.links, self.done = int(event["links"]), int(event["link"])
             self.durations.append(float(event["seconds"]))
             self.link_start = None
@@ -170,40 +150,41 @@ class ServerMetrics:
         """Apply one ServerApp progress event (unknown events are ignored: newer ServerApps add some)."""
         self.clock.observe(event)
         kind = event.get("event")
-        if kind == "site-online":
+        if kind == Event.SITE_ONLINE:
             self._online([str(event["site"])])
-        elif kind == "sites-online":
+        elif kind == Event.SITES_ONLINE:
             self._online(list(event["sites"]))
-        elif kind == "discovered":
+        elif kind == Event.DISCOVERED:
             self.state.state("discovering")
             for site, counts in event.get("sites", {}).items():
                 for split, n in counts.items():
                     self.samples.labels(site, split).set(n)
-        elif kind == "link-start":
+        elif kind == Event.LINK_START:
             self._link_start(event)
-        elif kind == "link-done":
+        elif kind == Event.LINK_DONE:
             self._link_done(event)
-        elif kind == "retry":
+        elif kind == Event.RETRY:
             self.retries.labels(str(event.get("reason", "other"))).inc()
         elif kind in ("site-failure", "evaluation-missing"):
             self.site_failures.labels(str(event["site"]), str(event.get("reason", "other"))).inc()
-        elif kind == "site-skipped":
+        elif kind == Event.SITE_SKIPPED:
             self.skipped.labels(str(event["site"])).set(1)
-        elif kind == "resumed":
+        elif kind == Event.RESUMED:
             self.resumes.inc()
             self.links_done.set(int(event["links_done"]))
-        elif kind == "completed":
+        elif kind == Event.COMPLETED:
             self.state.state("completed")
             self._idle()
-        elif kind == "failed":
-            self.fail(str(event.get("reason", "")))
+        elif kind == Event.FAILED:
+            self.fail(str(event.get("failure", Failure.OTHER.value)))
         eta = self.clock.eta()
         if eta is not None:
             self.eta.set(eta)
 
-    def fail(self, message: str) -> None:
+    def fail(self, failure: str) -> None:
+        """The run failed; ``failure`` is its label (``chain.protocol.Failure``; unknown ones count as other)."""
         self.state.state("failed")
-        self.failures.labels(failure_reason(message)).inc()
+        self.failures.labels(failure if failure in FAILURE_REASONS else Failure.OTHER.value).inc()
         self._idle()
 
     def _online(self, sites: list[str]) -> None:

@@ -116,7 +116,7 @@ def write_site_config(root: Path, site: str, chain: dict[str, Any], superlink: s
            "data": data, "split": {"order": list(order), "part": site, "seed": chain.get("seed", 0)},
            "runtime": {"device": "cpu", "threads": threads}, "clientappio_port": free_port(),
            "metrics_address": "127.0.0.1", "metrics_port": free_port(),
-           "state_dir": f"state/site-{name or site}", "max_wait": 60.0}
+           "state_dir": f"state/site-{name or site}", "max_wait": 60.0, "heartbeat": 10.0}
     if sealing is not None:
         cfg["sealing"] = sealing
     if policy:

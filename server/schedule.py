@@ -32,7 +32,7 @@ from weckd.chain.config import link_to_mapping
 from weckd.chain.errors import LinkError
 from weckd.chain.payload import KEY_CONFIG, KEY_INFO, KEY_LINK, KEY_METRICS, MSG_EVALUATE, MSG_QUERY, MSG_TRAIN
 from weckd.chain.peers import COORDINATOR
-from weckd.chain.protocol import EvaluateRequest, TrainRequest, link_seed
+from weckd.chain.protocol import EvaluateRequest, Event, Failure, TrainRequest, link_seed
 
 from .relay import Relay, blob_key, relay_from_reply
 from .settings import Federation
@@ -41,7 +41,7 @@ from .transport import Reply, SiteFailure, Transport, online_sites, wait_for_sit
 
 log = logging.getLogger(__name__)
 
-Event = Callable[[dict[str, Any]], None]
+OnEvent = Callable[[dict[str, Any]], None]  # receives every progress event (chain.protocol.Event)
 
 
 @dataclass
@@ -66,13 +66,14 @@ def discover(transport: Transport, fed: Federation) -> dict[str, dict[str, Any]]
                         site, info.get("site-id"))
         if info.get("weckd-version") != __version__:
             raise LinkError(f"discovery: site {site} runs weckd {info.get('weckd-version')}, the coordinator "
-                            f"{__version__}; install the same weckd version everywhere")
+                            f"{__version__}; install the same weckd version everywhere", Failure.SITE_MISMATCH)
         if list(info.get("classes", [])) != list(data.classes):
             raise LinkError(f"discovery: site {site} has classes {info.get('classes')}, the federation "
-                            f"{list(data.classes)}; fix data.classes in that site's config")
+                            f"{list(data.classes)}; fix data.classes in that site's config", Failure.SITE_MISMATCH)
         if (info.get("image-size"), info.get("channels")) != (data.image_size, data.channels):
             raise LinkError(f"discovery: site {site} decodes {info.get('image-size')} px × {info.get('channels')} "
-                            f"channels, the federation {data.image_size} × {data.channels}; align data settings")
+                            f"channels, the federation {data.image_size} × {data.channels}; align data settings",
+                            Failure.SITE_MISMATCH)
         _check_sealing(fed, site, str(info.get("sealing", "")))
         infos[site] = {**info, "counts": counts}
         log.info("site %s: weckd %s, %d train / %d val images, sealing %s", site, info.get("weckd-version"),
@@ -81,17 +82,18 @@ def discover(transport: Transport, fed: Federation) -> dict[str, dict[str, Any]]
         hashes = {s: i.get("proxy-sha256", "") for s, i in infos.items()}
         if "" in hashes.values() or len(set(hashes.values())) != 1:
             raise LinkError(f"discovery: logits mode needs the same proxy set at every site; proxy hashes "
-                            f"{ {s: h[:12] for s, h in hashes.items()} }; copy the same proxy folder to every site")
+                            f"{ {s: h[:12] for s, h in hashes.items()} }; copy the same proxy folder to every site",
+                            Failure.SITE_MISMATCH)
     return infos
 
 
 def _check_sealing(fed: Federation, site: str, fingerprint: str) -> None:
     if fed.settings.sealing is not None and not fingerprint:
         raise LinkError(f"discovery: site {site} has no sealing keys but the federation seals every payload; "
-                        "add a sealing: section to that site's config (weckd keys)")
+                        "add a sealing: section to that site's config (weckd keys)", Failure.SITE_MISMATCH)
     if fed.settings.sealing is None and fingerprint:
         raise LinkError(f"discovery: site {site} requires sealed payloads; add federation.sealing to the "
-                        "coordinator's config")
+                        "coordinator's config", Failure.SITE_MISMATCH)
 
 
 def eval_targets(how: str, schedule: list[str], k: int) -> list[str]:
@@ -107,7 +109,7 @@ def eval_targets(how: str, schedule: list[str], k: int) -> list[str]:
 class ChainRun:
     """Runs the links of one chain from its checkpoint to the end, checkpointing after each."""
 
-    def __init__(self, transport: Transport, fed: Federation, infos: dict[str, dict[str, Any]], on_event: Event,
+    def __init__(self, transport: Transport, fed: Federation, infos: dict[str, dict[str, Any]], on_event: OnEvent,
                  state: ChainState, state_dir: Path, audit: AuditLog | None = None) -> None:
         self.transport, self.fed, self.infos, self.on_event = transport, fed, infos, on_event
         self.state, self.state_dir = state, state_dir
@@ -126,7 +128,7 @@ class ChainRun:
 
     def run(self) -> ChainOutcome:
         if self.state.links:
-            self.on_event({"event": "resumed", "links_done": len(self.state.links), "links": len(self.schedule()),
+            self.on_event({"event": Event.RESUMED, "links_done": len(self.state.links), "links": len(self.schedule()),
                            "run_id": self.state.run_id})
         while len(self.state.links) < len(schedule := self.schedule()):
             k = len(self.state.links)
@@ -138,7 +140,7 @@ class ChainRun:
                 continue
             self._finish_link(k, site, schedule, rep)
         if not self.state.links:
-            raise LinkError("no link completed: every site failed or was skipped")
+            raise LinkError("no link completed: every site failed or was skipped", Failure.SITE_FAILED)
         if self.state.relay is None or len(self.state.links) != len(self.schedule()):
             raise LinkError("the chain ended without a final model")
         return ChainOutcome(self.infos, list(self.state.links), self.state.relay, list(self.state.skipped))
@@ -157,7 +159,7 @@ class ChainRun:
             missing = [s for s in deliver if s not in record.evaluations]
             if missing:
                 raise LinkError(f"delivering the final model: site(s) {', '.join(missing)} did not take it; "
-                                "restart weckd-server to retry the last link")
+                                "restart weckd-server to retry the last link", Failure.SITE_FAILED)
         slot = next(i for i in range(self.state.next_slot, len(self.full)) if self.full[i] not in self.state.skipped)
         self.state.links.append(record)
         self.state.next_slot, self.state.relay = slot + 1, relay
@@ -166,8 +168,8 @@ class ChainRun:
             to = self._recipients()
             self._audit("deliver", "sent", k, to=to, model_sha256={r: _blob_sha(relay, "weights", r) for r in to})
         if deliver:
-            self.on_event({"event": "delivered", "sites": list(deliver)})
-        self.on_event({"event": "link-done", "link": k + 1, "links": len(schedule), "site": site,
+            self.on_event({"event": Event.DELIVERED, "sites": list(deliver)})
+        self.on_event({"event": Event.LINK_DONE, "link": k + 1, "links": len(schedule), "site": site,
                        "val_accuracy": record.metrics["val-accuracy"], "seconds": record.round_trip_s,
                        "evaluations": {s: e["accuracy"] for s, e in record.evaluations.items()},
                        **link_event_extras(record)})
@@ -177,7 +179,7 @@ class ChainRun:
     def _train(self, k: int, site: str, schedule: list[str]) -> Reply | None:
         """Site ``site``'s reply for link k, None when it failed and the policy skips it."""
         s = self.fed.settings
-        self.on_event({"event": "link-start", "link": k + 1, "links": len(schedule), "site": site})
+        self.on_event({"event": Event.LINK_START, "link": k + 1, "links": len(schedule), "site": site})
         content = self._train_content(k, schedule)
         teacher = _blob_sha(self.state.relay, self.fed.chain.chain.mode, site) if self.state.relay else ""
         failure: SiteFailure | None = None
@@ -190,19 +192,20 @@ class ChainRun:
             except SiteFailure as err:
                 failure = err
                 self._audit("train", _decision(err), k, err.reason, site=site, attempt=attempt)
-                self.on_event({"event": "site-failure", "site": site, "link": k + 1, "attempt": attempt,
+                self.on_event({"event": Event.SITE_FAILURE, "site": site, "link": k + 1, "attempt": attempt,
                                "kind": err.kind, "reason": err.reason, "message": str(err)})
                 if not err.transient:
-                    raise LinkError(f"link {k + 1}: {err}; the run stops (a refused payload is never skipped)"
-                                    ) from None
+                    raise LinkError(f"link {k + 1}: {err}; the run stops (a refused payload is never skipped)",
+                                    err.failure) from None
                 if attempt <= s.retries:
-                    self.on_event({"event": "retry", "site": site, "link": k + 1, "reason": err.reason,
+                    self.on_event({"event": Event.RETRY, "site": site, "link": k + 1, "reason": err.reason,
                                    "attempt": attempt + 1})
         assert failure is not None
         if s.on_site_failure == "fail":
             raise LinkError(f"link {k + 1}: site {site} failed after {s.retries + 1} attempt(s): {failure}; the run "
-                            "stops (on_site_failure: fail; restart weckd-server to resume at this link)")
-        self.on_event({"event": "site-skipped", "site": site, "link": k + 1, "reason": failure.reason})
+                            "stops (on_site_failure: fail; restart weckd-server to resume at this link)",
+                            Failure.SITE_FAILED)
+        self.on_event({"event": Event.SITE_SKIPPED, "site": site, "link": k + 1, "reason": failure.reason})
         log.warning("link %d: skipping site %s after %d attempt(s) (%s); its later links are dropped too",
                     k + 1, site, s.retries + 1, failure.reason)
         return None
@@ -251,7 +254,7 @@ class ChainRun:
         """Link k's model on each target site's validation split; a site that fails is reported, not fatal."""
         online = online_sites(self.transport.grid)
         for site in [t for t in targets if t not in online]:
-            self.on_event({"event": "evaluation-missing", "site": site, "link": k + 1, "reason": "offline"})
+            self.on_event({"event": Event.EVALUATION_MISSING, "site": site, "link": k + 1, "reason": "offline"})
             self._audit("evaluate", "failed", k, "offline", site=site)
         targets = [t for t in targets if t in online]
         self.transport.nodes.update({t: online[t] for t in targets})
@@ -264,10 +267,10 @@ class ChainRun:
         done = self.transport.exchange_all(MSG_EVALUATE, contents, f"evaluate-{k + 1}")
         for site, err in done.failures.items():
             self._audit("evaluate", _decision(err), k, err.reason, site=site)
-            self.on_event({"event": "evaluation-missing", "site": site, "link": k + 1, "reason": err.reason,
+            self.on_event({"event": Event.EVALUATION_MISSING, "site": site, "link": k + 1, "reason": err.reason,
                            "message": str(err)})
             if err.kind == "security":
-                raise LinkError(f"evaluating link {k + 1}: {err}; the run stops") from None
+                raise LinkError(f"evaluating link {k + 1}: {err}; the run stops", err.failure) from None
         out = {}
         for site, rep in done.replies.items():
             m: dict[str, Any] = dict(rep.message.content.metric_records[KEY_METRICS])

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import tomli_w
 from weckd.chain.appbundle import app_pyproject
 from weckd.chain.errors import WeckdError
 from weckd.chain.files import atomic_write_text, private_dir, refuse_symlink
@@ -92,10 +93,10 @@ def hold_lock(state: Path) -> IO[str]:
 
 def write_cli_config(fed: Federation, paths: Paths) -> None:
     private_dir(paths.cli_home)
-    atomic_write_text(paths.cli_home / "config.toml",
-                      f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                      f'address = "127.0.0.1:{fed.settings.control_port}"\n'
-                      f'root-certificates = "{fed.settings.ca}"\n')
+    atomic_write_text(paths.cli_home / "config.toml", tomli_w.dumps({"superlink": {
+        "default": CONNECTION,
+        CONNECTION: {"address": f"127.0.0.1:{fed.settings.control_port}", "root-certificates": fed.settings.ca},
+    }}))
 
 
 def flwr(paths: Paths, args: list[str], check: bool = True) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from flwr.app import Message, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from weckd.chain.errors import LinkError
-from weckd.chain.protocol import Reason, reason_from_error
+from weckd.chain.protocol import Failure, Reason, reason_from_error
 
 from .wire import WireLog, content_bytes
 
@@ -61,12 +61,16 @@ def wait_for_sites(grid: Grid, sites: Sequence[str], timeout: float, poll: float
         time.sleep(poll)
 
 
+FAILURE_OF_KIND = {"security": Failure.SITE_REFUSED, "error": Failure.SITE_ERROR, "timeout": Failure.LINK_TIMEOUT,
+                   "offline": Failure.SITE_FAILED, "unavailable": Failure.SITE_FAILED}
+
+
 class SiteFailure(LinkError):
     """One site did not deliver: ``kind`` is offline, unavailable, timeout, error or security; ``reason`` a
     short label for metrics (the security reason, e.g. ``replay``, where the site refused a payload)."""
 
     def __init__(self, site: str, kind: str, reason: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(message, FAILURE_OF_KIND.get(kind, Failure.OTHER).value)
         self.site, self.kind, self.reason = site, kind, reason
 
     @property

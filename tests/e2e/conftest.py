@@ -69,11 +69,26 @@ def _refused_sites(fed: LocalFederation) -> dict[str, str]:
     return {**{name: f"weckd-client-{name}" for name in configs}, "insecure": "supernode-insecure"}
 
 
+def _wait_sites_waiting(fed: LocalFederation, timeout: float = 120.0) -> None:
+    """Until every site has found its coordinator absent and is waiting for it (its supervisor says so)."""
+    start = time.monotonic()
+    logs = {site: fed.group.log_dir / f"weckd-client-{site}.log" for site in fed.scaffold.sites}
+    while time.monotonic() - start < timeout:
+        texts = {site: path.read_text(errors="replace") if path.is_file() else "" for site, path in logs.items()}
+        if all("not reachable yet" in text for text in texts.values()):
+            return
+        exited = [name for name, proc in fed.group.procs if proc.poll() is not None]
+        assert not exited, f"{exited} exited while the coordinator was not up yet"
+        time.sleep(0.2)
+    raise AssertionError(f"sites not waiting for the coordinator within {timeout:.0f}s")
+
+
 def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any] | None = None,
                    refused: bool = False, monitor: bool = False, sealed: bool = True,
-                   server_args: tuple[str, ...] = ()) -> FederatedRun:
+                   server_args: tuple[str, ...] = (), sites_first: bool = False) -> FederatedRun:
     """Run a federation (sealed end to end unless ``sealed`` is false); with ``monitor``, a real
-    Prometheus scrapes it (see ``prometheus.py``)."""
+    Prometheus scrapes it (see ``prometheus.py``); with ``sites_first``, the sites start before the
+    coordinator and wait for it."""
     scaffold = make_scaffold(root, chain, federation, sealed=sealed)
     wire = root / "wire.jsonl"
     fed = LocalFederation(scaffold, stop_timeout=10.0)
@@ -85,10 +100,15 @@ def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any]
         watch.start()
         if prom is not None:
             prom.start()
+        if sites_first:
+            for site in scaffold.sites:
+                fed.start_site(site)
+            _wait_sites_waiting(fed)
         fed.start_server("--wire-log", str(wire), *server_args)
         fed.wait_ready()
-        for site in scaffold.sites:
-            fed.start_site(site)
+        if not sites_first:
+            for site in scaffold.sites:
+                fed.start_site(site)
         names = _refused_sites(fed) if refused else {}
         rc = fed.wait_server(RUN_TIMEOUT)
         seconds = time.monotonic() - start
@@ -130,10 +150,11 @@ def logits_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedRu
 def hetero_weights_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedRun]:
     """Weights mode across architectures: distillation from a live teacher of another architecture,
     warm start only where the architectures match; evaluation by the next link's site. The YAML says
-    3 epochs a link and ``weckd-server --set link.epochs=2`` overrides it."""
+    3 epochs a link and ``weckd-server --set link.epochs=2`` overrides it. The sites start first and
+    wait for their coordinator (any start order)."""
     chain = chain_settings({
         "link": {"epochs": 3},
         "links": [{"arch": "test_resnet"}, {"arch": "test_efficientnet"}, {"arch": "test_efficientnet"}],
     })
     yield run_federation(tmp_path_factory.mktemp("weights-hetero"), chain, {"evaluate": "next"},
-                         server_args=("--set", "link.epochs=2"))
+                         server_args=("--set", "link.epochs=2"), sites_first=True)

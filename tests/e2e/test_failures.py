@@ -130,6 +130,7 @@ def test_fail_stops_the_run_naming_the_killed_site(federation: Callable[..., Loc
     assert fed.wait_server(TIMEOUT) == 1
     failed = next(e for e in _events(fed.scaffold) if e["event"] == "failed")
     assert "site B failed after 1 attempt(s)" in failed["reason"] and "on_site_failure: fail" in failed["reason"]
+    assert failed["failure"] == "site-failed"  # the metrics label travels typed, next to the words
     assert not (fed.scaffold.root / "out" / "results.json").exists()
 
 
@@ -196,6 +197,7 @@ def test_a_payload_not_signed_by_the_pinned_key_fails_the_run_with_the_reason(
     assert (refused[0]["site"], refused[0]["link"], refused[0]["reason"]) == ("C", 2, "unexpected-sender")
     failed = next(e for e in events if e["event"] == "failed")
     assert "site C refused the request (unexpected-sender)" in failed["reason"]
+    assert failed["failure"] == "site-refused"
     assert "not by site B's pinned key" not in failed["reason"]  # the details stay at the site, in its log
     assert "not by site B's pinned key" in (fed.scaffold.root / "state" / "site-C" / "logs" / "executor-C.log"
                                             ).read_text()

@@ -31,3 +31,13 @@ def test_delivered_model_is_the_last_architecture(hetero_weights_run: FederatedR
 
 def test_a_set_override_changes_what_the_sites_train(hetero_weights_run: FederatedRun) -> None:
     assert [len(r["epochs"]) for r in hetero_weights_run.results["links"]] == [2, 2, 2]  # the YAML says 3
+
+
+def test_sites_started_before_the_coordinator_wait_for_it_and_join(hetero_weights_run: FederatedRun) -> None:
+    """Started first, every site found no coordinator, kept waiting (the fixture fails if one exited),
+    and joined once it came up: the chain completed with every site."""
+    assert hetero_weights_run.server_rc == 0
+    assert [r["site"] for r in hetero_weights_run.results["links"]] == ["A", "B", "C"]
+    for site in ("A", "B", "C"):
+        log = (hetero_weights_run.scaffold.root / "logs" / f"weckd-client-{site}.log").read_text()
+        assert "not reachable yet" in log and "connected to the coordinator" in log

@@ -17,10 +17,12 @@ def _fab(pyproject: str, **extra: bytes) -> bytes:
     return build_fab_from_files({"pyproject.toml": pyproject.encode(), **extra})[0]
 
 
-def _refused(fab: bytes, fab_id: str = FAB_ID, version: str = __version__) -> None:
+def _refused(fab: bytes, fab_id: str = FAB_ID, version: str = __version__,
+             reason: Reason = Reason.FOREIGN_APP) -> Refused:
     with pytest.raises(Refused) as err:
         check_bundle(fab, fab_id, version, "test")
-    assert err.value.reason is Reason.FOREIGN_APP
+    assert err.value.reason is reason
+    return err.value
 
 
 def test_the_bundle_weckd_server_submits_is_accepted() -> None:
@@ -39,8 +41,13 @@ def test_a_bundle_carrying_code_is_refused() -> None:
     _refused(_fab(app_pyproject(), **{"evil.py": b"open('/tmp/pwned', 'w')\n"}))
 
 
-def test_a_bundle_of_another_weckd_version_is_refused() -> None:
-    _refused(_fab(app_pyproject("9.9.9")), version="9.9.9")
+def test_a_coordinator_of_another_weckd_version_is_refused_naming_both_versions() -> None:
+    err = _refused(_fab(app_pyproject("9.9.9")), version="9.9.9", reason=Reason.VERSION_MISMATCH)
+    assert f"the coordinator runs weckd '9.9.9', this site weckd {__version__}" in str(err)
+
+
+def test_another_publishers_bundle_is_foreign_whatever_its_version() -> None:
+    _refused(_fab(app_pyproject()), fab_id="evil/weckd-chain")
 
 
 def test_a_bundle_whose_id_is_not_weckds_is_refused() -> None:

@@ -53,8 +53,9 @@ def test_a_transient_failure_is_retried_and_the_chain_completes(tmp_path: Path) 
 def test_a_site_failing_every_retry_fails_the_run_naming_it(tmp_path: Path) -> None:
     sites = FakeSites(["A", "B", "C"], lambda s, k: _gone(s) if s == "B" else None)
     run, events = _run(tmp_path, sites, retries=1, on_site_failure="fail")
-    with pytest.raises(LinkError, match=r"link 2: site B failed after 2 attempt\(s\).*on_site_failure: fail"):
+    with pytest.raises(LinkError, match=r"link 2: site B failed after 2 attempt\(s\).*on_site_failure: fail") as err:
         run.run()
+    assert err.value.failure == "site-failed"  # the metrics label, set where the failure is raised
     assert _trained(sites) == [("A", 0), ("B", 1), ("B", 1)]
     assert load_state(tmp_path / "state", run.fed).links[0].site == "A"  # link 1 is kept for a resume
 
@@ -82,8 +83,9 @@ def test_a_refused_payload_fails_at_once_without_retry_even_with_skip(tmp_path: 
     refused = failure_from_error("B", "train", 2, error_text(Reason.REPLAY))
     sites = FakeSites(["A", "B", "C"], lambda s, k: refused if s == "B" else None)
     run, events = _run(tmp_path, sites, retries=3, on_site_failure="skip")
-    with pytest.raises(LinkError, match=r"site B refused the request \(replay\)"):
+    with pytest.raises(LinkError, match=r"site B refused the request \(replay\)") as err:
         run.run()
+    assert err.value.failure == "site-refused"
     assert _trained(sites) == [("A", 0), ("B", 1)]
     assert [e["reason"] for e in events if e["event"] == "site-failure"] == ["replay"]
 
@@ -135,6 +137,7 @@ def test_sealed_federation_asks_for_blobs_for_next_evaluators_and_recipients(tmp
 def test_site_errors_are_classified(code: int, reason: str, kind: str, label: str) -> None:
     failure = failure_from_error("B", "train", code, reason)
     assert (failure.kind, failure.reason, failure.site) == (kind, label, "B")
+    assert failure.failure == {"unavailable": "site-failed", "security": "site-refused", "error": "site-error"}[kind]
     assert failure.transient == (kind == "unavailable")
 
 
