@@ -201,6 +201,12 @@ class ServerMetrics:
         if eta is not None:
             self.eta.set(eta)
 
+    def complete(self, links: int) -> None:
+        """The state of a chain found complete in its checkpoint (``weckd-server --hold`` after a restart)."""
+        self.state.state("completed")
+        self.links_total.set(links)
+        self.links_done.set(links)
+
     def fail(self, message: str) -> None:
         self.state.state("failed")
         self.failures.labels(failure_reason(message)).inc()
