@@ -3,6 +3,11 @@
 Starts the SuperLink, registers the sites' auth keys, submits the WeCKD run, follows it (one
 progress line per event), and exits 0 when the run completed, 1 with the reason otherwise, 2 on a
 config error (before anything starts), 130 on Ctrl-C/SIGTERM (after stopping every child).
+
+``--hold`` (a coordinator under a supervisor that restarts whatever exits, e.g. a Kubernetes StatefulSet):
+once the chain is complete, in this run or in the checkpoint found at start, the SuperLink stops and
+``/metrics`` keeps serving the final state until SIGTERM or Ctrl-C, then the exit code is 0. A failed run
+still exits 1.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from weckd.chain.protocol import Event, Failure
 from .metrics import ServerMetrics, format_seconds
 from .report import RESULTS_FILE
 from .settings import Federation, check_files, coordinator_sealing, load_federation, write_effective
-from .state import discard_state, load_state
+from .state import ChainState, discard_state, load_state
 from .superlink import (
     Paths,
     hold_lock,
@@ -42,6 +47,7 @@ log = logging.getLogger(__name__)
 
 FOLLOW_POLL_S = 0.25
 STATUS_EVERY_S = 15.0
+HOLD_SLEEP_S = 3600.0  # a signal ends the sleep at once
 READY_FILE = "ready"
 
 
@@ -54,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="override a config key, e.g. --set link.epochs=3 (repeatable)")
     parser.add_argument("--fresh", action="store_true",
                         help="start the chain over: move the checkpoint in the state dir aside instead of resuming")
+    parser.add_argument("--hold", action="store_true",
+                        help="once the chain is complete (this run or its checkpoint), keep serving /metrics until "
+                             "SIGTERM, then exit 0 (for supervisors that restart what exits)")
     parser.add_argument("--wire-log", default="", help=argparse.SUPPRESS)  # tests: record every message
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -71,26 +80,57 @@ def _serve(args: argparse.Namespace) -> int:
     paths = Paths.under(Path(fed.settings.state_dir).resolve())
     private_dir(paths.state)
     lock = hold_lock(paths.state)  # one coordinator per state dir; released by the OS if we die
-    _checkpoint(fed, paths.state, args.fresh)
-    group = Group(paths.logs, fed.settings.shutdown_timeout)
-    ready = paths.state / READY_FILE
-    ready.unlink(missing_ok=True)
+    complete = _checkpoint(fed, paths.state, args.fresh, args.hold)
+    (paths.state / READY_FILE).unlink(missing_ok=True)
     raise_on_sigterm()
     metrics = ServerMetrics(fed.chain.n_links, list(fed.chain.chain.order), fed.settings.link_timeout)
     s = fed.settings
     metrics.serve(s.metrics_address, s.metrics_port if s.metrics else 0)
+    held = False
+    try:
+        if complete is None:
+            code = _federate(fed, paths, out, args.wire_log, metrics)  # a failed run raises: never held
+            why = "the chain completed"
+        else:
+            metrics.complete(len(complete.links))
+            code, why = 0, f"the chain checkpointed in {s.state_dir} is complete ({len(complete.links)} links)"
+        if code or not args.hold:
+            return code
+        held = True
+        return _hold(why)
+    finally:
+        metrics.close(0.0 if held else s.metrics_linger)
+        lock.close()
+
+
+def _federate(fed: Federation, paths: Paths, out: Path, wire_log: str, metrics: ServerMetrics) -> int:
+    """Start the SuperLink, run the chain, stop the SuperLink: 0 when the run completed (it raises otherwise)."""
+    group = Group(paths.logs, fed.settings.shutdown_timeout)
     try:
         start_superlink(fed, group, paths)
         write_cli_config(fed, paths)
         register_sites(fed, paths)
         write_app_dir(paths)
-        atomic_write_text(ready, f"{time.time()}\n")  # sites may connect now (tests, demo)
-        return _run(fed, paths, group, out, args.wire_log, metrics)
+        atomic_write_text(paths.state / READY_FILE, f"{time.time()}\n")  # sites may connect now (tests, demo)
+        return _run(fed, paths, group, out, wire_log, metrics)
     finally:
         group.stop_all()
         log.info("SuperLink stopped")
-        metrics.close(fed.settings.metrics_linger)
-        lock.close()
+
+
+def _hold(why: str) -> int:
+    """``--hold``: stay up (``/metrics`` keeps serving the final state) until SIGTERM or Ctrl-C, then 0.
+
+    Under ``raise_on_sigterm`` both arrive as KeyboardInterrupt; here they end a completed chain's
+    wait, not a run, so the exit code is 0, not 130.
+    """
+    try:
+        log.info("%s; holding (--hold): serving the final metrics until SIGTERM", why)
+        while True:
+            time.sleep(HOLD_SLEEP_S)
+    except KeyboardInterrupt:
+        log.info("stopped while holding a completed chain")
+        return 0
 
 
 def _check_sealing(fed: Federation) -> None:
@@ -105,21 +145,27 @@ def _check_sealing(fed: Federation) -> None:
     log.info("payloads sealed end to end; final model for: %s", ", ".join(fed.settings.sealing.deliver_to))
 
 
-def _checkpoint(fed: Federation, state_dir: Path, fresh: bool) -> None:
-    """Resume from the chain checkpoint, or (``--fresh``) move it aside; a torn one stops us here."""
+def _checkpoint(fed: Federation, state_dir: Path, fresh: bool, hold: bool) -> ChainState | None:
+    """Resume from the chain checkpoint, or (``--fresh``) move it aside; a torn one stops us here.
+
+    A complete checkpoint is refused, unless ``hold``: then it is returned (nothing is left to run).
+    """
     if fresh:
         moved = discard_state(state_dir)
         if moved is not None:
             log.info("--fresh: previous chain checkpoint moved to %s", moved)
-        return
+        return None
     state = load_state(state_dir, fed)
     if state is None:
-        return
+        return None
     if state.completed:
+        if hold:
+            return state
         raise ConfigError(f"{fed.settings.state_dir}: the chain checkpointed there is complete ({len(state.links)} "
                           "links); pass --fresh to start a new chain")
     log.info("resuming chain %s at link %d (%d link(s) done, checkpoint of %s)", state.run_id, len(state.links) + 1,
              len(state.links), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.updated)))
+    return None
 
 
 def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, metrics: ServerMetrics) -> int:

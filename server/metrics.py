@@ -181,6 +181,12 @@ class ServerMetrics:
         if eta is not None:
             self.eta.set(eta)
 
+    def complete(self, links: int) -> None:
+        """The state of a chain found complete in its checkpoint (``weckd-server --hold`` after a restart)."""
+        self.state.state("completed")
+        self.links_total.set(links)
+        self.links_done.set(links)
+
     def fail(self, failure: str) -> None:
         """The run failed; ``failure`` is its label (``chain.protocol.Failure``; unknown ones count as other)."""
         self.state.state("failed")

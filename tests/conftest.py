@@ -39,3 +39,22 @@ def breastmnist() -> Path:
     if not BREASTMNIST.is_file():
         pytest.skip(f"real dataset not present at {BREASTMNIST} (it ships in the team's shared/ folder)")
     return BREASTMNIST
+
+
+# Parallel runs (pytest-xdist, ``-n``): tests that share an expensive fixture run in one worker, so it is built
+# once. By default that is the module (module-scoped fixtures); the e2e modules reading the same live federations
+# share one group; scenarios that each start their own federation are spread one per test.
+SHARED_FEDERATIONS = {"test_federation_weights", "test_federation_wire", "test_monitoring", "test_federation_logits"}
+ONE_PER_TEST = {"test_failures"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else item.nodeid
+        if module in SHARED_FEDERATIONS:
+            group = "shared-federations"
+        elif module in ONE_PER_TEST:
+            group = item.nodeid
+        else:
+            group = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))

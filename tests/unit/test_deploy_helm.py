@@ -3,14 +3,17 @@
 Rendering uses Helm's own engine (Helm 4's Go SDK) through the PyPI package ``helm-python-sdk`` (import
 ``helm_python``; in the ``test`` extra on linux x86_64; there is no ``helm`` binary on PyPI, npm or Debian).
 With it, checked: ``helm lint --strict`` finds no warning; each role renders exactly its own objects
-(coordinator: StatefulSet with a state PVC, Fleet Service, metrics Service; site: Deployment, metrics Service;
-both: ConfigMap, NetworkPolicy, ServiceMonitor only when enabled); the container args are commands whose
+(coordinator: StatefulSet with a state PVC template, or with ``coordinator.kind: Job`` a Job and a state PVC,
+Fleet Service, metrics Service; site: Deployment, metrics Service; both: ConfigMap, NetworkPolicy,
+ServiceMonitor only when enabled); the StatefulSet holds a completed chain (``--hold``), the Job runs it to
+completion (restartPolicy OnFailure, backoffLimit, its state on a PVC kept by ``helm uninstall``); the Services,
+NetworkPolicy and ServiceMonitor select the coordinator pod of either kind; the container args are commands whose
 flags exist in the CLIs' ``--help``; the rendered config loads with weckd's own loaders and names files that
 are mounted read-only and a state dir on the writable volume; sealing keys laid out as the keys Secret holds them
 (one flat folder) load with weckd's own key loader for both roles; ports agree across config, container, Services
 and NetworkPolicy, and the Control API is in no Service; a site may egress only to the coordinator's Fleet
 port and DNS; bad values (unknown keys, wrong role, bad ports or names, ``latest``, keys the chart owns) are
-refused by values.schema.json and clashing ports by the templates.
+refused by values.schema.json (an unknown coordinator kind too) and clashing ports by the templates.
 Without it (skipped with the reason), still checked: Chart.yaml, values.schema.json is draft-07 and declares
 every key of values.yaml, and every template's actions and blocks are balanced.
 Not checked: validation against a cluster's API schemas (no cluster; ``kubectl --dry-run=server`` needs one).
@@ -36,6 +39,7 @@ CHART = REPO / "deploy" / "helm" / "weckd"
 VERSION = re.search(r'^version = "([^"]+)"', (REPO / "pyproject.toml").read_text(), flags=re.M).group(1)
 SITE = {"role": "site", "site": {"name": "B", "data": {"existingClaim": "images-b"},
                                  "coordinator": {"to": [{"ipBlock": {"cidr": "203.0.113.10/32"}}]}}}
+JOB = {"coordinator": {"kind": "Job"}}
 
 def _helm() -> Any:
     return pytest.importorskip("helm_python", reason="helm-python-sdk (Helm's Go SDK) not installed: "
@@ -63,7 +67,7 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 
 def pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    workload = next(d for d in docs if d["kind"] in ("StatefulSet", "Deployment"))
+    workload = next(d for d in docs if d["kind"] in ("StatefulSet", "Job", "Deployment"))
     return workload["spec"]["template"]["spec"]
 
 
@@ -183,7 +187,7 @@ def test_an_unbalanced_template_would_be_caught() -> None:
 
 def test_helm_lint_strict_finds_no_problem() -> None:
     h = _helm()
-    for values in (None, SITE):
+    for values in (None, JOB, SITE):
         report = h.lint(str(CHART), values, strict=True)
         assert report["errors"] == [] and [m for m in report["messages"] if m["severity"] >= 2] == [], report
 
@@ -194,17 +198,23 @@ def test_the_coordinator_renders_its_objects_only() -> None:
     assert kinds(render({"serviceMonitor": {"enabled": True}})).count("ServiceMonitor") == 1
 
 
+def test_the_coordinator_as_a_job_renders_its_objects_only() -> None:
+    docs = render(JOB)
+    assert kinds(docs) == ["ConfigMap", "Job", "NetworkPolicy", "PersistentVolumeClaim", "Service", "Service"]
+    assert kinds(render({**JOB, "serviceMonitor": {"enabled": True}})).count("ServiceMonitor") == 1
+
+
 def test_a_site_renders_its_objects_only() -> None:
     docs = render(SITE)
     assert kinds(docs) == ["ConfigMap", "Deployment", "NetworkPolicy", "Service"]
     assert one(docs, "Deployment")["spec"]["strategy"]["type"] == "Recreate"  # one SuperNode per key at a time
 
 
-@pytest.mark.parametrize("values", [{}, SITE], ids=["coordinator", "site"])
+@pytest.mark.parametrize("values", [{}, JOB, SITE], ids=["coordinator", "coordinator-job", "site"])
 def test_container_args_are_cli_commands_with_existing_flags(values: dict[str, Any]) -> None:
     docs = render({**values, "extraArgs": ["--verbose"]})
     args = container(docs)["args"]
-    assert PurePosixPath(args[0]).name == ("weckd-client" if values else "weckd-server")
+    assert PurePosixPath(args[0]).name == ("weckd-client" if values is SITE else "weckd-server")
     assert "--verbose" in args and check_command(args) == []
 
 
@@ -218,8 +228,9 @@ def _server_flags() -> set[str]:
     return set(usage("weckd-server").flags)
 
 
-def test_the_coordinator_config_loads_and_points_into_its_mounts(tmp_path: Path) -> None:
-    docs = render()
+@pytest.mark.parametrize("values", [{}, JOB], ids=["statefulset", "job"])
+def test_the_coordinator_config_loads_and_points_into_its_mounts(tmp_path: Path, values: dict[str, Any]) -> None:
+    docs = render(values)
     name, path = config_file(docs, tmp_path)
     args = container(docs)["args"]
     assert args[args.index("-c") + 1] == f"/etc/weckd/config/{name}"
@@ -290,6 +301,52 @@ def test_the_coordinator_state_lives_on_a_persistent_volume() -> None:
     assert state["persistentVolumeClaim"]["claimName"] == "weckd-state"
 
 
+def test_the_statefulset_holds_a_completed_chain_instead_of_exiting() -> None:
+    args = container(render())["args"]  # exiting 0 would restart the pod over and over
+    assert "--hold" in args and check_command(args) == []
+
+
+def test_the_job_runs_one_chain_to_completion_and_restarts_only_a_failed_run() -> None:
+    docs = render({"coordinator": {"kind": "Job", "job": {"backoffLimit": 2}}})
+    job = one(docs, "Job")["spec"]
+    assert job["backoffLimit"] == 2 and job["template"]["spec"]["restartPolicy"] == "OnFailure"
+    assert job.get("parallelism", 1) == 1 and job.get("completions", 1) == 1
+    assert "--hold" not in container(docs)["args"]  # exit 0 ends the Job
+
+
+def test_the_job_keeps_its_state_on_a_claim_it_renders() -> None:
+    docs = render({"coordinator": {"kind": "Job", "persistence": {"size": "7Gi", "storageClass": "fast"}}})
+    claim = one(docs, "PersistentVolumeClaim")
+    state = next(v for v in pod(docs)["volumes"] if v["name"] == "state")
+    assert state == {"name": "state", "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+    assert claim["spec"]["resources"]["requests"]["storage"] == "7Gi" and claim["spec"]["storageClassName"] == "fast"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"  # outlives helm uninstall
+    assert mount_of(docs, "/var/lib/weckd/state")["name"] == "state"
+
+
+def test_the_job_uses_an_existing_claim_or_an_empty_dir_and_renders_no_claim() -> None:
+    existing = render({"coordinator": {"kind": "Job", "persistence": {"existingClaim": "weckd-state"}}})
+    off = render({"coordinator": {"kind": "Job", "persistence": {"enabled": False}}})
+    for docs, volume in ((existing, {"persistentVolumeClaim": {"claimName": "weckd-state"}}), (off, {"emptyDir": {}})):
+        assert "PersistentVolumeClaim" not in kinds(docs)
+        assert next(v for v in pod(docs)["volumes"] if v["name"] == "state") == {"name": "state", **volume}
+
+
+@pytest.mark.parametrize("values", [{}, JOB], ids=["statefulset", "job"])
+def test_services_policy_and_monitor_select_the_coordinator_pod(values: dict[str, Any]) -> None:
+    docs = render({**values, "serviceMonitor": {"enabled": True}})
+    workload = next(d for d in docs if d["kind"] in ("StatefulSet", "Job"))
+    labels = workload["spec"]["template"]["metadata"]["labels"].items()
+    services = [d for d in docs if d["kind"] == "Service"]
+    assert len(services) == 2 and all(s["spec"]["selector"].items() <= labels for s in services)
+    assert one(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"].items() <= labels
+    monitor = one(docs, "ServiceMonitor")["spec"]["selector"]["matchLabels"].items()
+    (metrics,) = [s for s in services if monitor <= s["metadata"]["labels"].items()]
+    assert metrics["spec"]["selector"].items() <= labels
+    # a coordinator holding a completed chain is not ready (Fleet API closed): its metrics stay in the Service
+    assert metrics["spec"]["publishNotReadyAddresses"] is True
+
+
 def test_services_expose_fleet_and_metrics_never_the_control_api() -> None:
     docs = render({"coordinator": {"service": {"type": "LoadBalancer"}}})
     services = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Service"}
@@ -324,7 +381,7 @@ def test_the_coordinator_admits_fleet_and_metrics_only() -> None:
     assert {p["port"] for r in policy["egress"] for p in r["ports"]} == {53}
 
 
-@pytest.mark.parametrize("values", [{}, SITE], ids=["coordinator", "site"])
+@pytest.mark.parametrize("values", [{}, JOB, SITE], ids=["coordinator", "coordinator-job", "site"])
 def test_pods_run_non_root_with_keys_and_config_read_only(values: dict[str, Any]) -> None:
     docs = render(values)
     spec, c = pod(docs), container(docs)
@@ -349,6 +406,8 @@ BAD_VALUES = {
     "empty chain": {"coordinator": {"config": {"chain": {"order": []}}}},
     "sealing in the config": {"role": "site", "site": {"config": {"sealing": {"keys": "/tmp"}}}},
     "final model for nobody": {"coordinator": {"sealing": {"enabled": True, "deliverTo": []}}},
+    "unknown coordinator kind": {"coordinator": {"kind": "Deployment"}},
+    "negative backoffLimit": {"coordinator": {"kind": "Job", "job": {"backoffLimit": -1}}},
 }
 
 
@@ -366,7 +425,7 @@ def test_bad_values_are_refused(values: dict[str, Any]) -> None:
 def test_the_default_values_pass_the_schema_for_both_roles() -> None:
     h = _helm()
     with h.Chart.load(str(CHART)) as chart:
-        for values in ({}, SITE):
+        for values in ({}, JOB, SITE):
             chart.validate_schema(chart.merge_values(values))
 
 

@@ -148,6 +148,71 @@ livenessProbe:
   failureThreshold: 3
 {{- end -}}
 
+{{/* The Job's state claim, when the chart makes one (persistence on, no existingClaim). */}}
+{{- define "weckd.coordinatorClaim" -}}
+{{- printf "%s-state" (include "weckd.fullname" .) -}}
+{{- end -}}
+
+{{/* The coordinator's pod template, for both kinds: a StatefulSet's holds once the chain is complete (--hold); a
+Job's ends then (restartPolicy OnFailure: a failed run restarts and resumes). */}}
+{{- define "weckd.coordinatorPodTemplate" -}}
+{{- $c := .Values.coordinator -}}
+metadata:
+  labels:
+    {{- include "weckd.selectorLabels" . | nindent 4 }}
+  annotations:
+    checksum/config: {{ include "weckd.config" . | sha256sum }}
+    {{- with .Values.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  {{- include "weckd.podCommon" . | nindent 2 }}
+  {{- if eq $c.kind "Job" }}
+  restartPolicy: OnFailure
+  {{- end }}
+  terminationGracePeriodSeconds: {{ $c.terminationGracePeriodSeconds }}
+  containers:
+    - name: weckd-server
+      {{- include "weckd.containerCommon" . | nindent 6 }}
+      args:
+        - weckd-server
+        - -c
+        - /etc/weckd/config/{{ include "weckd.configFile" . }}
+        {{- if eq $c.kind "StatefulSet" }}
+        - --hold
+        {{- end }}
+        {{- range .Values.extraArgs }}
+        - {{ . | quote }}
+        {{- end }}
+      ports:
+        - name: fleet
+          containerPort: {{ $c.fleetPort }}
+          protocol: TCP
+        - name: metrics
+          containerPort: {{ $c.metricsPort }}
+          protocol: TCP
+      {{- include "weckd.probes" . | nindent 6 }}
+      readinessProbe:  # the Fleet API: closed while holding a completed chain (not ready; /metrics still answers)
+        tcpSocket: {port: fleet}
+        periodSeconds: 10
+      volumeMounts:
+        {{- include "weckd.commonMounts" . | nindent 8 }}
+  volumes:
+    {{- include "weckd.commonVolumes" . | nindent 4 }}
+    {{- if $c.persistence.existingClaim }}
+    - name: state
+      persistentVolumeClaim:
+        claimName: {{ $c.persistence.existingClaim }}
+    {{- else if not $c.persistence.enabled }}
+    - name: state
+      emptyDir: {}
+    {{- else if eq $c.kind "Job" }}
+    - name: state
+      persistentVolumeClaim:
+        claimName: {{ include "weckd.coordinatorClaim" . }}
+    {{- end }}
+{{- end -}}
+
 {{/* Volumes and mounts shared by both roles: config, certs, keys (read-only) and /tmp. */}}
 {{- define "weckd.commonMounts" -}}
 - name: config
