@@ -48,6 +48,7 @@ _BYTES_PREFIX = struct.Struct(">4sI")  # magic, header length
 MSG_QUERY = "query"
 MSG_TRAIN = "train"
 MSG_EVALUATE = "evaluate"
+MSG_DELIVER = "query.deliver"  # hand over a link the site trained as the final model (the links after it skipped)
 KEY_CONFIG = "config"  # ConfigRecord: what the federation sends (link index, seed, mode, augment)
 KEY_LINK = "link-settings"  # ConfigRecord: the link's LinkSettings (chain.config.link_to_mapping)
 KEY_HEADER = "payload-header"  # ConfigRecord: the payload header

@@ -172,6 +172,20 @@ def _names(values: list[Any], key: str, where: str) -> tuple[str, ...]:
     return tuple(values)
 
 
+def _seal_for(text: str, where: str) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in filter(None, text.split(",")):
+        kind, sep, recipient = item.partition(":")
+        if not sep or kind not in ("weights", "logits") or not 0 < len(recipient) <= MAX_NAME:
+            raise Refused(Reason.BAD_REQUEST, f"{where}: seal-for entry {item[:80]!r} is not kind:recipient")
+        out.append((kind, recipient))
+    return tuple(out)
+
+
+def _seal_for_text(seal_for: tuple[tuple[str, str], ...]) -> str:
+    return ",".join(f"{k}:{r}" for k, r in seal_for)
+
+
 @dataclass(frozen=True)
 class TrainRequest:
     """The ``config`` record of a ``train`` message: which link of which run, routed how."""
@@ -194,18 +208,13 @@ class TrainRequest:
         return {"link": self.link, "n-links": self.n_links, "seed": self.seed, "mode": self.mode,
                 "wire-dtype": self.wire_dtype, "augment": self.augment, "deliver": self.deliver,
                 "run-id": self.run_id, "schedule": list(self.schedule),
-                "seal-for": ",".join(f"{k}:{r}" for k, r in self.seal_for)}
+                "seal-for": _seal_for_text(self.seal_for)}
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any], where: str) -> TrainRequest:
         v = _typed(values, _RUN_KEYS_TRAIN, where)
         schedule = _names(v["schedule"], "schedule", where)
-        seal_for = []
-        for item in filter(None, v["seal-for"].split(",")):
-            kind, sep, recipient = item.partition(":")
-            if not sep or kind not in ("weights", "logits") or not 0 < len(recipient) <= MAX_NAME:
-                raise Refused(Reason.BAD_REQUEST, f"{where}: seal-for entry {item[:80]!r} is not kind:recipient")
-            seal_for.append((kind, recipient))
+        seal_for = _seal_for(v["seal-for"], where)
         if not 0 <= v["link"] < len(schedule) or v["n-links"] != len(schedule):
             raise Refused(Reason.BAD_REQUEST, f"{where}: link {v['link']} / n-links {v['n-links']} do not fit a "
                           f"schedule of {len(schedule)} links")
@@ -215,7 +224,7 @@ class TrainRequest:
         if v["deliver"] != (v["link"] == len(schedule) - 1):
             raise Refused(Reason.BAD_REQUEST, f"{where}: only the last link of the schedule delivers its model")
         return cls(v["run-id"], v["link"], schedule, v["seed"], v["mode"], v["wire-dtype"], v["augment"],
-                   v["deliver"], tuple(seal_for))
+                   v["deliver"], seal_for)
 
 
 @dataclass(frozen=True)
@@ -274,6 +283,35 @@ class Failure(str, Enum):
     SITE_REFUSED = "site-refused"  # a site refused a request (a Reason): never retried or skipped
     DEADLINE = "deadline"  # the whole run outlived its deadline
     OTHER = "other"
+
+
+_RUN_KEYS_DELIVER = {"link": int, "run-id": str, "schedule": list, "seal-for": str}
+
+
+@dataclass(frozen=True)
+class DeliverRequest:
+    """The ``config`` record of a ``query.deliver`` message: link ``link``'s model, which this site trained
+    in this run, is the chain's final model (every link after it was skipped); seal it for the recipients."""
+
+    run_id: str
+    link: int
+    schedule: tuple[str, ...]  # the run's schedule now: ``link`` is its last link
+    seal_for: tuple[tuple[str, str], ...]  # ("weights", recipient) for each recipient (empty when unsealed)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"link": self.link, "run-id": self.run_id, "schedule": list(self.schedule),
+                "seal-for": _seal_for_text(self.seal_for)}
+
+    @classmethod
+    def from_config(cls, values: Mapping[str, Any], where: str) -> DeliverRequest:
+        v = _typed(values, _RUN_KEYS_DELIVER, where)
+        schedule = _names(v["schedule"], "schedule", where)
+        if v["link"] != len(schedule) - 1 or not schedule:
+            raise Refused(Reason.BAD_REQUEST, f"{where}: only the last link of the schedule is delivered")
+        seal_for = _seal_for(v["seal-for"], where)
+        if any(kind != "weights" for kind, _ in seal_for):
+            raise Refused(Reason.BAD_REQUEST, f"{where}: a delivered model is sealed as weights only")
+        return cls(v["run-id"], v["link"], schedule, seal_for)
 
 
 def link_seed(seed: int, index: int) -> int:

@@ -52,12 +52,13 @@ from weckd.chain.payload import (
     payload_from_bytes,
 )
 from weckd.chain.peers import Party, load_party
-from weckd.chain.protocol import EvaluateRequest, Reason, Refused, reason_of
+from weckd.chain.protocol import DeliverRequest, EvaluateRequest, Reason, Refused, reason_of
 from weckd.chain.seal import SealError
 
 from .admit import admit_evaluate, admit_train, check_model_arch
 from .linkstore import LinkOutput, LinkStore, link_key
 from .metrics import SiteStatus, status_path
+from .policy import check_delivery
 from .runstate import RunState
 from .site import LocalData, SiteConfig, load_local_data, load_site_config
 
@@ -229,7 +230,7 @@ def _train(site: Site, msg: Message, status: SiteStatus, audit: AuditLog) -> Mes
                                 augment_images=req.augment, label=f"link {link + 1}/{req.n_links} site {cfg.site}",
                                 on_epoch=status.on_epoch)
         out = link_output(result, req.mode, link, req.deliver, req.wire_dtype, cfg.site, where)
-        store.put(key, out)
+        store.put(key, out, req.run_id, link)
         if result.privacy is not None:
             runs.spend(ok.record, float(dict(result.privacy)["epsilon"]))
     records: dict[str, Any] = {KEY_METRICS: MetricRecord(out.metrics), KEY_INFO: ConfigRecord(out.info)}
@@ -329,6 +330,41 @@ def _evaluate(site: Site, msg: Message, status: SiteStatus, audit: AuditLog) -> 
     audit.append("evaluate-reply", run=req.run_id, link=link, decision="sent", sent_to=["coordinator"],
                  n=int(ev.n))
     return Message(RecordDict({KEY_METRICS: metrics, KEY_INFO: ConfigRecord({"site-id": cfg.site})}), reply_to=msg)
+
+
+@app.query("deliver")
+def hand_over(msg: Message, context: Context) -> Message:
+    site = site_data(context)
+    return _guarded("deliver", site, msg, lambda status, audit: _hand_over(site, msg, audit))
+
+
+def _hand_over(site: Site, msg: Message, audit: AuditLog) -> Message:
+    """The links after this site's were skipped: its link, as trained and kept here, becomes the final model,
+    sealed for the recipients its policy allows (no training, no payload received)."""
+    cfg, data, party = site
+    where = f"site {cfg.site} deliver"
+    req = DeliverRequest.from_config(config_dict(msg.content, KEY_CONFIG, where), where)
+    where = f"site {cfg.site} deliver link {req.link + 1}"
+    if req.schedule[req.link] != cfg.site:
+        raise Refused(Reason.BAD_REQUEST, f"{where}: the schedule puts another site at that link")
+    check_delivery(cfg.policy, req, where)
+    runs = RunState(cfg.state_dir, cfg.policy)
+    runs.admit_deliver(req.run_id, req.link, req.schedule, where)
+    out = LinkStore(cfg.state_dir).get_link(req.run_id, req.link)
+    if out is None or "weights" not in out.payloads:
+        raise Refused(Reason.BAD_REQUEST, f"{where}: this site keeps no model of that link (only its latest link's "
+                      "weights are kept; logits-mode links keep none)")
+    weights = LinkOutput({"weights": out.payloads["weights"]}, out.metrics, out.info)
+    records: dict[str, Any] = {KEY_METRICS: MetricRecord(out.metrics), KEY_INFO: ConfigRecord(out.info)}
+    if party is not None:
+        records[KEY_SEALED] = _sealed(weights, party, req.run_id, req.link, req.seal_for)
+    else:
+        records.update(payload_records_from_bytes(weights.payloads["weights"]))
+    audit.append("deliver", run=req.run_id, link=req.link, decision="sent",
+                 sent_to=[r for _, r in req.seal_for] if party is not None else ["coordinator"],
+                 payload_sha256=hashlib.sha256(weights.payloads["weights"]).hexdigest())
+    log.info("%s: handed over as the chain's final model (the links after it were skipped)", where)
+    return Message(RecordDict(records), reply_to=msg)
 
 
 def keep_delivered(cfg: SiteConfig, data: LocalData, arch: str, state: dict[str, torch.Tensor],

@@ -83,13 +83,20 @@ class LinkStore:
             return None
         return meta
 
-    def put(self, key: str, out: LinkOutput) -> None:
+    def get_link(self, run_id: str, link: int) -> LinkOutput | None:
+        """The stored output of link ``link`` of run ``run_id`` (a hand-over of it as the final model), or None."""
+        meta = self._read_meta()
+        if meta is None or meta.get("run") != run_id or meta.get("link") != link:
+            return None
+        return self.get(meta["key"])
+
+    def put(self, key: str, out: LinkOutput, run_id: str = "", link: int = -1) -> None:
         """Replace the stored link whole (staged beside it, then renamed into place)."""
         with staged_dir(self.dir) as stage:
             for kind, data in out.payloads.items():
                 atomic_write(inside(stage, f"{kind}.bin"), data)
-            meta = {"key": key, "kinds": list(out.payloads), "metrics": out.metrics, "info": out.info,
-                    "sha256": {k: hashlib.sha256(d).hexdigest() for k, d in out.payloads.items()}}
+            meta = {"key": key, "run": run_id, "link": link, "kinds": list(out.payloads), "metrics": out.metrics,
+                    "info": out.info, "sha256": {k: hashlib.sha256(d).hexdigest() for k, d in out.payloads.items()}}
             atomic_write_text(stage / "meta.json", json.dumps(meta))
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from weckd.chain.config import LinkSettings
 from weckd.chain.peers import COORDINATOR
-from weckd.chain.protocol import EvaluateRequest, Reason, Refused, TrainRequest
+from weckd.chain.protocol import DeliverRequest, EvaluateRequest, Reason, Refused, TrainRequest
 
 
 def _m(**meta: Any) -> Any:
@@ -126,15 +126,32 @@ def check_recipients(policy: SitePolicy, req: TrainRequest, site: str, where: st
         if kind not in kinds:
             raise Refused(Reason.BAD_REQUEST, f"{where}: asked to seal a {kind} payload; this link produces "
                           f"{sorted(kinds)}")
-        if recipient == COORDINATOR:
-            ok = req.deliver and kind == "weights" and COORDINATOR in policy.deliver_to
-        elif req.deliver and kind == "weights":
-            ok = recipient in evaluating or recipient in policy.deliver_to
+        if req.deliver and kind == "weights":
+            ok = may_receive_final_model(policy, req.schedule, recipient)
+        elif recipient == COORDINATOR:
+            ok = False
         else:
             ok = recipient in later or (kind == "weights" and recipient in evaluating)
         if not ok:
             raise Refused(Reason.RECIPIENT_NOT_ALLOWED, f"{where}: asked to seal a {kind} payload for "
                           f"{recipient[:64]!r}, which this site's policy does not allow at this link "
+                          "(policy.deliver_to lists who may receive the final model)")
+
+
+def may_receive_final_model(policy: SitePolicy, schedule: tuple[str, ...], recipient: str) -> bool:
+    """The chain's final model goes to the run's sites and to ``policy.deliver_to`` (the coordinator only if
+    listed there)."""
+    if recipient == COORDINATOR:
+        return COORDINATOR in policy.deliver_to
+    return recipient in schedule or recipient in policy.deliver_to
+
+
+def check_delivery(policy: SitePolicy, req: DeliverRequest, where: str) -> None:
+    """A hand-over of this site's link as the final model: the same recipients as a final link's."""
+    for _, recipient in req.seal_for:
+        if not may_receive_final_model(policy, req.schedule, recipient):
+            raise Refused(Reason.RECIPIENT_NOT_ALLOWED, f"{where}: asked to seal the final model for "
+                          f"{recipient[:64]!r}, which this site's policy does not allow "
                           "(policy.deliver_to lists who may receive the final model)")
 
 

@@ -90,6 +90,14 @@ class RunState:
                           f"policy.max_evaluations_per_run is {self.policy.max_evaluations_per_run}")
         return rec
 
+    def admit_deliver(self, run_id: str, link: int, schedule: tuple[str, ...], where: str) -> RunRecord:
+        """A hand-over of link ``link`` as the final model: only of this site's current run, only a link it trained."""
+        rec = self._record(run_id, where)
+        if run_id != self.ledger.current or link not in rec.links:
+            raise Refused(Reason.BAD_REQUEST, f"{where}: this site did not train link {link + 1} of run {run_id!r}")
+        self._forward(rec, link, schedule, where)
+        return rec
+
     def commit(self, run_id: str, rec: RunRecord, link: int, schedule: tuple[str, ...], *, trained: bool = False,
                evaluated: bool = False) -> None:
         """Record an accepted request (before the work starts, so a crash cannot undo a count)."""

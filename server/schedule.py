@@ -30,9 +30,18 @@ from weckd.chain import __version__
 from weckd.chain.audit import AUDIT_FILE, AuditLog, sha256_hex
 from weckd.chain.config import link_to_mapping
 from weckd.chain.errors import LinkError
-from weckd.chain.payload import KEY_CONFIG, KEY_INFO, KEY_LINK, KEY_METRICS, MSG_EVALUATE, MSG_QUERY, MSG_TRAIN
+from weckd.chain.payload import (
+    KEY_CONFIG,
+    KEY_INFO,
+    KEY_LINK,
+    KEY_METRICS,
+    MSG_DELIVER,
+    MSG_EVALUATE,
+    MSG_QUERY,
+    MSG_TRAIN,
+)
 from weckd.chain.peers import COORDINATOR
-from weckd.chain.protocol import EvaluateRequest, Event, Failure, TrainRequest, link_seed
+from weckd.chain.protocol import DeliverRequest, EvaluateRequest, Event, Failure, TrainRequest, link_seed
 
 from .relay import Relay, blob_key, relay_from_reply
 from .settings import Federation
@@ -143,6 +152,8 @@ class ChainRun:
             raise LinkError("no link completed: every site failed or was skipped", Failure.SITE_FAILED)
         if self.state.relay is None or len(self.state.links) != len(self.schedule()):
             raise LinkError("the chain ended without a final model")
+        if not self.state.delivered:  # the links after the last good one were skipped: hand that one over
+            self._hand_over(len(self.state.links) - 1, self.schedule())
         return ChainOutcome(self.infos, list(self.state.links), self.state.relay, list(self.state.skipped))
 
     def _finish_link(self, k: int, site: str, schedule: list[str], rep: Reply) -> None:
@@ -162,7 +173,7 @@ class ChainRun:
                                 "restart weckd-server to retry the last link", Failure.SITE_FAILED)
         slot = next(i for i in range(self.state.next_slot, len(self.full)) if self.full[i] not in self.state.skipped)
         self.state.links.append(record)
-        self.state.next_slot, self.state.relay = slot + 1, relay
+        self.state.next_slot, self.state.relay, self.state.delivered = slot + 1, relay, final
         save_state(self.state_dir, self.state)
         if final:
             to = self._recipients()
@@ -173,6 +184,40 @@ class ChainRun:
                        "val_accuracy": record.metrics["val-accuracy"], "seconds": record.round_trip_s,
                        "evaluations": {s: e["accuracy"] for s, e in record.evaluations.items()},
                        **link_event_extras(record)})
+
+    def _hand_over(self, k: int, schedule: list[str]) -> None:
+        """Deliver link k (the last one that completed) as the final model: its site seals the model it kept for
+        the recipients (``query.deliver``; nothing is trained again), the sites among them take it."""
+        site = schedule[k]
+        recipients = [r for r in self._recipients() if r not in self.state.skipped]  # a skipped site is gone
+        req = DeliverRequest(self.state.run_id, k, tuple(schedule),
+                             tuple(("weights", r) for r in recipients) if self.sealed else ())
+        log.warning("the links after link %d were skipped: handing over link %d (site %s) as the final model",
+                    k + 1, k + 1, site)
+        self._audit("deliver", "sent", k, to=site, seal_for=[f"weights:{r}" for r in recipients])
+        self._ensure_online(site, self.fed.settings.retry_wait)
+        try:
+            rep = self.transport.exchange(MSG_DELIVER, {site: RecordDict({KEY_CONFIG: ConfigRecord(req.to_config())})},
+                                          f"deliver-{k + 1}")[site]
+        except SiteFailure as err:
+            self._audit("deliver", _decision(err), k, err.reason, site=site)
+            raise LinkError(f"handing over link {k + 1} (site {site}) as the final model after the later links were "
+                            f"skipped: {err}; restart weckd-server to retry", err.failure) from None
+        relay = relay_from_reply(rep.message.content, k, site, self.sealed)
+        deliver = tuple(r for r in recipients if r != COORDINATOR)
+        record = self.state.links[k]
+        if deliver:
+            got = self._evaluate(k, relay, list(deliver), schedule, deliver)
+            missing = [s for s in deliver if s not in got]
+            if missing:
+                raise LinkError(f"delivering the final model: site(s) {', '.join(missing)} did not take it; "
+                                "restart weckd-server to retry", Failure.SITE_FAILED)
+            record.evaluations.update({s: e for s, e in got.items() if s not in record.evaluations})
+        self.state.relay, self.state.delivered = relay, True
+        save_state(self.state_dir, self.state)
+        self._audit("deliver", "sent", k, to=recipients,
+                    model_sha256={r: _blob_sha(relay, "weights", r) for r in recipients})
+        self.on_event({"event": Event.DELIVERED, "sites": list(deliver), "link": k + 1, "handed_over": True})
 
     # -- one link, with retries and the failure policy ---------------------------------------------------
 

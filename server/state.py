@@ -83,6 +83,7 @@ class ChainState:
     relay: Relay | None = None
     completed: bool = False
     updated: float = 0.0
+    delivered: bool = False  # the final model went out (the last link's, or a hand-over after skipped links)
 
 
 def config_hash(fed: Federation) -> str:
@@ -155,7 +156,7 @@ def save_state(state_dir: Path, state: ChainState) -> None:
             blobs[name] = {"file": file, "sha256": hashlib.sha256(data).hexdigest()}
     body = {"format": FORMAT, "version": VERSION, "run_id": state.run_id, "config_sha256": state.config_sha256,
             "links": [asdict(r) for r in state.links], "skipped": state.skipped, "next_slot": state.next_slot,
-            "completed": state.completed, "updated": state.updated,
+            "completed": state.completed, "updated": state.updated, "delivered": state.delivered,
             "relay": None if state.relay is None else {"link": state.relay.link, "site": state.relay.site,
                                                       "sealed": state.relay.sealed, "blobs": blobs}}
     doc = {"body": body, MAC_FIELD: _mac(key, body)}
@@ -191,7 +192,8 @@ KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "relay": ("null or an object", lambda v: v is None or isinstance(v, dict)),
 }
 BODY = {"format": "str", "version": "count", "run_id": "run-id", "config_sha256": "sha256", "links": "list",
-        "skipped": "list", "next_slot": "count", "completed": "bool", "updated": "seconds", "relay": "relay"}
+        "skipped": "list", "next_slot": "count", "completed": "bool", "updated": "seconds", "relay": "relay",
+        "delivered": "bool"}
 LINK = {"index": "count", "site": "str", "arch": "str", "init": "str", "metrics": "object", "round_trip_s": "seconds",
         "bytes_to_site": "count", "bytes_from_site": "count", "evaluations": "object"}
 RELAY = {"link": "count", "site": "str", "sealed": "bool", "blobs": "object"}
@@ -220,7 +222,7 @@ def _body(doc: Any, key: bytes) -> dict[str, Any]:
     if not hmac.compare_digest(_mac(key, top["body"]), top[MAC_FIELD]):
         raise _Bad(f"its {MAC_FIELD} does not match its content under {KEY_FILE} (edited, forged or of another "
                    "state dir)")
-    body = _fields(top["body"], BODY, "body")
+    body = _fields({"delivered": False, **top["body"]}, BODY, "body")  # checkpoints before "delivered": not yet
     if body["format"] != FORMAT or body["version"] != VERSION:
         raise _Bad(f"format {body['format'][:40]} v{body['version']}, expected {FORMAT} v{VERSION}")
     for i, link in enumerate(body["links"]):
@@ -263,7 +265,8 @@ def load_state(state_dir: Path, fed: Federation) -> ChainState | None:
                          f"{len(body['links'])} done); restore the config, or start over with weckd-server --fresh")
     state = ChainState(run_id=body["run_id"], config_sha256=body["config_sha256"],
                        links=[LinkRecord(**r) for r in body["links"]], skipped=list(body["skipped"]),
-                       next_slot=body["next_slot"], completed=body["completed"], updated=float(body["updated"]))
+                       next_slot=body["next_slot"], completed=body["completed"], updated=float(body["updated"]),
+                       delivered=body["delivered"])
     if body["relay"] is not None:
         state.relay = _load_relay(d, body["relay"], where)
     return state

@@ -122,6 +122,25 @@ def test_skip_completes_the_chain_without_a_killed_site(federation: Callable[...
     assert res["links"][-1]["eval_accuracy"] > 0.4  # chance is 0.25: C learnt from A's model and its own data
 
 
+def test_skip_at_the_last_link_hands_over_the_last_good_model(federation: Callable[..., LocalFederation]) -> None:
+    """Site C dies in the last link: B's link 2, as B kept it, becomes the final model, sealed by B for the
+    coordinator and site A (nothing trained again), and the run completes."""
+    fed = federation({"on_site_failure": "skip", "retries": 0})
+    _wait_event(fed, _link_start(3))
+    _wait_training(fed.scaffold, "C", 3)
+    _kill(fed, "weckd-client-C")
+    assert fed.wait_server(TIMEOUT) == 0
+    res = _results(fed)
+    assert [r["site"] for r in res["links"]] == ["A", "B"] and res["skipped"] == ["C"]
+    handed = [e for e in _events(fed.scaffold) if e["event"] == "delivered"]
+    assert handed == [{"event": "delivered", "sites": ["A"], "link": 2, "handed_over": True, "t": handed[0]["t"]}]
+    card = json.loads((fed.scaffold.root / "out" / "model" / "model_card.json").read_text())
+    assert card["provenance"]["links"][-1] == {"link": 2, "site": "B", "arch": "test_resnet", "init": "predecessor"}
+    delivered = fed.scaffold.root / "state" / "site-A" / "delivered" / res["run_id"] / "model" / "model_card.json"
+    assert json.loads(delivered.read_text())["provenance"]["from_site"] == "B"
+    assert _trained_links(fed.scaffold) == [("A", 1), ("B", 2), ("C", 3)]  # C died in its link; B did not retrain
+
+
 def test_fail_stops_the_run_naming_the_killed_site(federation: Callable[..., LocalFederation]) -> None:
     fed = federation({"on_site_failure": "fail", "retries": 0})
     _wait_event(fed, _link_start(2))

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from weckd.chain.flower import payload_records_from_bytes, read_payload
-from weckd.chain.payload import KEY_CONFIG, KEY_INFO, KEY_METRICS, MSG_TRAIN, encode_state, payload_bytes
+from weckd.chain.payload import KEY_CONFIG, KEY_INFO, KEY_METRICS, MSG_DELIVER, MSG_TRAIN, encode_state, payload_bytes
 from weckd.server.settings import Federation, load_federation
 from weckd.server.transport import Exchange, Reply, SiteFailure, Timing, Transport
 from weckd.server.wire import WireLog
@@ -68,7 +68,7 @@ class FakeSites(Transport):
 
 
 def _answer(kind: str, site: str, link: int) -> RecordDict:
-    if kind != MSG_TRAIN:
+    if kind not in (MSG_TRAIN, MSG_DELIVER):  # a hand-over answers with the link's weights, as its train reply did
         return RecordDict({KEY_METRICS: MetricRecord({"accuracy": 0.5, "n": 10, "confusion": [3, 2, 3, 2]})})
     weights = payload_bytes(encode_state({"w": torch.full((2,), float(link))}, "test_resnet", link))
     metrics = MetricRecord({"val-accuracy": 0.5 + link / 10, "val-n": 10, "val-recall": [0.5, 0.5],

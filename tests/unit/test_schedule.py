@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 from weckd.chain.errors import LinkError
-from weckd.chain.payload import MSG_TRAIN
+from weckd.chain.payload import MSG_DELIVER, MSG_TRAIN
 from weckd.chain.protocol import Reason, error_text
 from weckd.server.schedule import ChainRun
 from weckd.server.state import load_state, new_state
-from weckd.server.transport import SiteFailure, failure_from_error
+from weckd.server.transport import Exchange, SiteFailure, failure_from_error
 
 from .fake_grid import FakeSites, federation
 
@@ -68,6 +68,44 @@ def test_skip_hands_the_last_good_output_to_the_next_site(tmp_path: Path) -> Non
     assert sites.teachers[1] == 0  # C, now link 2, learns from A's link 1
     assert outcome.skipped == ["B"]
     assert [e for e in events if e["event"] == "site-skipped"][0]["site"] == "B"
+
+
+def test_skip_at_the_last_link_hands_over_the_last_good_model(tmp_path: Path) -> None:
+    sites = FakeSites(["A", "B", "C"], lambda s, k: _gone(s) if s == "C" else None)
+    run, events = _run(tmp_path, sites, retries=1, on_site_failure="skip")
+    outcome = run.run()
+    assert [r.site for r in outcome.links] == ["A", "B"] and outcome.skipped == ["C"]
+    assert sites.calls[-1] == (MSG_DELIVER, "B", 1)  # B hands over its link 2; nothing is trained again
+    assert _trained(sites) == [("A", 0), ("B", 1), ("C", 2), ("C", 2)]
+    assert outcome.final is not None and (outcome.final.link, outcome.final.site) == (1, "B")
+    assert outcome.final.blob("weights", "coordinator")  # unsealed: the coordinator can write the model
+    assert [e for e in events if e["event"] == "delivered"] == [
+        {"event": "delivered", "sites": [], "link": 2, "handed_over": True}]
+    assert load_state(tmp_path / "state", run.fed).delivered
+
+
+def test_a_completed_final_link_needs_no_hand_over(tmp_path: Path) -> None:
+    sites = FakeSites(["A", "B", "C"])
+    run, _ = _run(tmp_path, sites)
+    run.run()
+    assert MSG_DELIVER not in {kind for kind, _, _ in sites.calls}
+    assert load_state(tmp_path / "state", run.fed).delivered
+
+
+def test_a_hand_over_the_site_refuses_fails_the_run_with_its_reason(tmp_path: Path) -> None:
+    refused = failure_from_error("B", "deliver", 2, error_text(Reason.RECIPIENT_NOT_ALLOWED))
+
+    class Refusing(FakeSites):
+        def exchange_all(self, kind: str, contents: dict, group: str, timeout: float | None = None):  # type: ignore
+            if kind == MSG_DELIVER:
+                return Exchange({}, {s: refused for s in contents})
+            return super().exchange_all(kind, contents, group, timeout)
+
+    sites = Refusing(["A", "B", "C"], lambda s, k: _gone(s) if s == "C" else None)
+    run, _ = _run(tmp_path, sites, retries=0, on_site_failure="skip")
+    with pytest.raises(LinkError, match=r"handing over link 2 \(site B\).*recipient-not-allowed") as err:
+        run.run()
+    assert err.value.failure == "site-refused"
 
 
 def test_skip_drops_the_site_from_later_cycles_too(tmp_path: Path) -> None:

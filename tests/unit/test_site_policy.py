@@ -7,9 +7,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from weckd.chain.protocol import Reason, Refused, TrainRequest, error_text, reason_from_error
+from weckd.chain.protocol import DeliverRequest, Reason, Refused, TrainRequest, error_text, reason_from_error
 from weckd.client.admit import admit_evaluate, admit_train
-from weckd.client.policy import SitePolicy
+from weckd.client.linkstore import LinkOutput, LinkStore
+from weckd.client.policy import SitePolicy, check_delivery
 from weckd.client.runstate import RunState
 from weckd.client.site import SiteConfig
 
@@ -237,3 +238,47 @@ def test_train_requests_round_trip_through_their_config_record() -> None:
     req = TrainRequest.from_config(_train_config(), "test")
     assert TrainRequest.from_config(req.to_config(), "test") == req
     assert replace(req, link=2, deliver=True).to_config()["deliver"] is True
+
+
+# -- a hand-over of this site's link as the final model (the links after it were skipped) ------------------
+
+def _deliver_config(**over: Any) -> dict[str, Any]:
+    return {"link": 1, "run-id": RUN, "schedule": ["A", "B"], "seal-for": "weights:coordinator,weights:A", **over}
+
+
+def test_deliver_requests_round_trip_through_their_config_record() -> None:
+    req = DeliverRequest.from_config(_deliver_config(), "test")
+    assert req.seal_for == (("weights", "coordinator"), ("weights", "A"))
+    assert DeliverRequest.from_config(req.to_config(), "test") == req
+
+
+@pytest.mark.parametrize("change", [{"link": 0}, {"seal-for": "logits:A"}, {"schedule": "A,B"}, {"extra": 1},
+                                    {"link": True}])
+def test_malformed_deliver_requests_are_refused(change: dict[str, Any]) -> None:
+    _refused(Reason.BAD_REQUEST, DeliverRequest.from_config, _deliver_config(**change), "test")
+
+
+def test_a_hand_over_goes_where_a_final_model_may_go(tmp_path: Path) -> None:
+    req = DeliverRequest.from_config(_deliver_config(), "test")
+    check_delivery(SitePolicy(deliver_to=("coordinator",)), req, "test")
+    _refused(Reason.RECIPIENT_NOT_ALLOWED, check_delivery, SitePolicy(), req, "test")  # coordinator not listed
+    outside = DeliverRequest.from_config(_deliver_config(**{"seal-for": "weights:Z"}), "test")
+    _refused(Reason.RECIPIENT_NOT_ALLOWED, check_delivery, SitePolicy(), outside, "test")
+    check_delivery(SitePolicy(deliver_to=("Z",)), outside, "test")
+
+
+def test_only_a_link_this_site_trained_in_its_current_run_is_handed_over(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    runs = _join(cfg, RUN, 1)
+    runs.admit_deliver(RUN, 1, ("A", "B"), "test")
+    _refused(Reason.BAD_REQUEST, runs.admit_deliver, RUN, 0, ("A", "B"), "test")  # A trained link 1
+    _refused(Reason.STALE_RUN, runs.admit_deliver, EARLIER, 1, ("A", "B"), "test")
+    _refused(Reason.BAD_REQUEST, runs.admit_deliver, LATER, 1, ("A", "B"), "test")  # a run it never trained in
+
+
+def test_the_link_store_finds_the_kept_link_by_run_and_link(tmp_path: Path) -> None:
+    store = LinkStore(tmp_path)
+    out = LinkOutput({"weights": b"w" * 10}, {"val-accuracy": 0.5}, {"arch": "test_resnet"})
+    store.put("k" * 64, out, RUN, 1)
+    assert store.get_link(RUN, 1) == out
+    assert store.get_link(RUN, 0) is None and store.get_link(LATER, 1) is None
