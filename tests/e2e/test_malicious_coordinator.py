@@ -89,6 +89,8 @@ CASES = [
     Case("truncated-teacher", ("malformed", "malformed-payload")),
     Case("nested-header", ("malformed-payload",)),
     Case("huge-dims", ("malformed-payload", "too-large")),
+    Case("deliver-untrained", ("bad-request",)),
+    Case("deliver-outsider", ("recipient-not-allowed",)),
 ]
 
 

@@ -22,6 +22,7 @@ from weckd.chain.payload import (
     BYTES_MAGIC,
     KEY_CONFIG,
     KEY_LINK,
+    MSG_DELIVER,
     MSG_EVALUATE,
     MSG_QUERY,
     MSG_TRAIN,
@@ -29,6 +30,7 @@ from weckd.chain.payload import (
     payload_bytes,
 )
 from weckd.chain.peers import COORDINATOR, Party, SealingSettings, load_party
+from weckd.chain.protocol import DeliverRequest
 from weckd.server.relay import Relay, blob_key
 from weckd.server.schedule import ChainRun, discover
 from weckd.server.settings import Federation, load_federation
@@ -45,7 +47,7 @@ HANG_S = 15.0  # a request that today keeps the site busy for a long time
 @dataclass
 class Step:
     site: str
-    kind: str  # MSG_TRAIN / MSG_EVALUATE / MSG_QUERY
+    kind: str  # MSG_TRAIN / MSG_EVALUATE / MSG_QUERY / MSG_DELIVER
     content: RecordDict
     run_id: str
     timeout: float = REFUSE_S
@@ -129,6 +131,11 @@ class Forge:
         self._chain(run_id, model, capture)._evaluate(k, model, [site], list(schedule or self.order),
                                                       (site,) if deliver else ())
         return capture.sent[site]
+
+    def deliver(self, run_id: str, k: int, schedule: list[str], recipients: list[str]) -> RecordDict:
+        """The hand-over message of link ``k`` (the last of ``schedule``), as ``ChainRun._hand_over`` builds it."""
+        req = DeliverRequest(run_id, k, tuple(schedule), tuple(("weights", r) for r in recipients))
+        return RecordDict({KEY_CONFIG: ConfigRecord(req.to_config())})
 
     def query(self) -> RecordDict:
         capture = _Capture(self.order)
@@ -251,6 +258,16 @@ def _dp_dropped(f: Forge, rid: str) -> list[Step]:
     return [Step("C", MSG_TRAIN, content, rid)]
 
 
+def _deliver_untrained(f: Forge, rid: str) -> list[Step]:
+    """B asked to hand over link 1 of A→B as the final model, a link it never trained in that run."""
+    return [Step("B", MSG_DELIVER, f.deliver(rid, 1, ["A", "B"], ["A"]), rid)]
+
+
+def _deliver_outsider(f: Forge, rid: str) -> list[Step]:
+    """B asked to seal a handed-over final model for a party outside the run and its policy."""
+    return [Step("B", MSG_DELIVER, f.deliver(rid, 1, ["A", "B"], ["Z"]), rid)]
+
+
 def _foreign_app(f: Forge, rid: str) -> list[Step]:
     """Any request in a run whose bundle names another ClientApp: the discovery query will do."""
     return [Step("B", MSG_QUERY, f.query(), rid)]
@@ -276,5 +293,7 @@ SCENARIOS: dict[str, Callable[[Forge, str], list[Step]]] = {
     # today these keep the site busy (a ~1e9-parameter model; 10000 epochs): keep them last
     "arch-not-allowed": _link_change(HANG_S, arch="vit_giant_patch14_clip_224"),
     "epochs-over-limit": _link_change(HANG_S, epochs=10000),
+    "deliver-untrained": _deliver_untrained,
+    "deliver-outsider": _deliver_outsider,
     "foreign-app": _foreign_app,
 }
