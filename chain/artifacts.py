@@ -69,7 +69,9 @@ def save_model(folder: Path, state: Mapping[str, torch.Tensor | np.ndarray], car
     if all(isinstance(v, np.ndarray) for v in state.values()):
         from safetensors.numpy import save as save_numpy
 
-        data = save_numpy({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata={"arch": card.arch})
+        # np.ascontiguousarray makes a 0-d array 1-d: keep every shape (num_batches_tracked is 0-d)
+        data = save_numpy({k: np.ascontiguousarray(v).reshape(v.shape) for k, v in state.items()},
+                          metadata={"arch": card.arch})
     else:
         from safetensors.torch import save
 

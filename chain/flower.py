@@ -28,12 +28,14 @@ import inspect
 import logging
 import time as _time
 from types import SimpleNamespace
-from typing import Any, Mapping
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ConfigError, PayloadError
-from .payload import KEY_ARRAYS, KEY_HEADER, payload_from_bytes
+from .protocol import KEY_ARRAYS, KEY_HEADER
+
+if TYPE_CHECKING:
+    import numpy as np
+
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +56,25 @@ class _CappedTime:
         _time.sleep(min(seconds, self._cap))
 
 
+def check_flower_version() -> str:
+    """The installed flwr version, read from its metadata (Flower is not imported); fail unless it is 1.39.*."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("flwr")
+    except PackageNotFoundError:
+        found = "none"
+    if not found.startswith(SUPPORTED):
+        raise ConfigError(f"flwr {found} installed; weckd needs flwr {SUPPORTED}* (pip install 'flwr>=1.39,<1.40')")
+    return found
+
+
 def check_internals() -> None:
     """Fail with a clear reason when the Flower internals weckd patches are not where 1.39 had them."""
-    import flwr
     import flwr.supernode.start_client_internal as sci
     from flwr.supercore.inflatable import inflatable_utils as utils
 
-    version = getattr(flwr, "__version__", "?")
-    if not version.startswith(SUPPORTED):
-        raise ConfigError(f"flwr {version} installed; weckd needs flwr {SUPPORTED}* (pip install 'flwr>=1.39,<1.40')")
+    version = check_flower_version()
     if "time.sleep(3)" not in inspect.getsource(sci) or getattr(sci, "time", None) is None:
         raise ConfigError("flwr.supernode.start_client_internal no longer polls with time.sleep(3); "
                           "update weckd.chain.flower for this Flower release")
@@ -107,6 +119,9 @@ def fast_pull(initial_backoff: float = 0.05, backoff_cap: float = 0.5, max_tries
     from flwr.supercore.inflatable import inflatable_utils as utils
 
     for fn in (utils.pull_objects, utils.pull_and_inflate_object_from_tree):
+        missing = [k for k in PULL_KWARGS if k not in (fn.__kwdefaults__ or {})]
+        if missing:  # the coordinator's processes patch only this: they check it here, not in check_internals
+            raise ConfigError(f"flwr {fn.__qualname__} lost keyword(s) {missing}; update weckd.chain.flower")
         fn.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), "initial_backoff": initial_backoff,
                              "backoff_cap": backoff_cap, "max_tries_per_object": max_tries}
 
@@ -168,7 +183,10 @@ def task_heartbeat(client: Any) -> Any:
 def payload_records_from_bytes(data: bytes, header_key: str = KEY_HEADER, arrays_key: str = KEY_ARRAYS
                                ) -> dict[str, Any]:
     """A payload (``chain.payload.payload_bytes``) as a ConfigRecord (header) and an ArrayRecord (arrays)."""
+    import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from .payload import payload_from_bytes
 
     header, buffers = payload_from_bytes(data)
     arrays = ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in buffers.items()})

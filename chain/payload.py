@@ -20,6 +20,22 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 import numpy as np
 
 from .errors import PayloadError, shown
+from .protocol import (  # noqa: F401 (re-exported)
+    KEY_ARRAYS,
+    KEY_CONFIG,
+    KEY_HEADER,
+    KEY_INFO,
+    KEY_LINK,
+    KEY_METRICS,
+    KEY_MODEL_ARRAYS,
+    KEY_MODEL_HEADER,
+    KEY_SEALED,
+    MSG_DELIVER,
+    MSG_EVALUATE,
+    MSG_QUERY,
+    MSG_TRAIN,
+    SEALED_ENTRY,
+)
 
 if TYPE_CHECKING:  # torch loads where tensors are made: the coordinator relays payloads without it
     import torch
@@ -44,21 +60,7 @@ _HEADER_PER_TENSOR = 1024
 BYTES_MAGIC = b"WKPB"
 _BYTES_PREFIX = struct.Struct(">4sI")  # magic, header length
 
-# Message types (Flower's reserved names) and the record keys inside a message's content.
-MSG_QUERY = "query"
-MSG_TRAIN = "train"
-MSG_EVALUATE = "evaluate"
-MSG_DELIVER = "query.deliver"  # hand over a link the site trained as the final model (the links after it skipped)
-KEY_CONFIG = "config"  # ConfigRecord: what the federation sends (link index, seed, mode, augment)
-KEY_LINK = "link-settings"  # ConfigRecord: the link's LinkSettings (chain.config.link_to_mapping)
-KEY_HEADER = "payload-header"  # ConfigRecord: the payload header
-KEY_ARRAYS = "payload-arrays"  # ArrayRecord: the payload's arrays
-KEY_MODEL_HEADER = "model-header"  # ConfigRecord: header of the final link's weights (logits mode)
-KEY_MODEL_ARRAYS = "model-arrays"  # ArrayRecord: the final link's weights (logits mode)
-KEY_INFO = "info"  # ConfigRecord: what a site says about itself (version, classes, proxy hash)
-KEY_METRICS = "metrics"  # MetricRecord: counts, accuracies, loss parts, seconds
-KEY_SEALED = "sealed"  # ArrayRecord: sealed payloads (uint8), "<kind>:<recipient>" in replies, one in requests:
-SEALED_ENTRY = "payload"  # the name of the one sealed blob in a request's KEY_SEALED record
+# message types and record keys: defined in chain.protocol, re-exported here
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""Refusal reasons of the federation: one table, used by both roles.
+"""The federation's protocol, used by both roles: message types and record keys, the typed requests a
+site receives (:class:`TrainRequest`, :class:`EvaluateRequest`, :class:`DeliverRequest`, each with its
+to/from-record functions and strict checks), the refusal reasons, the coordinator's progress events
+(:class:`Event`) and failure labels (:class:`Failure`). No behaviour depends on the wording of a message.
+Every message also carries its run's app-bundle version, which a site checks (``chain.appbundle``:
+``version-mismatch``).
 
 A site that refuses a request raises :class:`Refused` with a :class:`Reason`. Its executor sends
 back only ``weckd-refused:<reason>`` followed by that reason's fixed text from :data:`TEXT`, never
@@ -15,6 +20,22 @@ from typing import Any, Mapping
 from .errors import SecurityError
 
 ERROR_PREFIX = "weckd-refused:"
+
+# Message types (Flower's reserved names) and the record keys inside a message's content.
+MSG_QUERY = "query"
+MSG_TRAIN = "train"
+MSG_EVALUATE = "evaluate"
+MSG_DELIVER = "query.deliver"  # hand over a link the site trained as the final model (the links after it skipped)
+KEY_CONFIG = "config"  # ConfigRecord: what the federation sends (link index, seed, mode, augment)
+KEY_LINK = "link-settings"  # ConfigRecord: the link's LinkSettings (chain.config.link_to_mapping)
+KEY_HEADER = "payload-header"  # ConfigRecord: the payload header
+KEY_ARRAYS = "payload-arrays"  # ArrayRecord: the payload's arrays
+KEY_MODEL_HEADER = "model-header"  # ConfigRecord: header of the final link's weights (logits mode)
+KEY_MODEL_ARRAYS = "model-arrays"  # ArrayRecord: the final link's weights (logits mode)
+KEY_INFO = "info"  # ConfigRecord: what a site says about itself (version, classes, proxy hash)
+KEY_METRICS = "metrics"  # MetricRecord: counts, accuracies, loss parts, seconds
+KEY_SEALED = "sealed"  # ArrayRecord: sealed payloads (uint8), "<kind>:<recipient>" in replies, one in requests:
+SEALED_ENTRY = "payload"  # the name of the one sealed blob in a request's KEY_SEALED record
 
 
 class Reason(str, Enum):

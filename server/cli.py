@@ -22,14 +22,13 @@ from typing import Any, Sequence
 from weckd.chain.cli import run_command, setup_logging
 from weckd.chain.errors import ConfigError, LinkError, WeckdError
 from weckd.chain.files import atomic_write_text, private_dir
-from weckd.chain.flower import check_internals
+from weckd.chain.flower import check_flower_version
 from weckd.chain.peers import COORDINATOR, load_party
 from weckd.chain.procs import Group, raise_on_sigterm
 from weckd.chain.protocol import Event, Failure
 
 from .metrics import ServerMetrics, format_seconds
-from .report import RESULTS_FILE
-from .settings import Federation, check_files, coordinator_sealing, load_federation, write_effective
+from .settings import RESULTS_FILE, Federation, check_files, coordinator_sealing, load_federation, write_effective
 from .state import ChainState, discard_state, load_state
 from .superlink import (
     Paths,
@@ -75,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     fed = load_federation(args.config, tuple(args.set))
     check_files(fed)
     _check_sealing(fed)
-    check_internals()
+    check_flower_version()  # the ServerApp checks the internals it patches (chain.flower.fast_pull)
     out = Path(args.out or fed.settings.output_dir).resolve()
     paths = Paths.under(Path(fed.settings.state_dir).resolve())
     private_dir(paths.state)

@@ -22,8 +22,8 @@ from weckd.chain.cli import run_command, setup_logging
 from weckd.chain.errors import LinkError
 from weckd.chain.procs import Group, raise_on_sigterm
 
-from .report import RESULTS_FILE
 from .scaffold import Scaffold, chain_settings, make_scaffold
+from .settings import RESULTS_FILE
 
 log = logging.getLogger(__name__)
 

@@ -10,20 +10,20 @@ keyed by its kind. Either way a :class:`Relay` is plain bytes, so it checkpoints
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
 from weckd.chain.errors import LinkError
 from weckd.chain.flower import payload_records_from_bytes
-from weckd.chain.payload import (
+
+if TYPE_CHECKING:  # Flower and numpy load with the first message (weckd-server reads checkpoints without them)
+    from flwr.app import RecordDict
+from weckd.chain.protocol import (
     KEY_ARRAYS,
     KEY_HEADER,
     KEY_MODEL_ARRAYS,
     KEY_MODEL_HEADER,
     KEY_SEALED,
     SEALED_ENTRY,
-    pack_bytes,
 )
 
 
@@ -50,6 +50,9 @@ class Relay:
 
     def records(self, kind: str, recipient: str) -> dict[str, Any]:
         """The records that hand this output to ``recipient`` (a teacher or a model to evaluate)."""
+        import numpy as np
+        from flwr.app import Array, ArrayRecord
+
         data = self.blob(kind, recipient)
         if self.sealed:
             return {KEY_SEALED: ArrayRecord({SEALED_ENTRY: Array(np.frombuffer(data, dtype=np.uint8))})}
@@ -69,5 +72,7 @@ def relay_from_reply(content: RecordDict, link: int, site: str, sealed: bool) ->
         if hkey in content.config_records and akey in content.array_records:
             header = dict(content.config_records[hkey])
             buffers = {name: arr.numpy() for name, arr in content.array_records[akey].items()}
+            from weckd.chain.payload import pack_bytes
+
             plain[str(header.get("kind"))] = pack_bytes(header, buffers)
     return Relay(link, site, plain, False)

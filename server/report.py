@@ -14,12 +14,11 @@ from weckd.chain.payload import decode_arrays, payload_from_bytes
 from weckd.chain.peers import COORDINATOR, load_party
 
 from .schedule import ChainOutcome
-from .settings import Federation, coordinator_sealing
+from .settings import RESULTS_FILE, Federation, coordinator_sealing
 from .state import LinkRecord
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "results.json"
 
 
 def mean_eval(record: LinkRecord) -> float | None:

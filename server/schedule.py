@@ -30,7 +30,8 @@ from weckd.chain import __version__
 from weckd.chain.audit import AUDIT_FILE, AuditLog, sha256_hex
 from weckd.chain.config import link_to_mapping
 from weckd.chain.errors import LinkError
-from weckd.chain.payload import (
+from weckd.chain.peers import COORDINATOR
+from weckd.chain.protocol import (
     KEY_CONFIG,
     KEY_INFO,
     KEY_LINK,
@@ -39,9 +40,13 @@ from weckd.chain.payload import (
     MSG_EVALUATE,
     MSG_QUERY,
     MSG_TRAIN,
+    DeliverRequest,
+    EvaluateRequest,
+    Event,
+    Failure,
+    TrainRequest,
+    link_seed,
 )
-from weckd.chain.peers import COORDINATOR
-from weckd.chain.protocol import DeliverRequest, EvaluateRequest, Event, Failure, TrainRequest, link_seed
 
 from .relay import Relay, blob_key, relay_from_reply
 from .settings import Federation

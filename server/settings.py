@@ -112,6 +112,7 @@ def load_federation(path: str | Path, overrides: tuple[str, ...] = (), base_dir:
 
 
 EFFECTIVE_FILE = "federation.effective.yaml"
+RESULTS_FILE = "results.json"  # in the output folder: what weckd-server and weckd demo read back
 
 
 def write_effective(fed: Federation, state_dir: Path) -> tuple[Path, str]:

@@ -13,10 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 BREASTMNIST = REPO.parent / "shared" / "data" / "breastmnist.npz"
 
 
+# One torch thread per test process when pytest-xdist runs several at once (the suite's default: they would
+# otherwise oversubscribe the cores), two (as on the CI machine) when one process runs them all.
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
+
 @pytest.fixture(autouse=True)
 def _fixed_threads() -> None:
-    """Two threads, as on the CI machine, so timings and float reductions match across runs."""
-    torch.set_num_threads(2)
+    """The same thread count for every test of a run, so float reductions match across its tests."""
+    torch.set_num_threads(THREADS)
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ def test_federation_and_memory_parts_measure_real_federations(tmp_path: Path) ->
         assert fed[mode]["to_site"][0] == 0 and min(fed[mode]["to_site"][1:]) > 100_000  # teachers from link 2
     runs = json.loads((out / "memory.json").read_text())["runs"]
     assert [r["links"] for r in runs] == [1, 2]
-    assert all(300 * 1024 < r["peak_anon_kib"]["serverapp"] < r["peak_hwm_kib"]["serverapp"] for r in runs)
+    # the ServerApp holds Flower and the relayed bytes, never torch: tens of MiB of its own, under its peak RSS
+    assert all(10 * 1024 < r["peak_anon_kib"]["serverapp"] < r["peak_hwm_kib"]["serverapp"] for r in runs)
     summary = (out / "summary.md").read_text()
     assert "| federation | fixed cost per link, sealed |" in summary
     assert "| memory | ServerApp anon peak, 1–2 links: largest deviation from 1 links |" in summary
