@@ -43,17 +43,39 @@ SUPPORTED = "1.39."
 PULL_KWARGS = ("initial_backoff", "backoff_cap", "max_tries_per_object")
 
 
-class _CappedTime:
-    """The ``time`` module with ``sleep`` capped at ``cap`` seconds."""
+class IdlePoll:
+    """How long to wait before the next poll: ``fast`` while there was work within the last ``idle_after``
+    seconds, then ``slow``. A federation site idles for whole links while others train; polling it at
+    ``slow`` then keeps the processes that wait quiet, and its first message after a long idle costs at
+    most ``slow`` seconds more."""
 
-    def __init__(self, cap: float) -> None:
-        self._cap = cap
+    def __init__(self, fast: float, slow: float, idle_after: float) -> None:
+        self.fast, self.slow, self.idle_after = fast, max(fast, slow), idle_after
+        self.last_work = _time.monotonic()
+
+    def worked(self) -> None:
+        self.last_work = _time.monotonic()
+
+    def wait(self) -> float:
+        return self.fast if _time.monotonic() - self.last_work < self.idle_after else self.slow
+
+
+class _CappedTime:
+    """The ``time`` module with ``sleep`` capped at the idle poll: Flower's SuperNode sleeps 3 s after a Fleet
+    poll that found nothing and 0.5 s while it waits for a reply (which counts as work)."""
+
+    def __init__(self, poll: IdlePoll) -> None:
+        self._poll = poll
 
     def __getattr__(self, name: str) -> Any:
         return getattr(_time, name)
 
     def sleep(self, seconds: float) -> None:
-        _time.sleep(min(seconds, self._cap))
+        if seconds < 3:  # not the empty-poll sleep: a message is being handled
+            self._poll.worked()
+            _time.sleep(min(seconds, self._poll.fast))
+        else:
+            _time.sleep(self._poll.wait())
 
 
 def check_flower_version() -> str:
@@ -97,11 +119,12 @@ def check_internals() -> None:
                           "update weckd.chain.flower") from None
 
 
-def cap_supernode_sleep(cap: float = 0.2) -> None:
-    """Cap every sleep of the SuperNode main loop (Fleet poll 3 s, reply wait 0.5 s) at ``cap``."""
+def cap_supernode_sleep(cap: float = 0.2, idle: float = 0.5, idle_after: float = 10.0) -> None:
+    """Poll the Fleet API every ``cap`` seconds (Flower: 3 s) while the site had a message within ``idle_after``
+    seconds, every ``idle`` seconds after that; waits for a reply are capped at ``cap`` too."""
     import flwr.supernode.start_client_internal as sci
 
-    sci.time = _CappedTime(cap)  # type: ignore[assignment]
+    sci.time = _CappedTime(IdlePoll(cap, idle, idle_after))  # type: ignore[assignment]
 
 
 def set_node_heartbeat(interval: float) -> None:

@@ -27,12 +27,14 @@ from typing import Sequence
 
 from weckd.chain.appbundle import check_bundle
 from weckd.chain.errors import WeckdError
-from weckd.chain.flower import acquire_task_request, fast_pull, runtime, runtime_client, task_heartbeat
+from weckd.chain.flower import IdlePoll, acquire_task_request, fast_pull, runtime, runtime_client, task_heartbeat
 from weckd.chain.protocol import Reason, Refused, error_text, reason_of
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.05
+POLL_S = 0.05  # while the site works (a task within IDLE_AFTER_S)
+IDLE_POLL_S = 0.2  # after that: the SuperNode itself polls the coordinator no faster while idle
+IDLE_AFTER_S = 5.0
 RETRY_S = 0.5
 
 
@@ -86,6 +88,7 @@ def serve(address: str, secret: bytes) -> None:
     """Poll for ClientApp tasks forever (until SIGTERM)."""
     client = runtime_client(address, None, secret)
     request = acquire_task_request()
+    poll = IdlePoll(POLL_S, IDLE_POLL_S, IDLE_AFTER_S)
     while True:
         try:
             res = client.AcquireTask(request)
@@ -95,8 +98,9 @@ def serve(address: str, secret: bytes) -> None:
             continue
         if res.HasField("task") and res.token:
             run_task(address, res.token)
+            poll.worked()
             continue
-        time.sleep(POLL_S)
+        time.sleep(poll.wait())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -45,7 +45,7 @@ from .superlink import (
 log = logging.getLogger(__name__)
 
 FOLLOW_POLL_S = 0.25
-STATUS_EVERY_S = 15.0
+STATUS_EVERY_S = 60.0  # `flwr ls` costs ~1.5 s of CPU: the ServerApp reports its own end in the progress file
 HOLD_SLEEP_S = 3600.0  # a signal ends the sleep at once
 READY_FILE = "ready"
 

@@ -47,8 +47,8 @@ def breastmnist() -> Path:
 
 
 # Parallel runs (pytest-xdist, ``-n``): tests that share an expensive fixture run in one worker, so it is built
-# once. By default that is the module (module-scoped fixtures); the e2e modules reading the same live federations
-# share one group; scenarios that each start their own federation are spread one per test.
+# once. The unit tests (CPU-bound) run in one worker; the e2e modules reading the same live federations share one
+# group, other e2e modules one group each, and scenarios that each start their own federation one per test.
 SHARED_FEDERATIONS = {"test_federation_weights", "test_federation_wire", "test_monitoring", "test_federation_logits"}
 ONE_PER_TEST = {"test_failures"}
 
@@ -60,6 +60,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             group = "shared-federations"
         elif module in ONE_PER_TEST:
             group = item.nodeid
+        elif "/unit/" in f"/{item.nodeid}":
+            group = "unit"  # CPU-bound: one worker runs them one after another while the others wait on processes
         else:
             group = item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(group))
