@@ -20,22 +20,6 @@ from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 import numpy as np
 
 from .errors import PayloadError, shown
-from .protocol import (  # noqa: F401 (re-exported)
-    KEY_ARRAYS,
-    KEY_CONFIG,
-    KEY_HEADER,
-    KEY_INFO,
-    KEY_LINK,
-    KEY_METRICS,
-    KEY_MODEL_ARRAYS,
-    KEY_MODEL_HEADER,
-    KEY_SEALED,
-    MSG_DELIVER,
-    MSG_EVALUATE,
-    MSG_QUERY,
-    MSG_TRAIN,
-    SEALED_ENTRY,
-)
 
 if TYPE_CHECKING:  # torch loads where tensors are made: the coordinator relays payloads without it
     import torch
@@ -60,7 +44,6 @@ _HEADER_PER_TENSOR = 1024
 BYTES_MAGIC = b"WKPB"
 _BYTES_PREFIX = struct.Struct(">4sI")  # magic, header length
 
-# message types and record keys: defined in chain.protocol, re-exported here
 
 
 @dataclass(frozen=True)

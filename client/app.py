@@ -34,15 +34,6 @@ from weckd.chain.flower import config_dict, payload_records_from_bytes, read_pay
 from weckd.chain.link import LinkResult, Teacher, evaluate, model_from_state, train_link
 from weckd.chain.models import pick_device
 from weckd.chain.payload import (
-    KEY_CONFIG,
-    KEY_HEADER,
-    KEY_INFO,
-    KEY_LINK,
-    KEY_METRICS,
-    KEY_MODEL_ARRAYS,
-    KEY_MODEL_HEADER,
-    KEY_SEALED,
-    SEALED_ENTRY,
     decode_logits,
     decode_state,
     encode_logits,
@@ -52,7 +43,22 @@ from weckd.chain.payload import (
     payload_from_bytes,
 )
 from weckd.chain.peers import Party, load_party
-from weckd.chain.protocol import DeliverRequest, EvaluateRequest, Reason, Refused, reason_of
+from weckd.chain.protocol import (
+    KEY_CONFIG,
+    KEY_HEADER,
+    KEY_INFO,
+    KEY_LINK,
+    KEY_METRICS,
+    KEY_MODEL_ARRAYS,
+    KEY_MODEL_HEADER,
+    KEY_SEALED,
+    SEALED_ENTRY,
+    DeliverRequest,
+    EvaluateRequest,
+    Reason,
+    Refused,
+    reason_of,
+)
 from weckd.chain.seal import SealError
 
 from .admit import admit_evaluate, admit_train, check_model_arch

@@ -10,7 +10,8 @@ from typing import Any, Callable
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from weckd.chain.flower import payload_records_from_bytes, read_payload
-from weckd.chain.payload import KEY_CONFIG, KEY_INFO, KEY_METRICS, MSG_DELIVER, MSG_TRAIN, encode_state, payload_bytes
+from weckd.chain.payload import encode_state, payload_bytes
+from weckd.chain.protocol import KEY_CONFIG, KEY_INFO, KEY_METRICS, MSG_DELIVER, MSG_TRAIN
 from weckd.server.settings import Federation, load_federation
 from weckd.server.transport import Exchange, Reply, SiteFailure, Timing, Transport
 from weckd.server.wire import WireLog

@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 from weckd.chain.errors import LinkError
-from weckd.chain.payload import MSG_DELIVER, MSG_TRAIN
-from weckd.chain.protocol import Reason, error_text
+from weckd.chain.protocol import MSG_DELIVER, MSG_TRAIN, Reason, error_text
 from weckd.server.schedule import ChainRun
 from weckd.server.state import load_state, new_state
 from weckd.server.transport import Exchange, SiteFailure, failure_from_error

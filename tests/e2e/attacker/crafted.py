@@ -18,19 +18,9 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from flwr.app import ConfigRecord, RecordDict
-from weckd.chain.payload import (
-    BYTES_MAGIC,
-    KEY_CONFIG,
-    KEY_LINK,
-    MSG_DELIVER,
-    MSG_EVALUATE,
-    MSG_QUERY,
-    MSG_TRAIN,
-    encode_state,
-    payload_bytes,
-)
+from weckd.chain.payload import BYTES_MAGIC, encode_state, payload_bytes
 from weckd.chain.peers import COORDINATOR, Party, SealingSettings, load_party
-from weckd.chain.protocol import DeliverRequest
+from weckd.chain.protocol import KEY_CONFIG, KEY_LINK, MSG_DELIVER, MSG_EVALUATE, MSG_QUERY, MSG_TRAIN, DeliverRequest
 from weckd.server.relay import Relay, blob_key
 from weckd.server.schedule import ChainRun, discover
 from weckd.server.settings import Federation, load_federation

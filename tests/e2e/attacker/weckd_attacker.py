@@ -29,7 +29,7 @@ from typing import Any
 from crafted import SCENARIOS, Forge, Step
 from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
-from weckd.chain.payload import KEY_CONFIG
+from weckd.chain.protocol import KEY_CONFIG
 from weckd.server.transport import wait_for_sites
 
 log = logging.getLogger("weckd_attacker")
