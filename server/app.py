@@ -66,7 +66,8 @@ def main(grid: Grid, context: Context) -> None:
                               WireLog(str(rc["wire-log"])))
         progress({"event": Event.SITES_ONLINE, "sites": sorted(nodes)})
         infos = discover(transport, fed)
-        progress({"event": Event.DISCOVERED, "sites": {k: v["counts"] for k, v in infos.items()}})
+        progress({"event": Event.DISCOVERED, "run_id": state.run_id,
+                  "sites": {k: v["counts"] for k, v in infos.items()}})
         audit = AuditLog(state_dir / AUDIT_FILE)
         _audit_discovery(audit, state.run_id, infos)
         outcome = ChainRun(transport, fed, infos, progress, state, state_dir, audit).run()

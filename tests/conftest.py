@@ -53,6 +53,7 @@ SHARED_FEDERATIONS = {"test_federation_weights", "test_federation_wire", "test_m
 ONE_PER_TEST = {"test_failures"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else item.nodeid
