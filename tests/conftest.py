@@ -66,3 +66,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         else:
             group = item.nodeid.split("::", 1)[0]
         item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: "/unit/" not in f"/{item.nodeid}")  # the unit group starts first, beside the e2e
