@@ -147,6 +147,7 @@ def _start(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
             raise ReportedError(_reported(text) or f"site {cfg.site}: the executor exited with code "
                                 f"{executor.returncode} while reading the data; see {log_file}", executor.returncode)
         time.sleep(0.1)
+    Joining(cfg).wait_until_up()  # any start order: a site started before its coordinator waits here
     _start_supernode(cfg, group, state, secret)
     log.info("site %s: executor warm, SuperNode connecting to %s (TLS, pinned CA, auth key)", cfg.site,
              cfg.superlink)
@@ -202,14 +203,31 @@ class Joining:
         self.refused_since: float | None = None
         self.backoff = JOIN_BACKOFF_S[0]
 
+    def wait_until_up(self) -> None:
+        """Before a SuperNode starts: probe the coordinator with backoff until it answers (no SuperNode process
+        is started while nothing answers), or raise the definite reason."""
+        while True:
+            reach = self._probe()
+            if reach is Reach.UP:
+                return
+            time.sleep(self._backoff(reach, "no SuperNode started yet"))
+
     def next_wait(self, code: int) -> float:
         """Seconds to wait before the next SuperNode, or raise the definite reason."""
-        cfg, now = self.cfg, time.monotonic()
+        return self._backoff(self._probe(), f"SuperNode exited (code {code}) before the coordinator admitted it",
+                             code)
+
+    def _probe(self) -> Reach:
+        cfg = self.cfg
         reach = probe_coordinator(cfg.superlink, cfg.ca)
         if reach is Reach.WRONG_CA:
             raise WeckdError(f"site {cfg.site}: the coordinator at {cfg.superlink} presents a certificate that the "
                              f"pinned CA ({cfg.ca}) did not sign, or not for that address; copy the federation's "
                              "ca.crt from the coordinator (wrong-ca)")
+        return reach
+
+    def _backoff(self, reach: Reach, what: str, code: int = 0) -> float:
+        cfg, now = self.cfg, time.monotonic()
         if reach is Reach.UP:
             if self.refused_since is None:
                 self.refused_since = now
@@ -225,8 +243,8 @@ class Joining:
                                  f"{cfg.max_wait:.0f}s (max_wait); is weckd-server running and the address right? "
                                  "(unreachable)")
         wait, self.backoff = self.backoff, min(self.backoff * 2, JOIN_BACKOFF_S[1])
-        log.warning("site %s: SuperNode exited (code %d) before the coordinator admitted it; the coordinator is %s: "
-                    "trying again in %.0fs", cfg.site, code, "up" if reach is Reach.UP else "not reachable yet", wait)
+        log.warning("site %s: %s; the coordinator at %s is %s: trying again in %.0fs", cfg.site, what, cfg.superlink,
+                    "up" if reach is Reach.UP else "not reachable yet", wait)
         return wait
 
 

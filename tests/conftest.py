@@ -49,21 +49,30 @@ def breastmnist() -> Path:
 # Parallel runs (pytest-xdist, ``-n``): tests that share an expensive fixture run in one worker, so it is built
 # once. The unit tests (CPU-bound) run in one worker; the e2e modules reading the same live federations share one
 # group, other e2e modules one group each, and scenarios that each start their own federation one per test.
+# The groups are the scopes of a LoadScope scheduler (xdist's xdist_group marks need pytest < 9).
 SHARED_FEDERATIONS = {"test_federation_weights", "test_federation_wire", "test_monitoring", "test_federation_logits"}
 ONE_PER_TEST = {"test_failures"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1] if item.module is not None else item.nodeid
-        if module in SHARED_FEDERATIONS:
-            group = "shared-federations"
-        elif module in ONE_PER_TEST:
-            group = item.nodeid
-        elif "/unit/" in f"/{item.nodeid}":
-            group = "unit"  # CPU-bound: one worker runs them one after another while the others wait on processes
-        else:
-            group = item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: "/unit/" not in f"/{item.nodeid}")  # the unit group starts first, beside the e2e
+def _group_of(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    module = Path(path).stem
+    if "/unit/" in f"/{path}":
+        return "unit"
+    if module in SHARED_FEDERATIONS:
+        return "shared-federations"
+    if module in ONE_PER_TEST:
+        return nodeid
+    return path
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        """Whole groups to a worker, the largest first (the unit tests start at once, beside the e2e)."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _group_of(nodeid)
+
+    return Groups(config, log)

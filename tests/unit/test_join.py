@@ -121,3 +121,17 @@ def test_a_coordinator_that_answers_but_never_admits_means_the_key_is_not_regist
     clock[0] = client_cli.KEY_GRACE_S + 1
     with pytest.raises(WeckdError, match=r"auth key .* is not registered there under the name 'A'"):
         joining.next_wait(1)
+
+
+def test_a_site_starts_no_supernode_until_its_coordinator_answers(coordinator: int, federation_ca: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(client_cli.time, "sleep", slept.append)
+    Joining(_site(coordinator, federation_ca / "ca.crt")).wait_until_up()  # answers: no wait
+    assert slept == []
+    clock = [0.0]
+    monkeypatch.setattr(client_cli.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(client_cli.time, "sleep", lambda s: (slept.append(s), clock.__setitem__(0, clock[0] + s)))
+    with pytest.raises(WeckdError, match=r"did not answer for 20s \(max_wait\)"):
+        Joining(_site(free_port(), federation_ca / "ca.crt", max_wait=20.0)).wait_until_up()
+    assert slept == [1.0, 2.0, 4.0, 8.0, 10.0]  # backoff up to 10 s, then max_wait
