@@ -56,7 +56,7 @@ POLICIES = {"B": {"max_evaluations_per_run": 2}, "C": {"require_dp": True}}
 MAIN = ["join", "stale-run", "coordinator-teacher", "coordinator-model", "seal-for-coordinator",
         "missing-teacher", "run-id-relative", "run-id-absolute", "weights-from-wire", "garbage-teacher",
         "truncated-teacher", "nested-header", "huge-dims", "batch-over-limit", "evaluations-over-limit",
-        "dp-required", "arch-not-allowed", "epochs-over-limit"]
+        "dp-required", "deliver-untrained", "deliver-outsider", "arch-not-allowed", "epochs-over-limit"]
 
 
 @dataclass(frozen=True)

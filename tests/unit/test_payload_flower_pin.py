@@ -8,12 +8,6 @@ def test_flower_internals_weckd_patches_are_where_1_39_has_them() -> None:
     check_internals()  # raises ConfigError naming what moved
 
 
-def test_the_adapters_record_keys_are_the_payload_modules() -> None:
-    from weckd.chain import flower, payload
-
-    assert (flower.KEY_HEADER, flower.KEY_ARRAYS) == (payload.KEY_HEADER, payload.KEY_ARRAYS)
-
-
 def test_the_flower_version_is_read_without_importing_flower() -> None:
     import subprocess
     import sys
