@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 from PIL import Image
+
+# torch threads of an in-process chain in a test: one per process when pytest-xdist runs tests beside the
+# e2e federations (two would oversubscribe two cores), two when one process runs the suite
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 
 TINY_CHAIN: dict[str, Any] = {
     "seed": 3,
@@ -20,7 +25,7 @@ TINY_CHAIN: dict[str, Any] = {
         "synthetic": {"samples": 160},
     },
     "baselines": {"sites": True, "pooled": True},
-    "runtime": {"device": "cpu", "threads": 2},
+    "runtime": {"device": "cpu", "threads": THREADS},
 }
 
 

@@ -14,7 +14,7 @@ from weckd.chain.cli import main
 from weckd.chain.data import ImageSpec, read_labelled
 from weckd.chain.link import evaluate, model_from_state
 
-from .helpers import TINY_CHAIN, deep_merge, make_image_folder, write_yaml
+from .helpers import THREADS, TINY_CHAIN, deep_merge, make_image_folder, write_yaml
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -25,7 +25,8 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 def test_synthetic_chain_last_link_beats_link1_and_chance(repo: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    code, stdout, _ = _run(capsys, "chain", "-c", str(repo / "configs/chain-synthetic.yaml"), "-o", str(out))
+    code, stdout, _ = _run(capsys, "chain", "-c", str(repo / "configs/chain-synthetic.yaml"), "-o", str(out),
+                           "--set", f"runtime.threads={THREADS}")
     assert code == 0
     summary = json.loads((out / "results.json").read_text())["summary"]
     assert summary["last_test_accuracy"] > summary["link1_test_accuracy"] + 0.05
