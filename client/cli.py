@@ -138,12 +138,15 @@ def _reported(text: str) -> str:
 
 def _start(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
     """The executor first: it reads the data, so bad data fails before the site connects; then the SuperNode."""
+    log_file = group.log_dir / f"executor-{cfg.site}.log"
+    offset = log_file.stat().st_size if log_file.is_file() else 0  # the log is appended across restarts
     executor = group.start(f"executor-{cfg.site}", executor_cmd(cfg, secret), flower_env(state / "flwr-supernode"))
     status = status_path(cfg.state_dir)
     while "counts" not in read_status(status):
         if executor.poll() is not None:
-            log_file = group.log_dir / f"executor-{cfg.site}.log"
-            text = log_file.read_text(errors="replace") if log_file.is_file() else ""
+            with log_file.open("rb") as fh:
+                fh.seek(offset)
+                text = fh.read().decode("utf-8", errors="replace")
             raise ReportedError(_reported(text) or f"site {cfg.site}: the executor exited with code "
                                 f"{executor.returncode} while reading the data; see {log_file}", executor.returncode)
         time.sleep(0.1)
