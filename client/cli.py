@@ -200,10 +200,10 @@ class Joining:
     SuperLink starts); after that the site's auth key is not registered there, which is definite too.
     """
 
-    def __init__(self, cfg: SiteConfig) -> None:
+    def __init__(self, cfg: SiteConfig, up_since: float | None = None) -> None:
         self.cfg = cfg
         self.start = time.monotonic()
-        self.refused_since: float | None = None
+        self.refused_since = up_since  # since when the coordinator answers without admitting this site
         self.backoff = JOIN_BACKOFF_S[0]
 
     def wait_until_up(self) -> None:
@@ -263,7 +263,8 @@ def _supervise(group: Group, cfg: SiteConfig, metrics: SiteMetrics, offset: int,
     state = Path(cfg.state_dir).resolve()
     node_log, admitted = group.log_dir / f"supernode-{cfg.site}.log", state / ADMITTED_FILE
     connected, deadline = False, None
-    joining = None if admitted.is_file() else Joining(cfg)
+    # the coordinator answered before this SuperNode started (``Joining.wait_until_up``): its grace runs from now
+    joining = None if admitted.is_file() else Joining(cfg, up_since=time.monotonic())
     while True:
         died = group.exited()
         if died is not None:

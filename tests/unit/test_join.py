@@ -135,3 +135,14 @@ def test_a_site_starts_no_supernode_until_its_coordinator_answers(coordinator: i
     with pytest.raises(WeckdError, match=r"did not answer for 20s \(max_wait\)"):
         Joining(_site(free_port(), federation_ca / "ca.crt", max_wait=20.0)).wait_until_up()
     assert slept == [1.0, 2.0, 4.0, 8.0, 10.0]  # backoff up to 10 s, then max_wait
+
+
+def test_the_key_grace_runs_from_the_first_supernode_the_coordinator_answered(
+        coordinator: int, federation_ca: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SuperNode that itself retried past the grace before exiting: the site stops at its first exit."""
+    clock = [0.0]
+    monkeypatch.setattr(client_cli.time, "monotonic", lambda: clock[0])
+    joining = Joining(_site(coordinator, federation_ca / "ca.crt"), up_since=0.0)
+    clock[0] = client_cli.KEY_GRACE_S + 30
+    with pytest.raises(WeckdError, match=r"\(key-not-registered\)"):
+        joining.next_wait(1)
