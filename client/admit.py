@@ -13,9 +13,9 @@ from typing import Any, Mapping
 from weckd.chain.config import LinkSettings, link_from_mapping
 from weckd.chain.errors import ConfigError
 from weckd.chain.peers import COORDINATOR, Party
-from weckd.chain.protocol import EvaluateRequest, Reason, Refused, TrainRequest
+from weckd.chain.protocol import DeliverRequest, EvaluateRequest, Reason, Refused, TrainRequest
 
-from .policy import check_arch, check_evaluate, check_recipients, check_schedule, check_train
+from .policy import check_arch, check_delivery, check_evaluate, check_recipients, check_schedule, check_train
 from .runstate import RunRecord, RunState
 from .site import LocalData, SiteConfig
 
@@ -80,6 +80,22 @@ def admit_evaluate(cfg: SiteConfig, party: Party | None, runs: RunState, config:
     check_schedule(cfg.policy, cfg.site, req.schedule, pinned_sites(party), where)
     check_evaluate(req, where)
     return AdmittedEvaluate(req, runs.admit_evaluate(req.run_id, req.link, req.schedule, where))
+
+
+def admit_deliver(cfg: SiteConfig, party: Party | None, runs: RunState, config: Mapping[str, Any]
+                  ) -> DeliverRequest:
+    """A hand-over of this site's link as the final model: the schedule's last link must be this site's, the
+    recipients allowed by its policy, and the link one it trained in its current run."""
+    where = f"site {cfg.site} deliver"
+    req = DeliverRequest.from_config(config, where)
+    where = f"site {cfg.site} deliver link {req.link + 1} of run {req.run_id[:64]!r}"
+    check_schedule(cfg.policy, cfg.site, req.schedule, pinned_sites(party), where)
+    if req.schedule[req.link] != cfg.site:
+        raise Refused(Reason.BAD_REQUEST, f"{where}: the schedule puts {req.schedule[req.link][:64]!r} at that link, "
+                      "not this site")
+    check_delivery(cfg.policy, req, where)
+    runs.admit_deliver(req.run_id, req.link, req.schedule, where)
+    return req
 
 
 def check_model_arch(cfg: SiteConfig, arch: str, where: str) -> None:

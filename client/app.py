@@ -53,7 +53,6 @@ from weckd.chain.protocol import (
     KEY_MODEL_HEADER,
     KEY_SEALED,
     SEALED_ENTRY,
-    DeliverRequest,
     EvaluateRequest,
     Reason,
     Refused,
@@ -61,10 +60,9 @@ from weckd.chain.protocol import (
 )
 from weckd.chain.seal import SealError
 
-from .admit import admit_evaluate, admit_train, check_model_arch
+from .admit import admit_deliver, admit_evaluate, admit_train, check_model_arch
 from .linkstore import LinkOutput, LinkStore, link_key
 from .metrics import SiteStatus, status_path
-from .policy import check_delivery
 from .runstate import RunState
 from .site import LocalData, SiteConfig, load_local_data, load_site_config
 
@@ -348,14 +346,9 @@ def _hand_over(site: Site, msg: Message, audit: AuditLog) -> Message:
     """The links after this site's were skipped: its link, as trained and kept here, becomes the final model,
     sealed for the recipients its policy allows (no training, no payload received)."""
     cfg, data, party = site
-    where = f"site {cfg.site} deliver"
-    req = DeliverRequest.from_config(config_dict(msg.content, KEY_CONFIG, where), where)
+    req = admit_deliver(cfg, party, RunState(cfg.state_dir, cfg.policy),
+                        config_dict(msg.content, KEY_CONFIG, f"site {cfg.site}"))
     where = f"site {cfg.site} deliver link {req.link + 1}"
-    if req.schedule[req.link] != cfg.site:
-        raise Refused(Reason.BAD_REQUEST, f"{where}: the schedule puts another site at that link")
-    check_delivery(cfg.policy, req, where)
-    runs = RunState(cfg.state_dir, cfg.policy)
-    runs.admit_deliver(req.run_id, req.link, req.schedule, where)
     out = LinkStore(cfg.state_dir).get_link(req.run_id, req.link)
     if out is None or "weights" not in out.payloads:
         raise Refused(Reason.BAD_REQUEST, f"{where}: this site keeps no model of that link (only its latest link's "

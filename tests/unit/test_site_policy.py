@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 from weckd.chain.protocol import DeliverRequest, Reason, Refused, TrainRequest, error_text, reason_from_error
-from weckd.client.admit import admit_evaluate, admit_train
+from weckd.client.admit import admit_deliver, admit_evaluate, admit_train
 from weckd.client.linkstore import LinkOutput, LinkStore
 from weckd.client.policy import SitePolicy, check_delivery
 from weckd.client.runstate import RunState
@@ -282,3 +282,16 @@ def test_the_link_store_finds_the_kept_link_by_run_and_link(tmp_path: Path) -> N
     store.put("k" * 64, out, RUN, 1)
     assert store.get_link(RUN, 1) == out
     assert store.get_link(RUN, 0) is None and store.get_link(LATER, 1) is None
+
+
+def test_a_hand_over_is_admitted_only_for_this_sites_last_link(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, deliver_to=("coordinator",))
+    _join(cfg, RUN, 1)
+    runs = RunState(cfg.state_dir, cfg.policy)
+    req = admit_deliver(cfg, None, runs, _deliver_config())
+    assert (req.link, req.schedule) == (1, ("A", "B"))
+    _refused(Reason.BAD_REQUEST, admit_deliver, cfg, None, runs,
+             _deliver_config(schedule=["B", "A"]))  # the schedule puts A at the last link
+    _refused(Reason.COORDINATOR_SENDER, admit_deliver, cfg, None, runs,
+             _deliver_config(schedule=["A", "coordinator", "B"], link=2))
+    _refused(Reason.BAD_REQUEST, admit_deliver, cfg, None, runs, _deliver_config(**{"run-id": LATER}))
