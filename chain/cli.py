@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Command = Callable[[Sequence[str]], int]
+ERROR_PREFIX = "weckd: error: "  # every CLI's one-line error; weckd-client shows its executor's by it
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,7 +47,7 @@ def run_command(body: Callable[[], int]) -> int:
     try:
         return body()
     except WeckdError as err:
-        print(f"weckd: error: {err}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("weckd: interrupted", file=sys.stderr)

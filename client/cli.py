@@ -26,7 +26,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Sequence
 
-from weckd.chain.cli import run_command, setup_logging
+from weckd.chain.cli import ERROR_PREFIX, run_command, setup_logging
 from weckd.chain.errors import ConfigError, ReportedError, WeckdError
 from weckd.chain.files import atomic_write, atomic_write_text, private_dir
 from weckd.chain.flower import check_internals
@@ -44,7 +44,6 @@ REJOIN_EVERY_S = 5.0
 JOIN_BACKOFF_S = (1.0, 10.0)  # first and longest wait between SuperNodes while the coordinator is not up
 KEY_GRACE_S = 30.0  # a coordinator that answers but does not admit the site: its key is not registered
 ADMITTED_FILE = "admitted"  # written once the coordinator admitted this site's SuperNode
-ERROR_PREFIX = "weckd: error: "
 SECRET_FILE = "superexec.secret"  # HMAC secret shared by the SuperNode and the executor (see the docstring)
 
 

@@ -26,6 +26,7 @@ import time
 from typing import Sequence
 
 from weckd.chain.appbundle import check_bundle
+from weckd.chain.cli import ERROR_PREFIX
 from weckd.chain.errors import WeckdError
 from weckd.chain.flower import IdlePoll, acquire_task_request, fast_pull, runtime, runtime_client, task_heartbeat
 from weckd.chain.protocol import Reason, Refused, error_text, reason_of
@@ -127,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:  # bad data is the site's one-line error (weckd-client shows it), before the SuperNode connects
             site = warm_site_data(args.site_config)
         except WeckdError as err:
-            print(f"weckd: error: {err}", file=sys.stderr, flush=True)
+            print(f"{ERROR_PREFIX}{err}", file=sys.stderr, flush=True)
             return err.exit_code
         counts = site_counts(site.data.site)
         if args.check:

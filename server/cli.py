@@ -12,12 +12,11 @@ still exits 1.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from weckd.chain.cli import run_command, setup_logging
 from weckd.chain.errors import ConfigError, LinkError, WeckdError
@@ -30,6 +29,7 @@ from weckd.chain.protocol import Event, Failure
 from .metrics import ServerMetrics, format_seconds
 from .settings import RESULTS_FILE, Federation, check_files, coordinator_sealing, load_federation, write_effective
 from .state import ChainState, discard_state, load_state
+from .status import read_events
 from .superlink import (
     Paths,
     hold_lock,
@@ -207,7 +207,7 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
         died = group.exited()
         if died is not None:
             raise WeckdError(f"{died[0]} exited with code {died[1]}; see {paths.logs / (died[0] + '.log')}")
-        ended = any(e.get("event") in (Event.COMPLETED, Event.FAILED) for e in _events(progress))
+        ended = any(e.get("event") in (Event.COMPLETED, Event.FAILED) for e in read_events(progress))
         if ended or time.monotonic() >= next_status:
             status, details = run_status(paths, run_id)
             next_status = time.monotonic() + STATUS_EVERY_S
@@ -219,10 +219,6 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
     return "timed out", "run did not finish before the deadline (discovery_timeout + link_timeout × (links + 2))"
 
 
-def _events(progress: Path) -> list[dict[str, Any]]:
-    if not progress.is_file():
-        return []
-    return [json.loads(line) for line in progress.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def _status_line(metrics: ServerMetrics) -> None:
@@ -237,7 +233,7 @@ def _status_line(metrics: ServerMetrics) -> None:
 
 
 def _show_progress(progress: Path, seen: int, metrics: ServerMetrics) -> int:
-    events = _events(progress)
+    events = read_events(progress)
     if events[seen:] and sys.stderr.isatty():
         sys.stderr.write("\r\033[K")  # clear the live status line before the event lines
     for e in events[seen:]:
@@ -259,7 +255,7 @@ def _show_progress(progress: Path, seen: int, metrics: ServerMetrics) -> int:
 
 
 def _failure_reason(progress: Path) -> str:
-    failed = [e for e in _events(progress) if e.get("event") == Event.FAILED]
+    failed = [e for e in read_events(progress) if e.get("event") == Event.FAILED]
     return str(failed[-1].get("reason", "")) if failed else ""
 
 

@@ -18,8 +18,7 @@ from weckd.chain.protocol import Event
 
 from .metrics import ChainClock, format_seconds
 from .settings import RESULTS_FILE, Federation, load_federation
-
-LOCK_FILE = "weckd-server.lock"  # held by a running weckd-server (server.superlink.hold_lock)
+from .superlink import LOCK_FILE
 
 
 def _running(state: Path) -> bool:
@@ -37,12 +36,18 @@ def _running(state: Path) -> bool:
 
 
 def _events(state: Path) -> list[dict[str, Any]]:
-    """The latest run's progress events (``progress-<ms>.jsonl``); a torn last line is skipped."""
+    """The latest run's progress events (``progress-<ms>.jsonl``)."""
     files = sorted(state.glob("progress-*.jsonl"), key=lambda p: p.name)
-    if not files:
+    return read_events(files[-1]) if files else []
+
+
+def read_events(progress: Path) -> list[dict[str, Any]]:
+    """The events of one progress file (the ServerApp appends one JSON object a line); a torn last line, read
+    while it is being written, is skipped."""
+    if not progress.is_file():
         return []
     out = []
-    for line in files[-1].read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in progress.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             event = json.loads(line)
         except ValueError:

@@ -71,9 +71,12 @@ def start_superlink(fed: Federation, group: Group, paths: Paths, start_timeout: 
     log.info("SuperLink up: fleet %s (TLS, SuperNode auth), control 127.0.0.1:%d", s.fleet_address, s.control_port)
 
 
+LOCK_FILE = "weckd-server.lock"  # in the state dir; ``weckd status`` tells a running coordinator by it
+
+
 def hold_lock(state: Path) -> IO[str]:
     """Hold ``state/weckd-server.lock`` for the life of the process: one coordinator per state dir."""
-    path = state / "weckd-server.lock"
+    path = state / LOCK_FILE
     refuse_symlink(path)
     fh = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "r+", encoding="utf-8")
     try:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from flwr.app import RecordDict
 from weckd.chain.keys import generate_site_keys
 from weckd.chain.payload import encode_state, payload_bytes, payload_from_bytes
@@ -185,3 +186,16 @@ def test_unknown_sealing_key_is_a_did_you_mean(site_config: Path, capsys: pytest
     site_config.write_text(site_config.read_text().replace("  peers:", "  peer:"))
     code, err = _check(site_config, capsys)
     assert code == 2 and "sealing: unknown key 'peer'; did you mean 'peers'?" in err
+
+
+def test_bad_site_data_is_one_line_from_the_data_check(site_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """weckd-client reads no data itself: its check runs the executor's, and shows that one line and exit code."""
+    raw = yaml.safe_load(site_config.read_text())
+    raw["data"].pop("dataset", None)
+    raw.pop("split", None)
+    raw["data"]["sites"] = {"A": str(site_config.parent / "no-such-data")}
+    site_config.write_text(yaml.safe_dump(raw))
+    code, err = _check(site_config, capsys)
+    missing = site_config.parent / "no-such-data"
+    errors = [line for line in err.splitlines() if line.startswith("weckd: error:")]
+    assert code == 1 and errors == [f"weckd: error: {missing}: data not found; check the data path in the config"]
