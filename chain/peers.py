@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 
@@ -72,11 +72,12 @@ class Party:
                             f"({', '.join(sorted(self.peers))}); add its .pub files to the config")
         return self.peers[name]
 
-    def seal_for(self, recipient: str, payload: bytes, *, run_id: str, link: int, kind: str) -> bytes:
-        """``payload`` sealed for ``recipient`` and signed by this party."""
-        peer = self._peer(recipient, f"{self.name} sealing link {link + 1}")
-        header = SealHeader(run_id=run_id, link=link, sender=self.name, recipient=recipient, model=kind)
-        return seal(payload, header, peer.x25519, self._ed25519, max_bytes=self.max_bytes)
+    def seal_for(self, recipients: Sequence[str], payload: bytes, *, run_id: str, link: int, kind: str) -> bytes:
+        """``payload`` encrypted once for all ``recipients`` and signed by this party."""
+        where = f"{self.name} sealing link {link + 1}"
+        keys = {r: self._peer(r, where).x25519 for r in dict.fromkeys(recipients)}
+        header = SealHeader(run_id=run_id, link=link, sender=self.name, model=kind)
+        return seal(payload, header, keys, self._ed25519, max_bytes=self.max_bytes)
 
     def open_from(self, blob: bytes, *, sender: str, run_id: str, link: int, kind: str) -> bytes:
         """The payload ``sender`` sealed for this party at ``link`` of run ``run_id``; SealError otherwise."""

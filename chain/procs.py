@@ -40,10 +40,15 @@ def flower_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str
     ``FLWR_SUPERGRID_*``, ``FLWR_DATABASE`` …), so an inherited one is dropped: only the variables set here
     (and ``extra``) reach Flower. Loopback is added to ``NO_PROXY``/``no_proxy``: the local Runtime and
     Control APIs are reached over 127.0.0.1 and must never go through an HTTP proxy from the environment.
+    This interpreter's scripts directory comes first on ``PATH``.
     """
     private_dir(home)
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FLWR_")}
     env.update({"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
+    # Flower starts its own helpers by name (flower-superexec, flwr-serverapp): they must come from this
+    # installation even where its bin/ is not on PATH (a systemd unit, a full path to weckd-server).
+    scripts = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([scripts, *(d for d in env.get("PATH", "").split(os.pathsep) if d and d != scripts)])
     for name in ("NO_PROXY", "no_proxy"):
         hosts = [h.strip() for h in env.get(name, "").split(",") if h.strip()]
         env[name] = ",".join([*hosts, *(h for h in LOOPBACK_HOSTS if h not in hosts)])
@@ -102,30 +107,37 @@ class Group:
         return None
 
     def stop_all(self) -> None:
-        """Stop every process, newest first; a second Ctrl-C/SIGTERM does not cut the cleanup short."""
+        """Stop every process: SIGTERM to all of them at once (newest first), then wait for them together
+        for at most ``stop_timeout``, then SIGKILL what is left; a second Ctrl-C/SIGTERM does not cut the
+        cleanup short."""
         interrupted = False
-        for name, proc in reversed(self.procs):
-            while True:
-                try:
-                    stop(name, proc, self.stop_timeout)
-                    break
-                except KeyboardInterrupt:
-                    interrupted = True
+        procs = list(reversed(self.procs))
+        while True:
+            try:
+                stop_together(procs, self.stop_timeout)
+                break
+            except KeyboardInterrupt:
+                interrupted = True
         self.procs.clear()
         if interrupted:
             raise KeyboardInterrupt
 
 
-def stop(name: str, proc: subprocess.Popen, timeout: float) -> None:
-    """SIGTERM the process group, SIGKILL it after ``timeout``; always reap."""
-    if proc.poll() is None:
-        _signal_group(proc.pid, signal.SIGTERM)
+def stop_together(procs: Sequence[tuple[str, subprocess.Popen]], timeout: float) -> None:
+    """SIGTERM every process group, wait until all have exited or ``timeout`` has passed, SIGKILL the rest
+    (and leftover children in each group); always reap."""
+    for _, proc in procs:
+        if proc.poll() is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for name, proc in procs:
         try:
-            proc.wait(timeout)
+            proc.wait(max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             log.warning("%s did not stop within %.0fs; killing it", name, timeout)
-    _signal_group(proc.pid, signal.SIGKILL)  # leftover children in the group
-    proc.wait()
+    for _, proc in procs:
+        _signal_group(proc.pid, signal.SIGKILL)  # leftover children in the group
+        proc.wait()
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # loaded here, not in the forked child

@@ -1,9 +1,10 @@
 """The federation's protocol, used by both roles: message types and record keys, the typed requests a
 site receives (:class:`TrainRequest`, :class:`EvaluateRequest`, :class:`DeliverRequest`, each with its
-to/from-record functions and strict checks), the refusal reasons, the coordinator's progress events
-(:class:`Event`) and failure labels (:class:`Failure`). No behaviour depends on the wording of a message.
-Every message also carries its run's app-bundle version, which a site checks (``chain.appbundle``:
-``version-mismatch``).
+to/from-record functions and strict checks), the typed replies a coordinator reads (:class:`SiteInfo`,
+:class:`SiteCounts`, :class:`LinkInfo`, :class:`LinkMetrics`, :class:`EvalMetrics`), the refusal
+reasons, the coordinator's progress events (:class:`Event`) and failure labels (:class:`Failure`). No
+behaviour depends on the wording of a message. Every message also carries its run's app-bundle version,
+which a site checks (``chain.appbundle``: ``version-mismatch``).
 
 A site that refuses a request raises :class:`Refused` with a :class:`Reason`. Its executor sends
 back only ``weckd-refused:<reason>`` followed by that reason's fixed text from :data:`TEXT`, never
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Mapping
 
-from .errors import SecurityError
+from .errors import LinkError, SecurityError
 
 ERROR_PREFIX = "weckd-refused:"
 
@@ -34,7 +35,7 @@ KEY_MODEL_HEADER = "model-header"  # ConfigRecord: header of the final link's we
 KEY_MODEL_ARRAYS = "model-arrays"  # ArrayRecord: the final link's weights (logits mode)
 KEY_INFO = "info"  # ConfigRecord: what a site says about itself (version, classes, proxy hash)
 KEY_METRICS = "metrics"  # MetricRecord: counts, accuracies, loss parts, seconds
-KEY_SEALED = "sealed"  # ArrayRecord: sealed payloads (uint8), "<kind>:<recipient>" in replies, one in requests:
+KEY_SEALED = "sealed"  # ArrayRecord: sealed payloads (uint8), one per kind in replies, one in requests:
 SEALED_ENTRY = "payload"  # the name of the one sealed blob in a request's KEY_SEALED record
 
 
@@ -338,3 +339,173 @@ class DeliverRequest:
 def link_seed(seed: int, index: int) -> int:
     """The training seed of link ``index`` (0-based); the federation sends the same one."""
     return seed * 1_000_003 + 7919 * (index + 1)
+
+
+# -- replies: what a site sends back, typed at both ends ------------------------------------------------
+
+
+class ReplyError(LinkError):
+    """A site's reply does not have the protocol's fields and types (another weckd version, or a broken
+    site): the link fails as ``site-error`` naming the site and the field."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, Failure.SITE_ERROR)
+
+
+def _reply_value(values: Mapping[str, Any], key: str, want: type, where: str) -> Any:
+    if key not in values:
+        raise ReplyError(f"{where}: reply has no {key!r}; the site runs another weckd version?")
+    v = values[key]
+    if want is float and type(v) is int:
+        v = float(v)
+    if want is list:
+        if type(v) is not list:
+            raise ReplyError(f"{where}: reply field {key!r} must be a list, got {type(v).__name__}")
+        return v
+    if type(v) is not want:
+        raise ReplyError(f"{where}: reply field {key!r} must be {want.__name__}, got {type(v).__name__}")
+    return v
+
+
+def _numbers(values: list[Any], key: str, want: type, where: str) -> tuple[Any, ...]:
+    ok = (int, float) if want is float else (int,)
+    if not all(type(v) in ok for v in values):
+        raise ReplyError(f"{where}: reply field {key!r} must hold {want.__name__}s")
+    return tuple(want(v) for v in values)
+
+
+def _only(values: Mapping[str, Any], keys: set[str], prefixes: tuple[str, ...], where: str) -> None:
+    extra = sorted(k for k in values if k not in keys and not k.startswith(prefixes))
+    if extra:
+        raise ReplyError(f"{where}: reply has unexpected fields {[k[:40] for k in extra[:8]]}")
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """The ``info`` record of a ``query`` reply: who the site is and what its data looks like."""
+
+    site: str
+    version: str
+    classes: tuple[str, ...]
+    image_size: int
+    channels: int
+    proxy_sha256: str  # "" without a proxy set
+    sealing: str  # the site's X25519 fingerprint, "" when it does not seal
+
+    def to_record(self) -> dict[str, Any]:
+        return {"site-id": self.site, "weckd-version": self.version, "classes": list(self.classes),
+                "image-size": self.image_size, "channels": self.channels, "proxy-sha256": self.proxy_sha256,
+                "sealing": self.sealing}
+
+    @classmethod
+    def from_record(cls, values: Mapping[str, Any], where: str) -> SiteInfo:
+        _only(values, set(cls("", "", (), 0, 0, "", "").to_record()), (), where)
+        classes = _reply_value(values, "classes", list, where)
+        if not all(type(c) is str for c in classes):
+            raise ReplyError(f"{where}: reply field 'classes' must hold strings")
+        return cls(_reply_value(values, "site-id", str, where), _reply_value(values, "weckd-version", str, where),
+                   tuple(classes), _reply_value(values, "image-size", int, where),
+                   _reply_value(values, "channels", int, where), _reply_value(values, "proxy-sha256", str, where),
+                   _reply_value(values, "sealing", str, where))
+
+
+@dataclass(frozen=True)
+class SiteCounts:
+    """The ``metrics`` record of a ``query`` reply: image counts of the site's splits."""
+
+    train: int
+    val: int
+    unlabelled: int
+    proxy: int
+
+    def to_record(self) -> dict[str, Any]:
+        return {"train": self.train, "val": self.val, "unlabelled": self.unlabelled, "proxy": self.proxy}
+
+    @classmethod
+    def from_record(cls, values: Mapping[str, Any], where: str) -> SiteCounts:
+        _only(values, {"train", "val", "unlabelled", "proxy"}, (), where)
+        return cls(*(_reply_value(values, k, int, where) for k in ("train", "val", "unlabelled", "proxy")))
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    """The ``info`` record of a ``train`` or ``query.deliver`` reply: which model the link made, how."""
+
+    site: str
+    arch: str
+    init: str  # predecessor / scratch / weights
+
+    def to_record(self) -> dict[str, Any]:
+        return {"site-id": self.site, "arch": self.arch, "init": self.init}
+
+    @classmethod
+    def from_record(cls, values: Mapping[str, Any], where: str) -> LinkInfo:
+        _only(values, {"site-id", "arch", "init"}, (), where)
+        return cls(*(_reply_value(values, k, str, where) for k in ("site-id", "arch", "init")))
+
+
+_LINK_LISTS = {"val-recall": float, "val-confusion": int, "epoch-loss": float, "epoch-ce": float,
+               "epoch-kd": float, "epoch-seconds": float}
+
+
+@dataclass(frozen=True)
+class LinkMetrics:
+    """The ``metrics`` record of a ``train`` reply: aggregates only (accuracy, recall, confusion counts,
+    loss parts per epoch, image counts by use, seconds, and the DP budget spent where DP-SGD ran)."""
+
+    val_accuracy: float
+    val_n: int
+    val_recall: tuple[float, ...]
+    val_confusion: tuple[int, ...]  # row-major, classes × classes
+    epoch_loss: tuple[float, ...]
+    epoch_ce: tuple[float, ...]
+    epoch_kd: tuple[float, ...]
+    epoch_seconds: tuple[float, ...]
+    seconds: float
+    images_per_s: float
+    samples: Mapping[str, int]  # images by use (train, unlabelled, …)
+    privacy: Mapping[str, float] | None = None  # epsilon, delta, … of the link's DP-SGD
+
+    def to_record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"val-accuracy": self.val_accuracy, "val-n": self.val_n,
+                               "val-recall": list(self.val_recall), "val-confusion": list(self.val_confusion),
+                               "epoch-loss": list(self.epoch_loss), "epoch-ce": list(self.epoch_ce),
+                               "epoch-kd": list(self.epoch_kd), "epoch-seconds": list(self.epoch_seconds),
+                               "seconds": self.seconds, "images-per-s": self.images_per_s}
+        out.update({f"samples-{k}": int(v) for k, v in self.samples.items()})
+        out.update({f"privacy-{k}": float(v) for k, v in (self.privacy or {}).items()})
+        return out
+
+    @classmethod
+    def from_record(cls, values: Mapping[str, Any], where: str) -> LinkMetrics:
+        _only(values, {"val-accuracy", "val-n", "seconds", "images-per-s", *_LINK_LISTS}, ("samples-", "privacy-"),
+              where)
+        lists = {k: _numbers(_reply_value(values, k, list, where), k, t, where) for k, t in _LINK_LISTS.items()}
+        samples = {k[len("samples-"):]: _reply_value(values, k, int, where) for k in values if k.startswith("samples-")}
+        privacy = {k[len("privacy-"):]: _reply_value(values, k, float, where)
+                   for k in values if k.startswith("privacy-")}
+        return cls(_reply_value(values, "val-accuracy", float, where), _reply_value(values, "val-n", int, where),
+                   lists["val-recall"], lists["val-confusion"], lists["epoch-loss"], lists["epoch-ce"],
+                   lists["epoch-kd"], lists["epoch-seconds"], _reply_value(values, "seconds", float, where),
+                   _reply_value(values, "images-per-s", float, where), samples, privacy or None)
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """The ``metrics`` record of an ``evaluate`` reply: the model on the site's validation split."""
+
+    accuracy: float
+    n: int
+    recall: tuple[float, ...]
+    confusion: tuple[int, ...]  # row-major, classes × classes
+
+    def to_record(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "n": self.n, "recall": list(self.recall),
+                "confusion": list(self.confusion)}
+
+    @classmethod
+    def from_record(cls, values: Mapping[str, Any], where: str) -> EvalMetrics:
+        _only(values, {"accuracy", "n", "recall", "confusion"}, (), where)
+        return cls(_reply_value(values, "accuracy", float, where), _reply_value(values, "n", int, where),
+                   _numbers(_reply_value(values, "recall", list, where), "recall", float, where),
+                   _numbers(_reply_value(values, "confusion", list, where), "confusion", int, where))

@@ -53,9 +53,14 @@ from weckd.chain.protocol import (
     KEY_MODEL_HEADER,
     KEY_SEALED,
     SEALED_ENTRY,
+    EvalMetrics,
     EvaluateRequest,
+    LinkInfo,
+    LinkMetrics,
     Reason,
     Refused,
+    SiteCounts,
+    SiteInfo,
     reason_of,
 )
 from weckd.chain.seal import SealError
@@ -147,12 +152,12 @@ def query(msg: Message, context: Context) -> Message:
     cfg, data, party = site
 
     def work(status: SiteStatus, audit: AuditLog) -> Message:
-        info = ConfigRecord({"site-id": cfg.site, "weckd-version": __version__, "classes": list(data.spec.classes),
-                             "image-size": data.spec.size, "channels": data.spec.channels,
-                             "proxy-sha256": data.proxy_sha256, "sealing": party.fingerprint if party else ""})
-        counts = MetricRecord({"train": len(data.site.train), "val": len(data.site.val),
-                               "unlabelled": len(data.site.unlabelled) if data.site.unlabelled is not None else 0,
-                               "proxy": len(data.proxy) if data.proxy is not None else 0})
+        info = ConfigRecord(SiteInfo(cfg.site, __version__, tuple(data.spec.classes), data.spec.size,
+                                     data.spec.channels, data.proxy_sha256,
+                                     party.fingerprint if party else "").to_record())
+        counts = MetricRecord(SiteCounts(len(data.site.train), len(data.site.val),
+                                         len(data.site.unlabelled) if data.site.unlabelled is not None else 0,
+                                         len(data.proxy) if data.proxy is not None else 0).to_record())
         audit.append("query", decision="accepted", flower_run=int(msg.metadata.run_id))
         return Message(RecordDict({KEY_INFO: info, KEY_METRICS: counts}), reply_to=msg)
 
@@ -260,20 +265,22 @@ def link_output(result: LinkResult, mode: str, link: int, deliver: bool, wire_dt
     if mode == "weights" or deliver:
         payloads["weights"] = payload_bytes(encode_state(result.state, result.arch, link,
                                                          "float32" if deliver else wire_dtype))
-    return LinkOutput(payloads, link_metrics(result), {"site-id": site, "arch": result.arch, "init": result.init})
+    return LinkOutput(payloads, link_metrics(result), LinkInfo(site, result.arch, result.init).to_record())
 
 
 def _sealed(out: LinkOutput, party: Party, run_id: str, link: int, seal_for: tuple[tuple[str, str], ...]
             ) -> ArrayRecord:
-    """One sealed blob per ``kind:recipient`` the coordinator asked for (checked against the policy)."""
-    blobs = {}
+    """One blob per kind, encrypted once for every recipient the coordinator asked for (checked against
+    the policy)."""
+    recipients: dict[str, list[str]] = {}
     for kind, recipient in seal_for:
         if kind not in out.payloads:
             raise Refused(Reason.BAD_REQUEST, f"site {party.name} link {link + 1}: asked to seal a {kind!r} payload "
                           "it does not have")
-        blob = party.seal_for(recipient, out.payloads[kind], run_id=run_id, link=link, kind=kind)
-        blobs[f"{kind}:{recipient}"] = Array(np.frombuffer(blob, dtype=np.uint8))
-    return ArrayRecord(blobs)
+        recipients.setdefault(kind, []).append(recipient)
+    return ArrayRecord({kind: Array(np.frombuffer(party.seal_for(names, out.payloads[kind], run_id=run_id, link=link,
+                                                                 kind=kind), dtype=np.uint8))
+                        for kind, names in recipients.items()})
 
 
 def _plain(out: LinkOutput, mode: str) -> dict[str, Any]:
@@ -285,19 +292,16 @@ def _plain(out: LinkOutput, mode: str) -> dict[str, Any]:
 
 
 def link_metrics(result: LinkResult) -> dict[str, Any]:
-    """Aggregates only: accuracy, recall, confusion counts, loss parts per epoch, counts, seconds."""
-    metrics = {
-        "val-accuracy": result.val.accuracy, "val-n": result.val.n,
-        "val-recall": [float(r) for r in result.val.recall],
-        "val-confusion": [int(c) for row in result.val.confusion for c in row],
-        "epoch-loss": [e.loss for e in result.epochs], "epoch-ce": [e.ce for e in result.epochs],
-        "epoch-kd": [e.kd for e in result.epochs], "epoch-seconds": [e.seconds for e in result.epochs],
-        "seconds": result.seconds, "images-per-s": result.images_per_s,
-        **{f"samples-{k}": int(v) for k, v in result.samples.items()},
-    }
-    if result.privacy is not None:  # DP-SGD: what the link spent (ε at δ) travels with its metrics
-        metrics.update({f"privacy-{k}": float(v) for k, v in dict(result.privacy).items()})
-    return metrics
+    """Aggregates only: accuracy, recall, confusion counts, loss parts per epoch, counts, seconds, and what
+    the link spent where DP-SGD ran (ε at δ)."""
+    return LinkMetrics(
+        float(result.val.accuracy), int(result.val.n), tuple(float(r) for r in result.val.recall),
+        tuple(int(c) for row in result.val.confusion for c in row), tuple(float(e.loss) for e in result.epochs),
+        tuple(float(e.ce) for e in result.epochs), tuple(float(e.kd) for e in result.epochs),
+        tuple(float(e.seconds) for e in result.epochs), float(result.seconds), float(result.images_per_s),
+        {k: int(v) for k, v in result.samples.items()},
+        {k: float(v) for k, v in dict(result.privacy).items()} if result.privacy is not None else None,
+    ).to_record()
 
 
 @app.evaluate()
@@ -329,11 +333,11 @@ def _evaluate(site: Site, msg: Message, status: SiteStatus, audit: AuditLog) -> 
         ev = evaluate(model, data.site.val, len(data.spec.classes), device)
     if req.deliver:
         keep_delivered(cfg, data, arch, state, req)
-    metrics = MetricRecord({"accuracy": ev.accuracy, "n": ev.n, "recall": [float(r) for r in ev.recall],
-                            "confusion": [int(c) for row in ev.confusion for c in row]})
+    metrics = MetricRecord(EvalMetrics(float(ev.accuracy), int(ev.n), tuple(float(r) for r in ev.recall),
+                                       tuple(int(c) for row in ev.confusion for c in row)).to_record())
     audit.append("evaluate-reply", run=req.run_id, link=link, decision="sent", sent_to=["coordinator"],
                  n=int(ev.n))
-    return Message(RecordDict({KEY_METRICS: metrics, KEY_INFO: ConfigRecord({"site-id": cfg.site})}), reply_to=msg)
+    return Message(RecordDict({KEY_METRICS: metrics}), reply_to=msg)
 
 
 @app.query("deliver")

@@ -79,9 +79,7 @@ class LocalFederation:
             return None
 
     def stop(self) -> None:
-        """Stop the coordinator first (its run ends cleanly), then the sites."""
-        server = [(n, p) for n, p in self.group.procs if n == "weckd-server"]
-        self.group.procs = [(n, p) for n, p in self.group.procs if n != "weckd-server"] + server
+        """Stop the coordinator and the sites together (SIGTERM to all, then wait)."""
         self.group.stop_all()
 
     def results(self) -> dict[str, Any]:

@@ -180,8 +180,9 @@ def report(data: dict[str, Any]) -> str:
     for a, b in zip(fed["float32"], fed["float16"], strict=True):
         lines.append(f"| {a['link']} | {a['bytes_to_site']:,} | {b['bytes_to_site']:,} | {a['bytes_from_site']:,} | "
                      f"{b['bytes_from_site']:,} |")
-    lines += ["", "A sealed blob adds a fixed ~4.5 KB (seal header, nonce, tag, signature). The last link's reply "
-              "is the delivered model, float32, sealed once per recipient; link 1 carries no teacher.", ""]
+    lines += ["", "A sealed blob adds a fixed few KB (seal header, nonce, tag, signature) and 60 B per recipient. "
+              "The last link's reply is the delivered model, float32, encrypted once for all its recipients; "
+              "link 1 carries no teacher.", ""]
     c = data["compression"]
     lines += ["## Compression of the float16 payload", "",
               f"Byte planes split, then zlib level 6: {c['compressed_bytes']:,} of {c['raw_bytes']:,} B "

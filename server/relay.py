@@ -1,9 +1,10 @@
 """A link's output as the coordinator holds it, and the part of it each message to a site carries.
 
-Sealed federations (``federation.sealing``): the producing site seals its output once per recipient
-the coordinator names; the reply's ``sealed`` ArrayRecord holds one uint8 array per blob, keyed
-``<kind>:<recipient>`` (kind = ``weights`` or ``logits``). The coordinator stores and forwards blobs
-it cannot open. Unsealed federations: the payload itself, as bytes (``chain.payload.pack_bytes``),
+Sealed federations (``federation.sealing``): the producing site encrypts each output once for every
+recipient the coordinator names (``chain.seal``: one ciphertext, the key wrapped per recipient); the
+reply's ``sealed`` ArrayRecord holds one uint8 array per blob, keyed by its kind (``weights`` or
+``logits``). The coordinator stores and forwards the same blob to each recipient; it cannot open it.
+Unsealed federations: the payload itself, as bytes (``chain.payload.pack_bytes``),
 keyed by its kind. Either way a :class:`Relay` is plain bytes, so it checkpoints as files
 (``server.state``) and survives a coordinator restart.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from weckd.chain.errors import LinkError
+from weckd.chain.errors import LinkError, PayloadError
 from weckd.chain.flower import payload_records_from_bytes
 
 if TYPE_CHECKING:  # Flower and numpy load with the first message (weckd-server reads checkpoints without them)
@@ -27,13 +28,9 @@ from weckd.chain.protocol import (
 )
 
 
-def blob_key(kind: str, recipient: str) -> str:
-    return f"{kind}:{recipient}"
-
-
 @dataclass
 class Relay:
-    """Link ``link``'s output (produced at ``site``): sealed blobs per recipient, or plain payloads per kind."""
+    """Link ``link``'s output (produced at ``site``): one blob per kind, sealed for its recipients or plain."""
 
     link: int
     site: str
@@ -41,12 +38,25 @@ class Relay:
     sealed: bool
 
     def blob(self, kind: str, recipient: str) -> bytes:
-        key = blob_key(kind, recipient) if self.sealed else kind
-        if key not in self.blobs:
+        """The blob that hands this output to ``recipient``: sealed, one blob names all its recipients."""
+        data = self.blobs.get(kind)
+        if data is None or (self.sealed and recipient not in self.recipients(kind)):
             what = f"sealed for {recipient}" if self.sealed else "in the reply"
             raise LinkError(f"link {self.link + 1} (site {self.site}): no {kind} payload {what}; the site did not "
                             "return what the coordinator asked for (mismatched weckd versions?)")
-        return self.blobs[key]
+        return data
+
+    def recipients(self, kind: str) -> tuple[str, ...]:
+        """Whom the ``kind`` blob is sealed for, as its header says (unverified: for routing and the audit
+        log; each recipient checks the signed header itself). Empty where it is missing or unsealed."""
+        if not self.sealed or kind not in self.blobs:
+            return ()
+        from weckd.chain.seal import SealError, read_header
+
+        try:
+            return read_header(self.blobs[kind]).recipients
+        except (SealError, PayloadError):
+            return ()
 
     def records(self, kind: str, recipient: str) -> dict[str, Any]:
         """The records that hand this output to ``recipient`` (a teacher or a model to evaluate)."""

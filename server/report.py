@@ -84,7 +84,7 @@ def results(fed: Federation, outcome: ChainOutcome, seconds: float) -> dict[str,
 
 def final_model(fed: Federation, outcome: ChainOutcome, run_id: str) -> tuple[str, dict[str, Any]] | None:
     """(arch, state) of the delivered model as the coordinator can read it; None when it is sealed for
-    sites only (the coordinator then keeps the sealed copies and cannot open them)."""
+    sites only (the coordinator then keeps the sealed blob and cannot open it)."""
     relay = outcome.final
     if relay is None:
         return None
@@ -104,7 +104,8 @@ def final_model(fed: Federation, outcome: ChainOutcome, run_id: str) -> tuple[st
 
 def write_outputs(out: Path, fed: Federation, outcome: ChainOutcome, seconds: float, run_id: str) -> None:
     """results.json, config.effective.yaml, model/ (safetensors + model card) where the coordinator may
-    read the final model, and sealed/ (the final model sealed for each recipient site) in a sealed run."""
+    read the final model, and sealed/final-model.sealed (the final model as sealed for its recipients) in a
+    sealed run."""
     private_dir(out)
     cfg = fed.chain
     model = final_model(fed, outcome, run_id)
@@ -120,10 +121,8 @@ def write_outputs(out: Path, fed: Federation, outcome: ChainOutcome, seconds: fl
     if outcome.final is not None and outcome.final.sealed:
         sealed = out / "sealed"
         private_dir(sealed)
-        for key, blob in outcome.final.blobs.items():
-            kind, _, recipient = key.partition(":")
-            if kind == "weights" and recipient != COORDINATOR:
-                atomic_write(inside(sealed, f"final-model-for-{recipient}.sealed"), blob)
+        if "weights" in outcome.final.blobs:
+            atomic_write(inside(sealed, "final-model.sealed"), outcome.final.blobs["weights"])
     write_yaml(out / "config.effective.yaml", config_to_mapping(cfg))
     data = results(fed, outcome, seconds)
     data["run_id"], data["skipped"] = run_id, outcome.skipped

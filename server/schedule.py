@@ -41,14 +41,19 @@ from weckd.chain.protocol import (
     MSG_QUERY,
     MSG_TRAIN,
     DeliverRequest,
+    EvalMetrics,
     EvaluateRequest,
     Event,
     Failure,
+    LinkInfo,
+    LinkMetrics,
+    SiteCounts,
+    SiteInfo,
     TrainRequest,
     link_seed,
 )
 
-from .relay import Relay, blob_key, relay_from_reply
+from .relay import Relay, relay_from_reply
 from .settings import Federation
 from .state import ChainState, LinkRecord, save_state
 from .transport import Reply, SiteFailure, Transport, online_sites, wait_for_sites
@@ -73,25 +78,27 @@ def discover(transport: Transport, fed: Federation) -> dict[str, dict[str, Any]]
     infos: dict[str, dict[str, Any]] = {}
     data = fed.chain.data
     for site, rep in replies.items():
-        info: dict[str, Any] = dict(rep.message.content.config_records[KEY_INFO])
-        counts: dict[str, Any] = dict(rep.message.content.metric_records[KEY_METRICS])
-        if info.get("site-id") != site:
-            log.warning("site %s: its site config says %r; identity comes from the registered name",
-                        site, info.get("site-id"))
-        if info.get("weckd-version") != __version__:
-            raise LinkError(f"discovery: site {site} runs weckd {info.get('weckd-version')}, the coordinator "
-                            f"{__version__}; install the same weckd version everywhere", Failure.SITE_MISMATCH)
-        if list(info.get("classes", [])) != list(data.classes):
-            raise LinkError(f"discovery: site {site} has classes {info.get('classes')}, the federation "
+        where = f"discovery: site {site}"
+        raw = rep.message.content.config_records.get(KEY_INFO, {})
+        version = raw.get("weckd-version")  # first, so another version is named as such, not as a bad reply
+        if version != __version__:
+            raise LinkError(f"{where} runs weckd {str(version)[:40]}, the coordinator {__version__}; install the "
+                            "same weckd version everywhere", Failure.SITE_MISMATCH)
+        info = SiteInfo.from_record(raw, where)
+        counts = SiteCounts.from_record(rep.message.content.metric_records.get(KEY_METRICS, {}), where)
+        if info.site != site:
+            log.warning("site %s: its site config says %r; identity comes from the registered name", site, info.site)
+        if list(info.classes) != list(data.classes):
+            raise LinkError(f"{where} has classes {list(info.classes)}, the federation "
                             f"{list(data.classes)}; fix data.classes in that site's config", Failure.SITE_MISMATCH)
-        if (info.get("image-size"), info.get("channels")) != (data.image_size, data.channels):
-            raise LinkError(f"discovery: site {site} decodes {info.get('image-size')} px × {info.get('channels')} "
+        if (info.image_size, info.channels) != (data.image_size, data.channels):
+            raise LinkError(f"{where} decodes {info.image_size} px × {info.channels} "
                             f"channels, the federation {data.image_size} × {data.channels}; align data settings",
                             Failure.SITE_MISMATCH)
-        _check_sealing(fed, site, str(info.get("sealing", "")))
-        infos[site] = {**info, "counts": counts}
-        log.info("site %s: weckd %s, %d train / %d val images, sealing %s", site, info.get("weckd-version"),
-                 counts.get("train", 0), counts.get("val", 0), info.get("sealing") or "off")
+        _check_sealing(fed, site, info.sealing)
+        infos[site] = {**info.to_record(), "counts": counts.to_record()}
+        log.info("site %s: weckd %s, %d train / %d val images, sealing %s", site, info.version,
+                 counts.train, counts.val, info.sealing or "off")
     if fed.chain.chain.mode == "logits":
         hashes = {s: i.get("proxy-sha256", "") for s, i in infos.items()}
         if "" in hashes.values() or len(set(hashes.values())) != 1:
@@ -166,7 +173,7 @@ class ChainRun:
         relay = relay_from_reply(rep.message.content, k, site, self.sealed)
         eps = {"epsilon": float(record.metrics["privacy-epsilon"])} if "privacy-epsilon" in record.metrics else {}
         self._audit("train", "accepted", k, site=site, blobs={n: sha256_hex(b) for n, b in relay.blobs.items()},
-                    recipients=sorted({n.split(":", 1)[1] for n in relay.blobs if ":" in n}), **eps)
+                    recipients=sorted({r for kind in relay.blobs for r in relay.recipients(kind)}), **eps)
         final = k == len(schedule) - 1
         deliver = tuple(r for r in self._recipients() if r != COORDINATOR) if final else ()
         if self.fed.chain.chain.mode == "weights" or final:
@@ -286,11 +293,11 @@ class ChainRun:
             return []
         mode, later = self.fed.chain.chain.mode, schedule[k + 1:]
         relay_to = later if self.fed.settings.on_site_failure == "skip" else later[:1]
-        keys = [blob_key(mode, r) for r in relay_to]
+        keys = [f"{mode}:{r}" for r in relay_to]
         if mode == "weights" or k == len(schedule) - 1:
-            keys += [blob_key("weights", r) for r in eval_targets(self.fed.settings.evaluate, schedule, k)]
+            keys += [f"weights:{r}" for r in eval_targets(self.fed.settings.evaluate, schedule, k)]
         if k == len(schedule) - 1:
-            keys += [blob_key("weights", r) for r in self._recipients()]
+            keys += [f"weights:{r}" for r in self._recipients()]
         return list(dict.fromkeys(keys))
 
     def _recipients(self) -> list[str]:
@@ -323,9 +330,9 @@ class ChainRun:
                 raise LinkError(f"evaluating link {k + 1}: {err}; the run stops", err.failure) from None
         out = {}
         for site, rep in done.replies.items():
-            m: dict[str, Any] = dict(rep.message.content.metric_records[KEY_METRICS])
-            out[site] = {"accuracy": float(m["accuracy"]), "n": int(m["n"]),
-                         "confusion": [int(c) for c in m.get("confusion", [])]}
+            ev = EvalMetrics.from_record(rep.message.content.metric_records.get(KEY_METRICS, {}),
+                                         f"evaluating link {k + 1}: site {site}")
+            out[site] = {"accuracy": ev.accuracy, "n": ev.n, "confusion": list(ev.confusion)}
             self._audit("evaluate", "accepted", k, site=site, n=out[site]["n"], accuracy=out[site]["accuracy"])
         return out
 
@@ -337,8 +344,8 @@ def _decision(err: SiteFailure) -> str:
 
 def _blob_sha(relay: Relay, kind: str, recipient: str) -> str:
     """SHA-256 of the blob handed to ``recipient`` ("" when the relay holds none for it)."""
-    data = relay.blobs.get(blob_key(kind, recipient) if relay.sealed else kind)
-    return sha256_hex(data) if data is not None else ""
+    data = relay.blobs.get(kind)
+    return sha256_hex(data) if data is not None and (not relay.sealed or recipient in relay.recipients(kind)) else ""
 
 def link_event_extras(record: LinkRecord) -> dict[str, Any]:
     """Last-epoch loss parts and relayed bytes of a link, for the progress event (metrics, progress lines)."""
@@ -352,10 +359,10 @@ def link_event_extras(record: LinkRecord) -> dict[str, Any]:
 
 
 def link_record(k: int, rep: Reply) -> LinkRecord:
-    info = dict(rep.message.content.config_records[KEY_INFO])
-    metrics = {k2: (list(v) if isinstance(v, list) else v)
-               for k2, v in dict(rep.message.content.metric_records[KEY_METRICS]).items()}
+    where = f"link {k + 1}: site {rep.site}"
+    info = LinkInfo.from_record(rep.message.content.config_records.get(KEY_INFO, {}), where)
+    metrics = LinkMetrics.from_record(rep.message.content.metric_records.get(KEY_METRICS, {}), where)
     log.info("link %d site %s: val acc %.3f, %.1fs round trip, %d B out, %d B back", k + 1, rep.site,
-             metrics["val-accuracy"], rep.seconds, rep.bytes_out, rep.bytes_in)
-    return LinkRecord(k, rep.site, str(info.get("arch")), str(info.get("init")), metrics, rep.seconds,
-                      rep.bytes_out, rep.bytes_in)
+             metrics.val_accuracy, rep.seconds, rep.bytes_out, rep.bytes_in)
+    return LinkRecord(k, rep.site, info.arch, info.init, metrics.to_record(), rep.seconds, rep.bytes_out,
+                      rep.bytes_in)

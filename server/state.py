@@ -41,7 +41,7 @@ from .settings import Federation
 log = logging.getLogger(__name__)
 
 FORMAT = "weckd-chain-state"
-VERSION = 2  # 1: unkeyed SHA-256 of the body
+VERSION = 3  # 1: unkeyed SHA-256 of the body; 2: sealed relay blobs per recipient (now one per kind)
 FOLDER = "chain"
 STATE_FILE = "state.json"
 KEY_FILE = "chain.key"

@@ -1,8 +1,8 @@
 """Sending messages to sites and waiting for replies, every wait bounded by a timeout.
 
 Flower's ``grid.send_and_receive`` polls every 3 s; a push/pull loop polling every
-``poll_interval`` (0.1 s) saves ~2.5 s a link. Sites are identified by their registered SuperNode
-name (``NodeInfo.name``), never by what a node claims about itself.
+``poll_interval`` (0.1 s) saves ~2.5 s a link, and backs off while a site works (:meth:`Timing.wait`).
+Sites are identified by their registered SuperNode name (``NodeInfo.name``), never by what a node claims about itself.
 """
 from __future__ import annotations
 
@@ -22,11 +22,20 @@ from .wire import WireLog, content_bytes
 log = logging.getLogger(__name__)
 
 
+MAX_POLL_S = 1.0
+
+
 @dataclass(frozen=True)
 class Timing:
     ttl: float
     timeout: float
     poll: float
+
+    def wait(self, elapsed: float) -> float:
+        """Seconds until the next pull, ``elapsed`` seconds into an exchange: ``poll`` at first, then a
+        twentieth of the time waited so far (a reply is late by at most ~5%), at most ``MAX_POLL_S``. A link
+        that trains for minutes is then polled once a second, not ten times: the SuperLink stays quiet."""
+        return min(max(self.poll, elapsed / 20.0), max(self.poll, MAX_POLL_S))
 
 
 @dataclass(frozen=True)
@@ -145,5 +154,5 @@ class Transport:
                                                      f"{kind}: no reply from site {site} within {limit:.0f}s; "
                                                      "check the site or raise federation.link_timeout")
                     break
-                time.sleep(self.timing.poll)
+                time.sleep(self.timing.wait(time.monotonic() - start))
         return Exchange(replies, failures)

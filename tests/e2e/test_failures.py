@@ -21,7 +21,7 @@ from weckd.server.scaffold import Scaffold, chain_settings, make_scaffold
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 4
+EPOCHS = 2  # enough for a link to be killed mid-way (the tests wait until the site reports it trains)
 TIMEOUT = 420.0
 
 
@@ -84,8 +84,9 @@ def _trained_links(scaffold: Scaffold) -> list[tuple[str, int]]:
 def federation(tmp_path: Path) -> Iterator[Callable[..., LocalFederation]]:
     started: list[LocalFederation] = []
 
-    def start(settings: dict[str, Any], before: Callable[[Scaffold], None] | None = None) -> LocalFederation:
-        scaffold = make_scaffold(tmp_path, chain_settings({"link": {"epochs": EPOCHS}}),
+    def start(settings: dict[str, Any], before: Callable[[Scaffold], None] | None = None,
+              epochs: int = EPOCHS) -> LocalFederation:
+        scaffold = make_scaffold(tmp_path, chain_settings({"link": {"epochs": epochs}}),
                                  {"retry_wait": 10.0, **settings})
         if before is not None:
             before(scaffold)
@@ -109,9 +110,9 @@ def _results(fed: LocalFederation) -> dict[str, Any]:
 
 
 def test_skip_completes_the_chain_without_a_killed_site(federation: Callable[..., LocalFederation]) -> None:
-    fed = federation({"on_site_failure": "skip", "retries": 1})
+    fed = federation({"on_site_failure": "skip", "retries": 1, "retry_wait": 3.0}, epochs=4)  # C must learn
     _wait_event(fed, _link_start(2))
-    time.sleep(1.0)
+    _wait_training(fed.scaffold, "B", 2)
     killed = _kill(fed, "weckd-client-B")
     assert fed.wait_server(TIMEOUT) == 0
     res = _results(fed)
@@ -144,7 +145,7 @@ def test_skip_at_the_last_link_hands_over_the_last_good_model(federation: Callab
 def test_fail_stops_the_run_naming_the_killed_site(federation: Callable[..., LocalFederation]) -> None:
     fed = federation({"on_site_failure": "fail", "retries": 0})
     _wait_event(fed, _link_start(2))
-    time.sleep(1.0)
+    _wait_training(fed.scaffold, "B", 2)
     _kill(fed, "weckd-client-B")
     assert fed.wait_server(TIMEOUT) == 1
     failed = next(e for e in _events(fed.scaffold) if e["event"] == "failed")
@@ -156,7 +157,7 @@ def test_fail_stops_the_run_naming_the_killed_site(federation: Callable[..., Loc
 def test_a_restarted_site_is_retried_and_the_chain_completes(federation: Callable[..., LocalFederation]) -> None:
     fed = federation({"on_site_failure": "fail", "retries": 2, "retry_wait": 120.0, "link_timeout": 60.0})
     _wait_event(fed, _link_start(2))
-    time.sleep(1.0)
+    _wait_training(fed.scaffold, "B", 2)
     killed = _kill(fed, "weckd-client-B")
     time.sleep(2.0)
     fed.start_site("B", name="B-restarted")

@@ -2,14 +2,15 @@
 is delivered, impostors are refused, and the federation reproduces the in-process chain exactly."""
 from __future__ import annotations
 
+import base64
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from weckd.chain.artifacts import image_spec_of_card, load_model_files
 from weckd.chain.link import model_from_state
@@ -73,32 +74,36 @@ def test_coordinator_writes_the_run_report(weights_run: FederatedRun) -> None:
     assert "federated evaluation" in (weights_run.out / "report.md").read_text()
 
 
-def test_coordinator_cannot_open_what_it_relays_and_checkpoints(weights_run: FederatedRun) -> None:
-    """Every sealed payload the coordinator stored (its chain checkpoint, the final model sealed for
-    site A) is sealed for a site; the coordinator's own X25519 key neither passes the header check nor,
-    used directly in the key agreement, decrypts it."""
+def test_coordinator_opens_only_its_own_slot_of_what_it_relays_and_checkpoints(weights_run: FederatedRun) -> None:
+    """What the coordinator stored (its chain checkpoint, sealed/final-model.sealed) is the last link's model,
+    encrypted once for A, B, C and the coordinator (evaluation and delivery). The coordinator opens its own
+    slot, and that is the model it wrote; with its X25519 key no other recipient's slot unwraps, and posing
+    as a site fails the header check."""
     from weckd.chain.keys import load_x25519_private
-    from weckd.chain.seal import Expectation, SealError, _aead_key, _parse, open_sealed, read_header
+    from weckd.chain.seal import Expectation, SealError, _parse, _wrap_key, open_sealed, read_header
     from weckd.server.settings import load_federation as load
 
     fed = load(weights_run.scaffold.federation)
     assert fed.settings.sealing is not None
     own = load_x25519_private(Path(fed.settings.sealing.keys) / "site-coordinator.x25519.key")
     stored = sorted((weights_run.scaffold.root / "state" / "server" / "chain").glob("relay-*.bin"))
-    stored += sorted((weights_run.out / "sealed").glob("*.sealed"))
-    for_sites = [(p, p.read_bytes()) for p in stored if read_header(p.read_bytes()).recipient != "coordinator"]
-    assert len(for_sites) >= 4  # the last link's output for A, B, C (checkpoint) and for A (delivery)
-    for path, blob in for_sites:
-        h = read_header(blob)
+    stored += [weights_run.out / "sealed" / "final-model.sealed"]
+    assert len(stored) == 2 and stored[0].read_bytes() == stored[1].read_bytes()
+    blob = stored[1].read_bytes()
+    h = read_header(blob)
+    assert h.recipients == ("A", "B", "C", "coordinator") and h.link == 2
+    opened = open_sealed(blob, own, _pinned(fed, h.sender), Expectation(h.run_id, h.link, h.sender, "coordinator"))
+    assert hashlib.sha256(opened.payload).hexdigest() == h.payload_sha256
+    for site in ("A", "B", "C"):
         with pytest.raises(SealError) as err:
-            open_sealed(blob, own, _pinned(fed, h.sender), Expectation(h.run_id, h.link, h.sender, "coordinator"))
-        assert err.value.reason == "wrong-recipient", path
-        frame = _parse(blob, 1 << 30)
-        shared = own.exchange(x25519.X25519PublicKey.from_public_bytes(frame.ephemeral))
-        raw = own.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        aead = _aead_key(shared, frame.ephemeral, raw, h.version)
+            open_sealed(blob, own, _pinned(fed, h.sender), Expectation(h.run_id, h.link, h.sender, site))
+        assert err.value.reason == "wrong-recipient"
+    frame = _parse(blob, 1 << 30)
+    shared = own.exchange(x25519.X25519PublicKey.from_public_bytes(frame.ephemeral))
+    for i in range(3):  # the slots of A, B and C
+        kek = _wrap_key(shared, frame.ephemeral, base64.b64decode(h.recipient_keys[i]), h.version)
         with pytest.raises(InvalidTag):
-            aead.decrypt(frame.nonce, frame.ciphertext, frame.header_bytes)
+            kek.decrypt(frame.slots[i][:12], frame.slots[i][12:], frame.header_bytes)
 
 
 def _pinned(fed: Any, site: str) -> Any:

@@ -31,7 +31,7 @@ def _payload_bytes(run: FederatedRun, link: int) -> int:
     replies = [m for m in run.wire if m["direction"] == "received" and m["type"] == "train"]
     arrays = replies[link]["arrays"]
     if "sealed" in arrays:
-        return next(a["bytes"] for a in arrays["sealed"] if a["name"] == "weights:A")
+        return next(a["bytes"] for a in arrays["sealed"] if a["name"] == "weights")
     return sum(a["bytes"] for a in arrays["payload-arrays"])
 
 
@@ -93,7 +93,8 @@ def test_weights_payload_does_not_grow_with_site_data(weights_run: FederatedRun,
 
 
 def test_sealed_run_puts_only_opaque_blobs_on_the_wire(weights_run: FederatedRun) -> None:
-    """No plaintext payload header or tensor crosses the coordinator: one uint8 blob per recipient."""
+    """No plaintext payload header or tensor crosses the coordinator: one uint8 blob a link, for all its
+    recipients."""
     assert weights_run.wire
     for msg in weights_run.wire:
         assert not set(msg["configs"]) & {"payload-header", "model-header"}, msg["configs"].keys()
@@ -101,6 +102,7 @@ def test_sealed_run_puts_only_opaque_blobs_on_the_wire(weights_run: FederatedRun
         for a in msg["arrays"].get("sealed", []):
             assert a["dtype"] == "uint8" and len(a["shape"]) == 1 and a["bytes"] > 0
     replies = [m for m in weights_run.wire if m["direction"] == "received" and m["type"] == "train"]
-    names = [{a["name"] for a in m["arrays"]["sealed"]} for m in replies]
-    assert names[0] == {"weights:A", "weights:B", "weights:C"}  # next site + every evaluating site
-    assert names[-1] == {"weights:A", "weights:B", "weights:C", "weights:coordinator"}  # + the recipients
+    names = [[a["name"] for a in m["arrays"]["sealed"]] for m in replies]
+    assert names == [["weights"]] * 3  # one blob a link, for the next site, every evaluating site and the recipients
+    sent = [sum(a["bytes"] for a in m["arrays"]["sealed"]) for m in replies]
+    assert sent[-1] == _payload_bytes(weights_run, -1)  # 4 recipients, the payload once (see the test above)

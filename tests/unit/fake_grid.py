@@ -11,7 +11,16 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from weckd.chain.flower import payload_records_from_bytes, read_payload
 from weckd.chain.payload import encode_state, payload_bytes
-from weckd.chain.protocol import KEY_CONFIG, KEY_INFO, KEY_METRICS, MSG_DELIVER, MSG_TRAIN
+from weckd.chain.protocol import (
+    KEY_CONFIG,
+    KEY_INFO,
+    KEY_METRICS,
+    MSG_DELIVER,
+    MSG_TRAIN,
+    EvalMetrics,
+    LinkInfo,
+    LinkMetrics,
+)
 from weckd.server.settings import Federation, load_federation
 from weckd.server.transport import Exchange, Reply, SiteFailure, Timing, Transport
 from weckd.server.wire import WireLog
@@ -70,10 +79,9 @@ class FakeSites(Transport):
 
 def _answer(kind: str, site: str, link: int) -> RecordDict:
     if kind not in (MSG_TRAIN, MSG_DELIVER):  # a hand-over answers with the link's weights, as its train reply did
-        return RecordDict({KEY_METRICS: MetricRecord({"accuracy": 0.5, "n": 10, "confusion": [3, 2, 3, 2]})})
+        return RecordDict({KEY_METRICS: MetricRecord(EvalMetrics(0.5, 10, (0.6, 0.4), (3, 2, 3, 2)).to_record())})
     weights = payload_bytes(encode_state({"w": torch.full((2,), float(link))}, "test_resnet", link))
-    metrics = MetricRecord({"val-accuracy": 0.5 + link / 10, "val-n": 10, "val-recall": [0.5, 0.5],
-                            "val-confusion": [3, 2, 3, 2], "epoch-loss": [1.0], "epoch-ce": [0.7],
-                            "epoch-kd": [0.3], "epoch-seconds": [0.1], "seconds": 0.1})
-    return RecordDict({**payload_records_from_bytes(weights), KEY_METRICS: metrics,
-                       KEY_INFO: ConfigRecord({"site-id": site, "arch": "test_resnet", "init": "scratch"})})
+    metrics = LinkMetrics(0.5 + link / 10, 10, (0.5, 0.5), (3, 2, 3, 2), (1.0,), (0.7,), (0.3,), (0.1,), 0.1, 100.0,
+                          {"train": 8})
+    return RecordDict({**payload_records_from_bytes(weights), KEY_METRICS: MetricRecord(metrics.to_record()),
+                       KEY_INFO: ConfigRecord(LinkInfo(site, "test_resnet", "scratch").to_record())})

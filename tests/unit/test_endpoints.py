@@ -3,6 +3,8 @@ weckd-client, Flower's local APIs on 127.0.0.1 whatever the inherited environmen
 Runtime (ClientAppIo) API handing out tasks only to the holder of the site's SuperExec secret."""
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -114,6 +116,16 @@ def test_flower_env_keeps_loopback_off_the_proxy(hostile_env: None, tmp_path: Pa
         hosts = env[name].split(",")
         assert {"127.0.0.1", "localhost", "::1"} <= set(hosts)
     assert "intranet.example" in env["NO_PROXY"].split(",")
+
+
+def test_flower_helpers_come_from_this_installation(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Flower starts flower-superexec and flwr-serverapp by name: from this interpreter's bin/, first on PATH,
+    even where it is not on the caller's PATH (a systemd unit, weckd-server started by its full path)."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    env = flower_env(tmp_path / "home")
+    scripts = str(Path(sys.executable).parent)
+    assert env["PATH"].split(os.pathsep) == [scripts, "/usr/bin", "/bin"]
+    assert (Path(scripts) / "flower-superexec").is_file()
 
 
 def test_superlink_binds_loopback_except_fleet(hostile_env: None, tmp_path: Path) -> None:

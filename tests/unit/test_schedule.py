@@ -9,7 +9,7 @@ from weckd.chain.errors import LinkError
 from weckd.chain.protocol import MSG_DELIVER, MSG_TRAIN, Reason, error_text
 from weckd.server.schedule import ChainRun
 from weckd.server.state import load_state, new_state
-from weckd.server.transport import Exchange, SiteFailure, failure_from_error
+from weckd.server.transport import MAX_POLL_S, Exchange, SiteFailure, Timing, failure_from_error
 
 from .fake_grid import FakeSites, federation
 
@@ -197,3 +197,11 @@ def test_a_dp_links_spent_epsilon_reaches_the_results_and_the_progress_event(tmp
     assert _link_json(record)["privacy"]["epsilon"] == 7.9
     assert _link_json(record)["privacy"]["steps"] == 40
     assert link_event_extras(record)["epsilon"] == 7.9
+
+
+def test_the_coordinator_polls_fast_at_first_then_backs_off_while_a_site_works() -> None:
+    timing = Timing(60.0, 600.0, 0.1)
+    assert timing.wait(0.0) == timing.wait(1.9) == 0.1  # queries, evaluations: answered within the first pulls
+    assert timing.wait(10.0) == pytest.approx(0.5)  # a reply waits at most ~5% of the time waited
+    assert timing.wait(300.0) == MAX_POLL_S == 1.0  # a long link: one pull a second
+    assert Timing(60.0, 600.0, 2.0).wait(300.0) == 2.0  # a slower poll_interval set by the operator is kept

@@ -52,8 +52,12 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Site]:
     return found
 
 
-def _header(link: int = 1, sender: str = "A", recipient: str = "B", run: str = "run-1") -> SealHeader:
-    return SealHeader(run_id=run, link=link, sender=sender, recipient=recipient, model="resnet18")
+def _header(link: int = 1, sender: str = "A", run: str = "run-1") -> SealHeader:
+    return SealHeader(run_id=run, link=link, sender=sender, model="resnet18")
+
+
+def _for(sites: dict[str, Site], *names: str) -> dict[str, x25519.X25519PublicKey]:
+    return {name: sites[name].x_pub for name in names}
 
 
 def _expect(link: int = 1, sender: str = "A", recipient: str = "B", run: str = "run-1") -> Expectation:
@@ -63,7 +67,7 @@ def _expect(link: int = 1, sender: str = "A", recipient: str = "B", run: str = "
 def _sealed(
     sites: dict[str, Site], link: int = 1, sender: str = "A", recipient: str = "B", run: str = "run-1"
 ) -> bytes:
-    return seal(PAYLOAD, _header(link, sender, recipient, run), sites[recipient].x_pub, sites[sender].s_priv)
+    return seal(PAYLOAD, _header(link, sender, run), _for(sites, recipient), sites[sender].s_priv)
 
 
 def _open_at_b(sites: dict[str, Site], blob: bytes, expected: Expectation | None = None, pinned: str = "A"):
@@ -88,8 +92,8 @@ def _header_len(blob: bytes) -> int:
 def test_round_trip_returns_payload_and_filled_header(sites: dict[str, Site]) -> None:
     header, payload = _open_at_b(sites, _sealed(sites))
     assert payload == PAYLOAD
-    assert (header.run_id, header.link, header.sender, header.recipient, header.model) == (
-        "run-1", 1, "A", "B", "resnet18"
+    assert (header.run_id, header.link, header.sender, header.recipients, header.model) == (
+        "run-1", 1, "A", ("B",), "resnet18"
     )  # fmt: skip
     assert header.payload_sha256 == hashlib.sha256(PAYLOAD).hexdigest()
     assert header.version == sealmod.VERSION
@@ -97,24 +101,24 @@ def test_round_trip_returns_payload_and_filled_header(sites: dict[str, Site]) ->
 
 def test_blob_starts_with_magic_and_version(sites: dict[str, Site]) -> None:
     blob = _sealed(sites)
-    assert blob[:5] == b"WKSL\x01"
+    assert blob[:5] == b"WKSL\x02"
     assert PAYLOAD[:64] not in blob
 
 
 def test_flipped_ciphertext_byte_is_tampered(sites: dict[str, Site]) -> None:
     blob = _sealed(sites)
-    ct_start = 9 + _header_len(blob) + 32 + 12 + 8
+    ct_start = 11 + _header_len(blob) + 32 + 60 + 12 + 8
     assert _reason(sites, _flip(blob, ct_start + 100)) == "tampered"
 
 
 def test_flipped_header_byte_is_rejected(sites: dict[str, Site]) -> None:
     blob = _sealed(sites)
-    header_pos = 9 + blob[9:].index(b'"link":1') + len('"link":')
+    header_pos = 11 + blob[11:].index(b'"link":1') + len('"link":')
     assert _reason(sites, _flip(blob, header_pos)) == "tampered"  # "link":0 — a forged link index
 
 
 def test_every_single_byte_flip_is_refused(sites: dict[str, Site]) -> None:
-    blob = seal(b"tiny", _header(), sites["B"].x_pub, sites["A"].s_priv)
+    blob = seal(b"tiny", _header(), _for(sites, "B", "C"), sites["A"].s_priv)
     for i in range(len(blob)):
         with pytest.raises(SecurityError):
             _open_at_b(sites, _flip(blob, i))
@@ -141,7 +145,7 @@ def test_payload_of_another_run_is_replay(sites: dict[str, Site]) -> None:
 
 
 def test_payload_signed_by_unpinned_key_is_unexpected_sender(sites: dict[str, Site]) -> None:
-    forged = seal(PAYLOAD, _header(sender="A"), sites["B"].x_pub, sites["M"].s_priv)
+    forged = seal(PAYLOAD, _header(sender="A"), _for(sites, "B"), sites["M"].s_priv)
     assert _reason(sites, forged) == "unexpected-sender"
 
 
@@ -150,30 +154,35 @@ def test_unpinned_key_claiming_the_pinned_one_is_refused(sites: dict[str, Site])
         _header(),
         payload_sha256=hashlib.sha256(PAYLOAD).hexdigest(),
         sender_key=sealmod.raw_b64(sites["A"].s_pub),
-        recipient_key=sealmod.raw_b64(sites["B"].x_pub),
+        recipients=("B",),
+        recipient_keys=(sealmod.raw_b64(sites["B"].x_pub),),
     )
-    forged = sealmod._seal_frame(PAYLOAD, header, sites["B"].x_pub, sites["M"].s_priv)
+    forged = sealmod._seal_frame(PAYLOAD, header, [sites["B"].x_pub], sites["M"].s_priv)
     assert _reason(sites, forged) == "tampered"
 
 
 def test_signature_valid_under_no_key_is_bad_signature(sites: dict[str, Site]) -> None:
-    forged = seal(PAYLOAD, _header(), sites["B"].x_pub, sites["M"].s_priv)
+    forged = seal(PAYLOAD, _header(), _for(sites, "B"), sites["M"].s_priv)
     assert _reason(sites, _flip(forged, len(forged) - 1)) == "bad-signature"
 
 
 def test_pinned_key_signing_as_another_site_is_unexpected_sender(sites: dict[str, Site]) -> None:
-    blob = seal(PAYLOAD, _header(sender="C"), sites["B"].x_pub, sites["A"].s_priv)
+    blob = seal(PAYLOAD, _header(sender="C"), _for(sites, "B"), sites["A"].s_priv)
     assert _reason(sites, blob) == "unexpected-sender"
 
 
 def test_unknown_frame_version_is_bad_version(sites: dict[str, Site]) -> None:
     blob = _sealed(sites)
-    assert _reason(sites, blob[:4] + b"\x02" + blob[5:]) == "bad-version"
+    assert _reason(sites, blob[:4] + b"\x03" + blob[5:]) == "bad-version"
+    assert _reason(sites, blob[:4] + b"\x01" + blob[5:]) == "bad-version"  # a v1 blob (one copy per recipient)
 
 
 def test_payload_sealed_by_a_newer_weckd_is_bad_version(sites: dict[str, Site]) -> None:
-    header = dataclasses.replace(_header(), version=2)
-    blob = sealmod._seal_frame(PAYLOAD, header, sites["B"].x_pub, sites["A"].s_priv)
+    header = dataclasses.replace(_header(), version=3, recipients=("B",),
+                                 recipient_keys=(sealmod.raw_b64(sites["B"].x_pub),))
+    blob = sealmod._seal_frame(PAYLOAD, header, [sites["B"].x_pub], sites["A"].s_priv)
+    blob = blob[:4] + bytes([sealmod.VERSION]) + blob[5:-64]
+    blob += sites["A"].s_priv.sign(blob)  # a frame this version reads, around a newer header
     assert _reason(sites, blob) == "bad-version"
 
 
@@ -182,9 +191,10 @@ def test_hash_mismatch_is_bad_hash(sites: dict[str, Site]) -> None:
         _header(),
         payload_sha256=hashlib.sha256(b"something else").hexdigest(),
         sender_key=sealmod.raw_b64(sites["A"].s_pub),
-        recipient_key=sealmod.raw_b64(sites["B"].x_pub),
+        recipients=("B",),
+        recipient_keys=(sealmod.raw_b64(sites["B"].x_pub),),
     )
-    blob = sealmod._seal_frame(PAYLOAD, header, sites["B"].x_pub, sites["A"].s_priv)
+    blob = sealmod._seal_frame(PAYLOAD, header, [sites["B"].x_pub], sites["A"].s_priv)
     assert _reason(sites, blob) == "bad-hash"
 
 
@@ -208,35 +218,102 @@ def test_oversized_blob_is_refused_before_parsing(sites: dict[str, Site]) -> Non
 
 def test_sealing_over_the_limit_is_refused(sites: dict[str, Site]) -> None:
     with pytest.raises(PayloadError, match="over the limit"):
-        seal(PAYLOAD, _header(), sites["B"].x_pub, sites["A"].s_priv, max_bytes=len(PAYLOAD))
+        seal(PAYLOAD, _header(), _for(sites, "B"), sites["A"].s_priv, max_bytes=len(PAYLOAD))
 
 
 def test_relay_can_read_the_header_but_not_the_payload(sites: dict[str, Site]) -> None:
     header = read_header(_sealed(sites))
-    assert (header.sender, header.recipient, header.link) == ("A", "B", 1)
+    assert (header.sender, header.recipients, header.link) == ("A", ("B",), 1)
 
 
 def test_coordinator_cannot_open_with_anything_it_holds(sites: dict[str, Site]) -> None:
     """The coordinator holds every site's public keys and its own key pairs: none decrypts a relayed payload."""
-    blob = _sealed(sites)
+    blob = seal(PAYLOAD, _header(), _for(sites, "B", "C"), sites["A"].s_priv)
     coordinator = sites["coordinator"]
     with pytest.raises(SealError) as info:
         open_sealed(blob, coordinator.x_priv, sites["A"].s_pub, _expect())
     assert info.value.reason == "wrong-recipient"
-    # Below the header checks: the AEAD itself refuses every key the coordinator could try.
+    # Below the header checks: no slot unwraps under any key the coordinator could try.
     frame = sealmod._parse(blob, sealmod.DEFAULT_MAX_BYTES)
     eph = x25519.X25519PublicKey.from_public_bytes(frame.ephemeral)
     raw = serialization.Encoding.Raw, serialization.PublicFormat.Raw
     publics = [s.x_pub.public_bytes(*raw) for s in sites.values()]
-    for salt_pub in publics:  # every recipient key it might assume, with its own X25519 secret
-        aead = sealmod._aead_key(coordinator.x_priv.exchange(eph), frame.ephemeral, salt_pub, sealmod.VERSION)
-        with pytest.raises(InvalidTag):
-            aead.decrypt(frame.nonce, frame.ciphertext, frame.header_bytes)
-    for key_material in publics + [frame.ephemeral]:  # public bytes used as if they were the secret
-        aead = sealmod._aead_key(key_material, frame.ephemeral, publics[1], sealmod.VERSION)
-        with pytest.raises(InvalidTag):
-            aead.decrypt(frame.nonce, frame.ciphertext, frame.header_bytes)
+    for slot in frame.slots:
+        for salt_pub in publics:  # every recipient key it might assume, with its own X25519 secret
+            kek = sealmod._wrap_key(coordinator.x_priv.exchange(eph), frame.ephemeral, salt_pub, sealmod.VERSION)
+            with pytest.raises(InvalidTag):
+                kek.decrypt(slot[:12], slot[12:], frame.header_bytes)
+        for key_material in publics + [frame.ephemeral]:  # public bytes used as if they were the secret
+            kek = sealmod._wrap_key(key_material, frame.ephemeral, publics[1], sealmod.VERSION)
+            with pytest.raises(InvalidTag):
+                kek.decrypt(slot[:12], slot[12:], frame.header_bytes)
     assert b"resnet18" in blob and PAYLOAD[:32] not in blob
+
+
+# ------------------------------------------------------------------------ one ciphertext, many recipients
+
+
+def test_every_recipient_opens_the_same_blob(sites: dict[str, Site]) -> None:
+    blob = seal(PAYLOAD, _header(), _for(sites, "B", "C", "coordinator"), sites["A"].s_priv)
+    for name in ("B", "C", "coordinator"):
+        opened = open_sealed(blob, sites[name].x_priv, sites["A"].s_pub, _expect(recipient=name))
+        assert opened.payload == PAYLOAD and opened.header.recipients == ("B", "C", "coordinator")
+
+
+def test_bytes_are_the_payload_once_whatever_the_number_of_recipients(sites: dict[str, Site]) -> None:
+    payload = os.urandom(1 << 20)
+    one = len(seal(payload, _header(), _for(sites, "B"), sites["A"].s_priv))
+    four = len(seal(payload, _header(), _for(sites, "A", "B", "C", "coordinator"), sites["A"].s_priv))
+    assert one < len(payload) + 1024
+    assert four - one < 4 * 1024  # three more key slots (60 B) and their names and keys in the header
+
+
+def test_one_recipient_cannot_unwrap_anothers_slot(sites: dict[str, Site]) -> None:
+    """B holds a valid slot of the blob; C's slot still only opens with C's secret."""
+    blob = seal(PAYLOAD, _header(), _for(sites, "B", "C"), sites["A"].s_priv)
+    frame = sealmod._parse(blob, sealmod.DEFAULT_MAX_BYTES)
+    eph = x25519.X25519PublicKey.from_public_bytes(frame.ephemeral)
+    c_pub = sites["C"].x_pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    kek = sealmod._wrap_key(sites["B"].x_priv.exchange(eph), frame.ephemeral, c_pub, sealmod.VERSION)
+    with pytest.raises(InvalidTag):
+        kek.decrypt(frame.slots[1][:12], frame.slots[1][12:], frame.header_bytes)
+
+
+def test_swapped_key_slots_are_refused(sites: dict[str, Site]) -> None:
+    blob = seal(PAYLOAD, _header(), _for(sites, "B", "C"), sites["A"].s_priv)
+    start = 11 + _header_len(blob) + 32
+    swapped = blob[:start] + blob[start + 60 : start + 120] + blob[start : start + 60] + blob[start + 120 :]
+    assert _reason(sites, swapped) == "tampered"  # the signature covers every slot
+
+
+def test_recipient_named_with_another_key_is_wrong_recipient(sites: dict[str, Site]) -> None:
+    """A blob naming B but wrapped for M's key (a sender with a wrong pin): B refuses before decrypting."""
+    header = dataclasses.replace(
+        _header(),
+        payload_sha256=hashlib.sha256(PAYLOAD).hexdigest(),
+        sender_key=sealmod.raw_b64(sites["A"].s_pub),
+        recipients=("B",),
+        recipient_keys=(sealmod.raw_b64(sites["M"].x_pub),),
+    )
+    blob = sealmod._seal_frame(PAYLOAD, header, [sites["M"].x_pub], sites["A"].s_priv)
+    assert _reason(sites, blob) == "wrong-recipient"
+
+
+@pytest.mark.parametrize("recipients, keys", [((), ()), (("B", "B"), ("k", "k")), (("B",), ("k", "k"))])
+def test_header_without_exactly_one_key_per_distinct_recipient_is_malformed(
+    sites: dict[str, Site], recipients: tuple[str, ...], keys: tuple[str, ...]
+) -> None:
+    header = dataclasses.replace(_header(), recipients=recipients, recipient_keys=keys)
+    blob = sealmod._seal_frame(PAYLOAD, header, [sites["B"].x_pub] * max(len(recipients), 1), sites["A"].s_priv)
+    assert _reason(sites, blob) == "malformed"
+
+
+def test_header_slot_count_mismatch_is_malformed(sites: dict[str, Site]) -> None:
+    header = dataclasses.replace(
+        _header(), recipients=("B", "C"), recipient_keys=(sealmod.raw_b64(sites["B"].x_pub),) * 2
+    )
+    blob = sealmod._seal_frame(PAYLOAD, header, [sites["B"].x_pub], sites["A"].s_priv)  # one slot for two names
+    assert _reason(sites, blob) == "malformed"
 
 
 # ------------------------------------------------------------------------------------------- key files

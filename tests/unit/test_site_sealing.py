@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from flwr.app import RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 from weckd.chain.keys import generate_site_keys
 from weckd.chain.payload import encode_state, payload_bytes, payload_from_bytes
 from weckd.chain.peers import Party, SealingSettings, load_party
@@ -42,14 +42,14 @@ def _weights(link: int) -> bytes:
 
 
 def _message(sender: Party, recipient: str, link: int, run: str = RUN) -> RecordDict:
-    blob = sender.seal_for(recipient, _weights(link), run_id=run, link=link, kind="weights")
-    return RecordDict(Relay(link, sender.name, {f"weights:{recipient}": blob}, True).records("weights", recipient))
+    blob = sender.seal_for([recipient], _weights(link), run_id=run, link=link, kind="weights")
+    return RecordDict(Relay(link, sender.name, {"weights": blob}, True).records("weights", recipient))
 
 
 def _flip(content: RecordDict, at: int) -> RecordDict:
     arr = content.array_records["sealed"]["payload"].numpy().copy()
     arr[at] ^= 0x01
-    return RecordDict(Relay(0, "?", {"weights:x": arr.tobytes()}, True).records("weights", "x"))
+    return RecordDict({"sealed": ArrayRecord({"payload": Array(arr)})})
 
 
 def test_the_pinned_predecessors_payload_opens(parties: dict[str, Party]) -> None:

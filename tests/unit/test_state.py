@@ -35,7 +35,7 @@ def _state(tmp_path: Path) -> tuple[ChainState, Path]:
     state.links.append(LinkRecord(0, "A", "test_resnet", "scratch", {"val-accuracy": 0.7, "epoch-ce": [1.0]},
                                   3.5, 100, 200, {"B": {"accuracy": 0.6, "n": 10, "confusion": [1, 2, 3, 4]}}))
     state.next_slot = 1
-    state.relay = Relay(0, "A", {"weights:B": b"\x01" * 64, "weights:A": b"\x02" * 64}, True)
+    state.relay = Relay(0, "A", {"weights": b"\x01" * 64, "logits": b"\x02" * 64}, True)
     save_state(tmp_path / "state", state)
     return state, tmp_path / "state" / "chain"
 
@@ -85,7 +85,7 @@ def test_checkpoint_of_another_chain_config_is_refused(tmp_path: Path) -> None:
 
 def test_a_new_checkpoint_drops_the_previous_relay_files(tmp_path: Path) -> None:
     state, d = _state(tmp_path)
-    state.relay = Relay(1, "B", {"weights:A": b"\x03" * 8}, True)
+    state.relay = Relay(1, "B", {"weights": b"\x03" * 8}, True)
     save_state(tmp_path / "state", state)
     assert [p.name for p in d.glob("relay-*.bin")] == ["relay-1-0.bin"]
     assert json.loads((d / "state.json").read_text())["body"]["relay"]["link"] == 1

@@ -21,7 +21,7 @@ from flwr.app import ConfigRecord, RecordDict
 from weckd.chain.payload import BYTES_MAGIC, encode_state, payload_bytes
 from weckd.chain.peers import COORDINATOR, Party, SealingSettings, load_party
 from weckd.chain.protocol import KEY_CONFIG, KEY_LINK, MSG_DELIVER, MSG_EVALUATE, MSG_QUERY, MSG_TRAIN, DeliverRequest
-from weckd.server.relay import Relay, blob_key
+from weckd.server.relay import Relay
 from weckd.server.schedule import ChainRun, discover
 from weckd.server.settings import Federation, load_federation
 from weckd.server.state import ChainState
@@ -63,6 +63,14 @@ class _Capture:
         return {}
 
 
+class _AnyRecipient(Relay):
+    """A relay that forwards its blob to whoever it is told, whatever the blob's header names (what an
+    attacker holding the coordinator does)."""
+
+    def blob(self, kind: str, recipient: str) -> bytes:
+        return self.blobs[kind]
+
+
 class Forge:
     """Legitimate messages as weckd's coordinator builds them, and payloads sealed by any party."""
 
@@ -95,13 +103,13 @@ class Forge:
         return self._models[link, dtype]
 
     def sealed(self, sender: str, recipient: str, run_id: str, link: int, payload: bytes | None = None) -> bytes:
-        return self.party(sender).seal_for(recipient, payload if payload is not None else self.model(link),
+        return self.party(sender).seal_for([recipient], payload if payload is not None else self.model(link),
                                            run_id=run_id, link=link, kind="weights")
 
     def relay(self, sender: str, recipient: str, run_id: str, link: int, blob: bytes | None = None) -> Relay:
         """Link ``link``'s output as the coordinator holds it: one blob for ``recipient``."""
         data = blob if blob is not None else self.sealed(sender, recipient, run_id, link)
-        return Relay(link, sender, {blob_key("weights", recipient): data}, True)
+        return _AnyRecipient(link, sender, {"weights": data}, True)
 
     # -- legitimate messages (weckd.server.schedule) --------------------------------------------------
 
