@@ -29,7 +29,7 @@ from .errors import ConfigError
 from .files import atomic_write_text, private_dir, staged_dir
 from .perf import Part, PerfOptions, TargetCheck, machine_line, summary_markdown, trainer_part
 
-PARTS = ("trainer", "federation", "relay", "memory")
+PARTS = ("trainer", "federation", "relay", "memory", "coordinator", "large")
 
 
 def bench_command(argv: Sequence[str]) -> int:
@@ -61,6 +61,8 @@ def bench_command(argv: Sequence[str]) -> int:
     perf.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="trainer: device")
     perf.add_argument("--links", type=int, nargs="+", default=[3, 10, 30], help="memory: chain lengths")
     perf.add_argument("--seeds", type=int, default=3, help="relay: seeds per config and wire dtype")
+    perf.add_argument("--real-data", default="", metavar="NPZ",
+                      help="coordinator: a MedMNIST .npz for real-image links (default: synthetic images)")
     perf.add_argument("--relay-config", action="append", default=[], metavar="CONFIG",
                       help="relay: chain configs to compare float32 and float16 on (default: built-in synthetic)")
     args = parser.parse_args(argv)
@@ -125,7 +127,7 @@ def _perf(args: argparse.Namespace) -> int:
     opts = PerfOptions(out=Path(args.out), reps=args.reps, device=args.device,
                        archs=tuple(args.arch or ("test_resnet", "resnet18")), image_size=args.size,
                        batch_size=args.batch, images=args.images, epochs=args.epochs, links=tuple(args.links),
-                       seeds=args.seeds, relay_configs=tuple(args.relay_config))
+                       seeds=args.seeds, relay_configs=tuple(args.relay_config), real_data=args.real_data)
     private_dir(opts.out)
     for name in parts:
         part: Part = trainer_part if name == "trainer" else registered[name].load()

@@ -3,9 +3,9 @@
 Its parts: ``trainer`` (here: the link trainer against a bare PyTorch loop with the same model, batch
 size, optimizer and thread count, alternating the order over repetitions so neither side profits
 from a warmer machine) and the federation's parts, which live with the coordinator and register
-under the ``weckd.perf`` entry-point group (``federation``, ``relay``, ``memory``). Every part writes
-its table and JSON into the output folder and returns its checks against the targets; the command
-writes them all into ``summary.md``.
+under the ``weckd.perf`` entry-point group (``federation``, ``relay``, ``memory``, ``coordinator``,
+``large``). Every part writes its table and JSON into the output folder and returns its checks against
+the targets; the command writes them all into ``summary.md``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class PerfOptions:
     links: tuple[int, ...] = (3, 10, 30)
     seeds: int = 3
     relay_configs: tuple[str, ...] = ()
+    real_data: str = ""  # coordinator: a MedMNIST .npz for real-image links ("" = synthetic images)
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,8 @@ class LocalFederation:
             self.server = self.group.start("weckd-server", cmd, dict(os.environ))
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        """Wait until weckd-server has registered the sites' keys (a site that connects earlier is refused)."""
+        """Wait until weckd-server has registered the sites' keys (a site that connects earlier is refused, and
+        retries within its key-registration grace)."""
         ready = self.scaffold.root / "state" / "server" / "ready"
         start = time.monotonic()
         while not ready.is_file():
@@ -124,9 +125,9 @@ def _demo(args: argparse.Namespace) -> int:
         raise_on_sigterm()
         try:
             fed.start_server(stream=True)
-            fed.wait_ready()
-            for site in scaffold.sites:
+            for site in scaffold.sites:  # at once: each reads its data while the coordinator starts, then joins
                 fed.start_site(site)
+            fed.wait_ready()
             code = fed.wait_server(args.timeout)
         finally:
             fed.stop()

@@ -105,10 +105,10 @@ def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any]
                 fed.start_site(site)
             _wait_sites_waiting(fed)
         fed.start_server("--wire-log", str(wire), *server_args)
-        fed.wait_ready()
-        if not sites_first:
+        if not sites_first:  # at once, as the demo does: sites read their data while the coordinator starts
             for site in scaffold.sites:
                 fed.start_site(site)
+        fed.wait_ready()
         names = _refused_sites(fed) if refused else {}
         rc = fed.wait_server(RUN_TIMEOUT)
         seconds = time.monotonic() - start

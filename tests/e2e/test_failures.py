@@ -93,9 +93,9 @@ def federation(tmp_path: Path) -> Iterator[Callable[..., LocalFederation]]:
         fed = LocalFederation(scaffold, stop_timeout=10.0)
         started.append(fed)
         fed.start_server()
-        fed.wait_ready()
         for site in scaffold.sites:
             fed.start_site(site)
+        fed.wait_ready()
         return fed
 
     try:
