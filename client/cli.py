@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 SUPERVISE_POLL_S = 0.5
 REJOIN_EVERY_S = 5.0
-JOIN_BACKOFF_S = (1.0, 10.0)  # first and longest wait between SuperNodes while the coordinator is not up
+# first and longest wait between tries while the coordinator is not up: a try is one TLS handshake (or, once
+# the coordinator answers, a SuperNode start), so a site that waits for hours still joins within ~4 s
+JOIN_BACKOFF_S = (1.0, 4.0)
 KEY_GRACE_S = 30.0  # a coordinator that answers but does not admit the site: its key is not registered
 ADMITTED_FILE = "admitted"  # written once the coordinator admitted this site's SuperNode
 SECRET_FILE = "superexec.secret"  # HMAC secret shared by the SuperNode and the executor (see the docstring)

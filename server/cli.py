@@ -33,11 +33,10 @@ from .status import read_events
 from .superlink import (
     Paths,
     hold_lock,
-    register_sites,
+    register_and_submit,
     run_status,
     start_superlink,
     stop_run,
-    submit,
     write_app_dir,
     write_cli_config,
 )
@@ -108,9 +107,7 @@ def _federate(fed: Federation, paths: Paths, out: Path, wire_log: str, metrics: 
     try:
         start_superlink(fed, group, paths)
         write_cli_config(fed, paths)
-        register_sites(fed, paths)
         write_app_dir(paths)
-        atomic_write_text(paths.state / READY_FILE, f"{time.time()}\n")  # sites may connect now (tests, demo)
         return _run(fed, paths, group, out, wire_log, metrics)
     finally:
         group.stop_all()
@@ -172,8 +169,10 @@ def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, 
     (out / RESULTS_FILE).unlink(missing_ok=True)
     effective, digest = write_effective(fed, paths.state)
     log.info("effective config (after --set) in %s, sha256 %s", effective, digest[:16])
-    run_id = submit(paths, {"federation-config": str(effective), "config-dir": fed.base_dir, "output-dir": str(out),
-                            "state-dir": str(paths.state), "progress-file": str(progress), "wire-log": wire_log})
+    run_id = register_and_submit(fed, paths, {
+        "federation-config": str(effective), "config-dir": fed.base_dir, "output-dir": str(out),
+        "state-dir": str(paths.state), "progress-file": str(progress), "wire-log": wire_log})
+    atomic_write_text(paths.state / READY_FILE, f"{time.time()}\n")  # the sites' keys are registered (tests, demo)
     log.info("run %d submitted; waiting for sites %s", run_id, ", ".join(fed.chain.chain.order))
     metrics.set_run(run_id, fed.chain.chain.mode)
     try:

@@ -9,7 +9,6 @@ import logging
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -119,12 +118,52 @@ def flwr(paths: Paths, args: list[str], check: bool = True) -> dict[str, Any]:
     return out
 
 
+def flwr_batch(paths: Paths, commands: list[list[str]]) -> list[dict[str, Any]]:
+    """Several ``flwr`` CLI commands in one process (``weckd.server.flwr_batch``): one import of Flower's CLI
+    instead of one per command. Returns each command's JSON answer, in order."""
+    try:
+        r = subprocess.run([sys.executable, "-m", "weckd.server.flwr_batch"], input=json.dumps(commands),
+                           env=flower_env(paths.cli_home), capture_output=True, text=True,
+                           timeout=CLI_TIMEOUT * len(commands))
+    except subprocess.TimeoutExpired as err:
+        raise WeckdError(f"flwr {commands[0][0]} … did not answer within {CLI_TIMEOUT * len(commands):.0f}s; is the "
+                         "SuperLink up?") from err
+    try:
+        out = json.loads(r.stdout)
+    except json.JSONDecodeError:
+        out = None
+    if r.returncode != 0 or not isinstance(out, list) or len(out) != len(commands):
+        tail = (r.stdout + r.stderr).strip()[-300:]
+        raise WeckdError(f"flwr {commands[0][0]} … failed (exit {r.returncode}): {tail}")
+    return [o if isinstance(o, dict) else {"success": False, "error-message": str(o)[:300]} for o in out]
+
+
+def register_commands(fed: Federation) -> list[list[str]]:
+    return [["supernode", "register", site.auth_key, CONNECTION, "--name", name] for name, site in fed.sites.items()]
+
+
+def run_command(paths: Paths, run_config: dict[str, str]) -> list[str]:
+    rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
+    return ["run", str(paths.app_dir), CONNECTION, "--run-config", rc]
+
+
 def register_sites(fed: Federation, paths: Paths) -> None:
     """Register every site's auth public key under the site's name (already registered: kept)."""
-    with ThreadPoolExecutor(max_workers=4) as pool:  # one flwr CLI process each: ~1.5 s of imports
-        outs = dict(zip(fed.sites, pool.map(lambda item: flwr(paths, ["supernode", "register", item[1].auth_key,
-                                                                       CONNECTION, "--name", item[0]], check=False),
-                                            fed.sites.items())))
+    check_registered(fed, flwr_batch(paths, register_commands(fed)))
+
+
+def register_and_submit(fed: Federation, paths: Paths, run_config: dict[str, str]) -> int:
+    """Register the sites' keys and submit the run in one ``flwr`` process; return the run's id."""
+    *registered, run = flwr_batch(paths, [*register_commands(fed), run_command(paths, run_config)])
+    check_registered(fed, registered)
+    if not run.get("success", False):
+        raise WeckdError(f"flwr run failed: {run.get('error-message', run)}")
+    return int(run["run-id"])
+
+
+def check_registered(fed: Federation, answers: list[dict[str, Any]]) -> None:
+    """Each site's ``supernode register`` answer: registered now, or already (kept); anything else stops."""
+    outs = dict(zip(fed.sites, answers, strict=True))
     for name, site in fed.sites.items():
         out = outs[name]
         if out.get("success"):
@@ -145,9 +184,7 @@ def write_app_dir(paths: Paths) -> None:
 
 def submit(paths: Paths, run_config: dict[str, str]) -> int:
     """Submit the run; return its id."""
-    rc = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
-    out = flwr(paths, ["run", str(paths.app_dir), CONNECTION, "--run-config", rc])
-    return int(out["run-id"])
+    return int(flwr(paths, run_command(paths, run_config))["run-id"])
 
 
 def run_status(paths: Paths, run_id: int) -> tuple[str, str]:
