@@ -112,6 +112,10 @@ def check_internals() -> None:
                 not hasattr(module, "HEARTBEAT_DEFAULT_INTERVAL"):
             raise ConfigError(f"{module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL; "
                               "update weckd.chain.flower")
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+
+    if not callable(getattr(make_simple_http_retry_invoker(), "wait_gen_factory", None)):
+        raise ConfigError("flwr's HTTP retry invoker has no wait_gen_factory any more; update weckd.chain.flower")
     try:
         runtime()
     except (ImportError, AttributeError) as err:
@@ -182,8 +186,19 @@ def runtime_client(address: str, token: str | None, secret: bytes | None = None)
         interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=SUPEREXEC_METHODS))
     return RuntimeHttpClient.from_server_address(
         server_address=address, insecure=True, root_certificates=None,  # loopback ClientAppIo only
-        interceptors=interceptors, retry_invoker=make_simple_http_retry_invoker(),
+        interceptors=interceptors, retry_invoker=loopback_retries(make_simple_http_retry_invoker()),
     )
+
+
+LOOPBACK_RETRY_S = 0.25
+
+
+def loopback_retries(invoker: Any) -> Any:
+    """Flower's retry invoker, retrying every ~0.25 s instead of backing off to ~10 s: the SuperNode's
+    ClientAppIo is on loopback, and it comes up (or back) whenever weckd-client starts its SuperNode; the
+    executor, started first, must not sleep through that."""
+    invoker.wait_gen_factory = lambda: iter(lambda: LOOPBACK_RETRY_S, None)
+    return invoker
 
 
 def acquire_task_request() -> Any:

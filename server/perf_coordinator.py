@@ -59,7 +59,7 @@ class Tick:
     training: str  # the site that reports training now ("" when none)
 
 
-@dataclass
+@dataclass(eq=False)  # a Thread must stay hashable
 class Watch(threading.Thread):
     """Samples the federation's processes (those whose command line names ``root``, and the ServerApp /
     SuperExec the SuperLink starts) and the sites' status files."""
