@@ -168,7 +168,7 @@ class _Frame(NamedTuple):
     ephemeral: bytes
     slots: tuple[bytes, ...]  # per recipient: wrap nonce ‖ wrapped content key (with its tag)
     nonce: bytes
-    ciphertext: bytes
+    ciphertext: memoryview  # a view into the blob: a relay reading headers copies nothing
     signed: memoryview  # every byte before the signature
     signature: bytes
 
@@ -287,9 +287,7 @@ def _parse(blob: bytes, max_bytes: int) -> _Frame:
     pos += _CT_LEN.size
     if ct_len < _TAG or pos + ct_len + _SIG != len(blob):
         raise SealError("malformed", f"sealed payload: lengths do not add up to its {len(blob)} bytes; truncated?")
-    return _Frame(
-        header_bytes, ephemeral, slots, nonce, bytes(view[pos : pos + ct_len]), view[:-_SIG], bytes(view[-_SIG:])
-    )
+    return _Frame(header_bytes, ephemeral, slots, nonce, view[pos : pos + ct_len], view[:-_SIG], bytes(view[-_SIG:]))
 
 
 def read_header(blob: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> SealHeader:

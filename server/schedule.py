@@ -21,6 +21,7 @@ evaluation sent and answered, and the delivery. ``link`` there is the link index
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -71,10 +72,32 @@ class ChainOutcome:
     skipped: list[str] = field(default_factory=list)
 
 
+def _query_all(transport: Transport, fed: Federation) -> dict[str, Reply]:
+    """Every site's answer to ``query``. A site that proves unavailable (a node the SuperLink still listed from
+    before a coordinator restart, whose SuperNode is reconnecting) is asked again once it is back online,
+    within ``discovery_timeout``; any other failure stops discovery."""
+    deadline = time.monotonic() + fed.settings.discovery_timeout
+    replies: dict[str, Reply] = {}
+    pending = list(transport.nodes)
+    while True:
+        ask = {site: RecordDict({KEY_CONFIG: ConfigRecord({"weckd-version": __version__})}) for site in pending}
+        done = transport.exchange_all(MSG_QUERY, ask, "discovery", max(deadline - time.monotonic(), 1.0))
+        replies.update(done.replies)
+        for err in done.failures.values():
+            if not err.transient or time.monotonic() >= deadline:
+                raise err
+        pending = sorted(done.failures)
+        if not pending:
+            return replies
+        log.info("discovery: site(s) %s not reachable yet; asking again once they are online", ", ".join(pending))
+        time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+        back = wait_for_sites(transport.grid, pending, max(deadline - time.monotonic(), 0.0), transport.timing.poll)
+        transport.nodes.update(back)
+
+
 def discover(transport: Transport, fed: Federation) -> dict[str, dict[str, Any]]:
     """Query every connected site; refuse version, class, image-format, proxy or sealing mismatches."""
-    ask = {site: RecordDict({KEY_CONFIG: ConfigRecord({"weckd-version": __version__})}) for site in transport.nodes}
-    replies = transport.exchange(MSG_QUERY, ask, "discovery", fed.settings.discovery_timeout)
+    replies = _query_all(transport, fed)
     infos: dict[str, dict[str, Any]] = {}
     data = fed.chain.data
     for site, rep in replies.items():

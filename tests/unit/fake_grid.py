@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
+from weckd.chain import __version__
 from weckd.chain.flower import payload_records_from_bytes, read_payload
 from weckd.chain.payload import encode_state, payload_bytes
 from weckd.chain.protocol import (
@@ -16,10 +17,13 @@ from weckd.chain.protocol import (
     KEY_INFO,
     KEY_METRICS,
     MSG_DELIVER,
+    MSG_QUERY,
     MSG_TRAIN,
     EvalMetrics,
     LinkInfo,
     LinkMetrics,
+    SiteCounts,
+    SiteInfo,
 )
 from weckd.server.settings import Federation, load_federation
 from weckd.server.transport import Exchange, Reply, SiteFailure, Timing, Transport
@@ -64,9 +68,9 @@ class FakeSites(Transport):
                      ) -> Exchange:
         replies, failures = {}, {}
         for site, content in contents.items():
-            link = int(content.config_records[KEY_CONFIG]["link"])
+            link = int(content.config_records[KEY_CONFIG].get("link", -1))  # -1: a query
             self.calls.append((kind, site, link))
-            failure = self.behaviour(site, link) if kind == MSG_TRAIN else None
+            failure = self.behaviour(site, link) if kind in (MSG_TRAIN, MSG_QUERY) else None
             if failure is not None:
                 failures[site] = failure
                 continue
@@ -78,6 +82,10 @@ class FakeSites(Transport):
 
 
 def _answer(kind: str, site: str, link: int) -> RecordDict:
+    if kind == MSG_QUERY:
+        info = SiteInfo(site, __version__, ("a", "b"), 32, 1, "", "")
+        return RecordDict({KEY_INFO: ConfigRecord(info.to_record()),
+                           KEY_METRICS: MetricRecord(SiteCounts(8, 2, 0, 0).to_record())})
     if kind not in (MSG_TRAIN, MSG_DELIVER):  # a hand-over answers with the link's weights, as its train reply did
         return RecordDict({KEY_METRICS: MetricRecord(EvalMetrics(0.5, 10, (0.6, 0.4), (3, 2, 3, 2)).to_record())})
     weights = payload_bytes(encode_state({"w": torch.full((2,), float(link))}, "test_resnet", link))

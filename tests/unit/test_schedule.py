@@ -205,3 +205,32 @@ def test_the_coordinator_polls_fast_at_first_then_backs_off_while_a_site_works()
     assert timing.wait(10.0) == pytest.approx(0.5)  # a reply waits at most ~5% of the time waited
     assert timing.wait(300.0) == MAX_POLL_S == 1.0  # a long link: one pull a second
     assert Timing(60.0, 600.0, 2.0).wait(300.0) == 2.0  # a slower poll_interval set by the operator is kept
+
+
+def test_discovery_asks_a_site_again_that_proves_unavailable_after_a_coordinator_restart(tmp_path: Path) -> None:
+    """A node the SuperLink still listed from before a restart answers "Node Unavailable": discovery waits for
+    it to come back online and asks again (within discovery_timeout) instead of failing the run."""
+    from weckd.server.schedule import discover
+
+    failed: list[str] = []
+
+    def stale_once(site: str, link: int) -> SiteFailure | None:
+        if link == -1 and site == "B" and not failed:
+            failed.append(site)
+            return _gone(site)
+        return None
+
+    sites = FakeSites(["A", "B", "C"], stale_once)
+    sites.nodes = {s: 100 + ord(s) for s in "ABC"}
+    infos = discover(sites, federation(tmp_path, ["A", "B", "C"], discovery_timeout=30.0))
+    assert sorted(infos) == ["A", "B", "C"] and infos["B"]["counts"]["train"] == 8
+    assert [site for kind, site, _ in sites.calls if kind == "query"] == ["A", "B", "C", "B"]
+
+
+def test_discovery_fails_on_a_site_that_stays_unavailable_past_the_discovery_timeout(tmp_path: Path) -> None:
+    from weckd.server.schedule import discover
+
+    sites = FakeSites(["A", "B"], lambda site, link: _gone(site) if site == "B" and link == -1 else None)
+    sites.nodes = {s: 100 + ord(s) for s in "AB"}
+    with pytest.raises(SiteFailure, match="site B"):
+        discover(sites, federation(tmp_path, ["A", "B"], discovery_timeout=3.0))
