@@ -166,7 +166,8 @@ def _append_many(path: str, who: str) -> None:
 
 def test_concurrent_appends_from_two_processes_keep_the_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
-    ctx = multiprocessing.get_context("spawn")
+    # fork where there is one: two real processes appending at once, without re-importing the test module in each
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
     procs = [ctx.Process(target=_append_many, args=(str(path), who)) for who in ("a", "b")]
     for p in procs:
         p.start()
