@@ -37,6 +37,7 @@ from weckd.chain.perf import PerfOptions, TargetCheck, machine_line
 from .demo import LocalFederation
 from .perf_federation import in_process_seconds
 from .scaffold import chain_settings, make_scaffold
+from .status import read_events
 
 ARCH = "resnet18"
 SIZE = 64
@@ -184,8 +185,7 @@ def one_run(root: Path, chain: dict[str, Any]) -> dict[str, Any]:
         watch.join()
     if rc != 0:
         raise LinkError(f"benchmark federation failed (exit {rc}); logs in {root / 'logs'} and {root / 'state'}")
-    events = [json.loads(line) for p in sorted((root / "state" / "server").glob("progress-*.jsonl"))
-              for line in p.read_text().splitlines() if line.strip()]
+    events = [e for p in sorted((root / "state" / "server").glob("progress-*.jsonl")) for e in read_events(p)]
     first = next(e["t"] for e in events if e.get("event") == "link-start")
     res = fed.results()
     local = in_process_seconds(root / "federation.yaml")
