@@ -292,8 +292,7 @@ def _parse(blob: bytes, max_bytes: int) -> _Frame:
 
 def read_header(blob: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> SealHeader:
     """The header of a sealed payload, UNVERIFIED: for a relay to route and log, never to trust."""
-    header = SealHeader.from_bytes(_parse(blob, max_bytes).header_bytes)
-    return header
+    return SealHeader.from_bytes(_parse(blob, max_bytes).header_bytes)
 
 
 def open_sealed(
