@@ -25,6 +25,7 @@ from .models import pick_device
 from .prepare import Prepared, prepare
 from .privacy import student_arch
 from .runner import ChainRun, link_seed, run_chain
+from .runner import pooled_rows as _pooled_rows
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ METHODS = (
     "link1",
     "site_alone_mean",
     "pooled",
+    "pooled_adamw",
     "cwt",
     "chain_scratch",
     "chain_warm",
@@ -42,9 +44,10 @@ LABELS = {
     "link1": "link 1 (single backbone)",
     "site_alone_mean": "each site alone (mean)",
     "pooled": "pooled (all sites' data)",
+    "pooled_adamw": "pooled, AdamW lr 1e-3 + cosine (reference)",
     "cwt": "cyclic weight transfer (warm, no KD)",
     "chain_scratch": "WeCKD chain, links from scratch",
-    "chain_warm": "WeCKD chain, warm start + KD",
+    "chain_warm": "WeCKD chain, warm start + KD (delivered model)",
     "fedavg": "FedAvg (same site-epochs)",
     "ensemble": "ensemble of the chain's links",
 }
@@ -77,18 +80,37 @@ def run_protocol(cfg: ChainConfig, seeds: list[int], methods: tuple[str, ...] = 
     return out
 
 
+# the plain pooled reference the shipped recipe's pooled baseline is held against (issue: no winning by a
+# weak baseline): AdamW, lr 1e-3, weight decay 0.05, a cosine schedule, the same epochs
+ADAMW_REFERENCE = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "lr_schedule": "link"}
+
+
+def compute(cfg: ChainConfig, method: str) -> int:
+    """The site-epochs a method trains (one epoch over one site's training images is one site-epoch)."""
+    sites, epochs = len(cfg.chain.order), sum(cfg.link_settings(k).epochs for k in range(cfg.n_links))
+    cycles = cfg.chain.cycles
+    first = cfg.link_settings(0).epochs * cycles
+    last = cfg.link_settings(cfg.n_links - 1).epochs * cycles
+    return {"link1": first, "site_alone_mean": first, "pooled": last * sites, "pooled_adamw": last * sites,
+            "fedavg": cfg.link.epochs * cycles * sites}.get(method, epochs)
+
+
 def _one_seed(cfg: ChainConfig, data: Prepared, methods: tuple[str, ...]) -> dict[str, float]:
     scores: dict[str, float] = {}
     warm = run_chain(with_links(cfg, init="predecessor"), data)
-    scores["link1"] = warm.links[0].test.accuracy
     scores["chain_warm"] = warm.final.test.accuracy
-    sites = [r.test.accuracy for r in warm.baselines if r.kind == "site"]
+    sites = {r.site: r.test.accuracy for r in warm.baselines if r.kind == "site"}
     if sites:
-        scores["site_alone_mean"] = statistics.fmean(sites)
+        scores["site_alone_mean"] = statistics.fmean(sites.values())
+    scores["link1"] = sites[cfg.chain.order[0]] if sites else single_backbone(cfg, data)
     pooled = [r.test.accuracy for r in warm.baselines if r.kind == "pooled"]
     if pooled:
         scores["pooled"] = pooled[0]
     no_baselines = dataclasses.replace(cfg.baselines, sites=False, pooled=False)
+    if "pooled_adamw" in methods:
+        ref = dataclasses.replace(with_links(cfg, **ADAMW_REFERENCE),
+                                  baselines=dataclasses.replace(cfg.baselines, sites=False, pooled=True))
+        scores["pooled_adamw"] = _pooled_only(ref, data)
     if "cwt" in methods:
         cwt_cfg = dataclasses.replace(with_links(cfg, init="predecessor", alpha=1.0), baselines=no_baselines)
         scores["cwt"] = run_chain(cwt_cfg, data).final.test.accuracy
@@ -100,6 +122,26 @@ def _one_seed(cfg: ChainConfig, data: Prepared, methods: tuple[str, ...]) -> dic
     if "ensemble" in methods:
         scores["ensemble"] = ensemble_accuracy(warm, data)
     return {k: v for k, v in scores.items() if k in methods}
+
+
+def single_backbone(cfg: ChainConfig, data: Prepared) -> float:
+    """Test accuracy of link 1's site trained alone (its whole schedule, no teacher): the paper's baseline."""
+    device = pick_device(cfg.runtime.device)
+    name = cfg.chain.order[0]
+    settings = cfg.link_settings(0)
+    settings = dataclasses.replace(settings, init="scratch", epochs=settings.epochs * cfg.chain.cycles)
+    result = train_link(settings, data.sites[name], data.spec,
+                        seed=link_seed(cfg.seed, 0), device=device, augment_images=cfg.data.augment,
+                        label=f"baseline site {name} alone")
+    model = model_from_state(result.arch, result.state, data.spec, device)
+    return evaluate(model, data.test, len(data.spec.classes), device).accuracy
+
+
+def _pooled_only(cfg: ChainConfig, data: Prepared) -> float:
+    """The pooled baseline of ``cfg`` alone (no chain)."""
+    device = pick_device(cfg.runtime.device)
+    rows = _pooled_rows(cfg, data, device)
+    return rows[0].test.accuracy
 
 
 def fedavg(cfg: ChainConfig, data: Prepared) -> float:
@@ -166,11 +208,37 @@ def summarise(results: list[SeedScores]) -> dict[str, dict[str, float]]:
     return out
 
 
-def markdown_table(summary: dict[str, dict[str, float]], title: str) -> str:
-    lines = [f"### {title}", "", "| method | test accuracy (mean ± std) | seeds |", "|---|---|---|"]
+PAIRED = ("link1", "cwt", "pooled", "pooled_adamw")
+
+
+def paired(results: list[SeedScores], method: str = "chain_warm") -> dict[str, dict[str, float]]:
+    """Per-seed differences ``method − other`` for the references: mean, std, and the seeds where it is below."""
+    out = {}
+    for other in PAIRED:
+        diffs = [r.test_accuracy[method] - r.test_accuracy[other] for r in results
+                 if method in r.test_accuracy and other in r.test_accuracy]
+        if diffs:
+            out[other] = {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                          "below": sum(d < 0 for d in diffs), "n": len(diffs)}
+    return out
+
+
+def markdown_table(summary: dict[str, dict[str, float]], title: str, compute: dict[str, int] | None = None,
+                   diffs: dict[str, dict[str, float]] | None = None) -> str:
+    """The protocol table: accuracy (mean ± std) and compute (site-epochs) per method, then the paired
+    per-seed differences of the chain against link 1, CWT and pooled."""
+    compute = compute or {}
+    lines = [f"### {title}", "", "| method | test accuracy (mean ± std) | site-epochs | seeds |", "|---|---|---|---|"]
     for method, s in summary.items():
-        lines.append(f"| {LABELS[method]} | {100 * s['mean']:.1f} ± {100 * s['std']:.1f} | {s['n']} |")
-    if "chain_warm" in summary and "pooled" in summary:
+        lines.append(f"| {LABELS[method]} | {100 * s['mean']:.1f} ± {100 * s['std']:.1f} | "
+                     f"{compute.get(method, '')} | {s['n']} |")
+    if diffs:
+        lines += ["", "Paired per-seed differences, chain (delivered model) − reference, in points:", "",
+                  "| reference | mean ± std | seeds below |", "|---|---|---|"]
+        for other, d in diffs.items():
+            lines.append(f"| {LABELS[other]} | {100 * d['mean']:+.1f} ± {100 * d['std']:.1f} | "
+                         f"{d['below']} of {d['n']} |")
+    elif "chain_warm" in summary and "pooled" in summary and "link1" in summary:
         gap = 100 * (summary["chain_warm"]["mean"] - summary["pooled"]["mean"])
         gain = 100 * (summary["chain_warm"]["mean"] - summary["link1"]["mean"])
         lines += ["", f"Chain (warm + KD) vs link 1: {gain:+.1f} points; vs pooled: {gap:+.1f} points."]
@@ -207,25 +275,35 @@ class Variant:
 
 
 def parse_variant(text: str) -> Variant:
-    """``NAME:key=value,key=value`` (an empty override list is the config as it is)."""
+    """``NAME:key=value,key=value`` (an empty override list is the config as it is); the bare word
+    ``pooled`` among the overrides makes it a pooled-only variant (one model on all sites' data)."""
     name, _, rest = text.partition(":")
     overrides = tuple(item.strip() for item in rest.split(",") if item.strip())
-    if not name.strip() or any("=" not in o for o in overrides):
-        raise ConfigError(f"--variant {text!r}: expected NAME:key=value,key=value")
+    if not name.strip() or any("=" not in o and o != POOLED for o in overrides):
+        raise ConfigError(f"--variant {text!r}: expected NAME:key=value,key=value (or the word pooled)")
     return Variant(name.strip(), overrides)
 
 
+POOLED = "pooled"
+
+
 def run_ablation(path: str, base: tuple[str, ...], seeds: list[int], variants: list[Variant]) -> dict[str, Any]:
-    """Last-link test accuracy of every variant per seed, with link 1 and pooled as references."""
+    """Test accuracy of every variant's delivered model per seed, with link 1 (the first site alone, its
+    whole budget) and pooled (the config's own recipe) as references."""
     per_seed: list[dict[str, float]] = []
     for seed in seeds:
         cfg = load_config(path, (*base, f"seed={seed}"))
         data = prepare(cfg.data, cfg.chain.order, seed, cfg.chain.mode == "logits")
-        ref = run_chain(dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, sites=False)), data)
-        scores = {"link1": ref.links[0].test.accuracy,
-                  "pooled": next(r.test.accuracy for r in ref.baselines if r.kind == "pooled")}
+        pooled_cfg = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, sites=False, pooled=True))
+        scores = {"link1": single_backbone(cfg, data), "pooled": _pooled_only(pooled_cfg, data)}
         for v in variants:
-            vcfg = load_config(path, (*base, f"seed={seed}", *v.overrides))
+            overrides = tuple(o for o in v.overrides if o != POOLED)
+            vcfg = load_config(path, (*base, f"seed={seed}", *overrides))
+            if POOLED in v.overrides:
+                vcfg = dataclasses.replace(vcfg, baselines=dataclasses.replace(vcfg.baselines, sites=False,
+                                                                               pooled=True))
+                scores[v.name] = _pooled_only(vcfg, data)
+                continue
             vcfg = dataclasses.replace(vcfg, baselines=dataclasses.replace(vcfg.baselines, sites=False, pooled=False))
             scores[v.name] = run_chain(vcfg, data).final.test.accuracy
         log.info("ablation seed %d: %s", seed, ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
@@ -233,21 +311,27 @@ def run_ablation(path: str, base: tuple[str, ...], seeds: list[int], variants: l
     return {"seeds": seeds, "variants": {v.name: list(v.overrides) for v in variants}, "per_seed": per_seed}
 
 
-def ablation_table(result: dict[str, Any], title: str) -> str:
-    """Mean ± std per variant, its gain over link 1 and its gap to pooled (points)."""
+def ablation_table(result: dict[str, Any], title: str, reference: str = "") -> str:
+    """Mean ± std per variant, and per-seed paired differences (mean ± std, points) against link 1,
+    pooled and, when named, a reference variant."""
+    rows = result["per_seed"]
 
-    def stats(key: str) -> tuple[float, float]:
-        values = [s[key] for s in result["per_seed"]]
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    def stats(values: list[float]) -> str:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}"
 
-    link1, pooled = stats("link1")[0], stats("pooled")[0]
-    lines = [f"### {title}", "", "| variant | overrides | last-link test acc | vs link 1 | vs pooled |",
-             "|---|---|---|---|---|"]
-    for key, label in (("link1", "link 1 (reference)"), ("pooled", "pooled (reference)")):
-        mean, std = stats(key)
-        lines.append(f"| {label} | | {100 * mean:.1f} ± {100 * std:.1f} | | |")
+    def diff(name: str, other: str) -> str:
+        d = [s[name] - s[other] for s in rows]
+        std = statistics.stdev(d) if len(d) > 1 else 0.0
+        return f"{100 * statistics.fmean(d):+.1f} ± {100 * std:.1f} ({sum(x < 0 for x in d)} below)"
+
+    refs = ["link1", "pooled"] + ([reference] if reference else [])
+    head = "| variant | overrides | test acc | " + " | ".join(f"− {r} (paired)" for r in refs) + " |"
+    lines = [f"### {title}", "", head, "|" + "---|" * (3 + len(refs))]
+    for key, label in (("link1", "link 1 (first site alone)"), ("pooled", "pooled (reference)")):
+        lines.append(f"| {label} | | {stats([s[key] for s in rows])} |" + " |" * len(refs))
     for name, overrides in result["variants"].items():
-        mean, std = stats(name)
-        lines.append(f"| {name} | {', '.join(overrides) or '(config as is)'} | {100 * mean:.1f} ± {100 * std:.1f} "
-                     f"| {100 * (mean - link1):+.1f} | {100 * (mean - pooled):+.1f} |")
+        cells = [diff(name, r) if r != name else "" for r in refs]
+        lines.append(f"| {name} | {', '.join(overrides) or '(config as is)'} | {stats([s[name] for s in rows])} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

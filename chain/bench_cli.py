@@ -16,7 +16,9 @@ from .artifacts import write_json
 from .bench import (
     METHODS,
     ablation_table,
+    compute,
     markdown_table,
+    paired,
     parse_variant,
     plot_summary,
     run_ablation,
@@ -49,6 +51,8 @@ def bench_command(argv: Sequence[str]) -> int:
     abl.add_argument("--variant", action="append", required=True, metavar="NAME:KEY=VALUE,…",
                      help="a named set of overrides, e.g. 'alpha0.8:link.alpha=0.8' (repeatable)")
     abl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every variant")
+    abl.add_argument("--reference", default="", metavar="NAME",
+                     help="a variant every other one is compared with seed by seed (e.g. cwt)")
     perf = sub.add_parser("perf", help="performance ratios: trainer, federation overhead, relay bytes, memory")
     perf.add_argument("-o", "--out", required=True, help="output folder (one table and JSON per part, summary.md)")
     perf.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
@@ -82,26 +86,32 @@ def _protocol(args: argparse.Namespace) -> int:
     torch.set_num_threads(cfg.runtime.threads)
     results = run_protocol(cfg, list(range(args.seeds)), methods)
     summary = summarise(results)
+    diffs = paired(results)
+    cost = {m: compute(cfg, m) for m in summary}
     title = f"{Path(args.config).stem}: {len(cfg.chain.order)} sites, {args.seeds} seeds"
+    table = markdown_table(summary, title, cost, diffs)
     with staged_dir(Path(args.out)) as stage:
         write_json(stage / "results.json", {
             "config": args.config, "overrides": args.set, "machine": machine_line(), "summary": summary,
+            "site_epochs": cost, "paired": diffs,
             "per_seed": [{"seed": r.seed, "test_accuracy": r.test_accuracy} for r in results],
         })
-        atomic_write_text(stage / "table.md", markdown_table(summary, title))
+        atomic_write_text(stage / "table.md", table)
         plot_summary(summary, stage / "plot.png", title)
-    print(markdown_table(summary, title))
+    print(table)
     return 0
 
 
 def _ablation(args: argparse.Namespace) -> int:
     variants = [parse_variant(v) for v in args.variant]
+    if args.reference and args.reference not in {v.name for v in variants}:
+        raise ConfigError(f"--reference {args.reference!r}: not one of the --variant names")
     cfg = load_config(args.config, args.set)
     check_archs(cfg)
     torch.set_num_threads(cfg.runtime.threads or 2)
     result = run_ablation(args.config, tuple(args.set), list(range(args.seeds)), variants)
     title = f"{Path(args.config).stem}: ablation, {args.seeds} seeds"
-    table = ablation_table(result, title)
+    table = ablation_table(result, title, args.reference)
     with staged_dir(Path(args.out)) as stage:
         write_json(stage / "results.json", {"config": args.config, "overrides": args.set, "machine": machine_line(),
                                             **result})

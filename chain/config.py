@@ -51,7 +51,17 @@ class LinkSettings:
     alpha: float = field(default=0.9, metadata=_m(min=0.0, max=1.0))
     init: str = field(default="predecessor", metadata=_m(choices=("scratch", "predecessor")))
     distill: str = field(default="kl", metadata=_m(choices=("kl", "mse")))
+    # "link": a cosine learning-rate schedule from ``lr`` to 0 within every link (a warm restart at each
+    # link); "chain": one cosine over the whole chain, of which each link trains its own slice (link k
+    # of N covers [k/N, (k+1)/N]), so later links take smaller steps and keep what earlier sites taught
+    lr_schedule: str = field(default="chain", metadata=_m(choices=("link", "chain")))
+    # score the incoming teacher on this site's validation split first, and hand it on unchanged when the
+    # newly trained student is clearly worse there (chain.link.clearly_worse; weights mode, same architecture)
+    do_no_harm: bool = True
     weights: str | None = field(default=None, metadata=_m(path=True))
+    # the starting weights named by the SHA-256 of their file (what travels in a federation: each site maps
+    # it to a local file in its own config, ``pretrained:``); in-process, link.weights must be that file
+    pretrained: str | None = None
     # DP-SGD for this link (chain.privacy); absent or null: ordinary training
     privacy: PrivacySettings | None = None
 
@@ -68,6 +78,10 @@ class ChainSettings:
     # stays float32); the in-process chain rounds its teacher the same way. float16 by default: half
     # the bytes, accuracy unchanged within seed noise (docs/benchmarks/perf/relay.md)
     wire_dtype: str = field(default="float16", metadata=_m(choices=("float32", "float16")))
+    # which link is the chain's model: "last"; "best" on the validation splits of all sites together
+    # (chain.delivery); "auto": best where every site scores every link (weights mode and, in a
+    # federation, evaluate: all), else last
+    deliver: str = field(default="auto", metadata=_m(choices=("auto", "best", "last")))
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,9 @@ class DataSettings:
     image_size: int = field(default=32, metadata=_m(min=8, max=4096))
     channels: int = field(default=1, metadata=_m(choices=(1, 3)))
     val_fraction: float = field(default=0.2, metadata=_m(gt=0.0, lt=0.9))
+    # the fraction of each site's training images that keeps its label (stratified, deterministic);
+    # the rest are used without labels, for distillation from the teacher
+    labelled_fraction: float = field(default=1.0, metadata=_m(gt=0.0, max=1.0))
     augment: bool = True
     dataset: str | None = field(default=None, metadata=_m(path=True))
     test: str | None = field(default=None, metadata=_m(path=True))
@@ -280,6 +297,12 @@ def _check_consistency(cfg: ChainConfig, origin: Origin, data_paths: bool = True
     if cfg.chain.mode == "logits" and data.proxy is None and data_paths:
         raise ConfigError(f"{src}: data.proxy: logits mode needs a proxy set of unlabelled images")
     _check_privacy(cfg, src)
+    _check_delivery(cfg, src)
+    if data_paths:  # the coordinator's config names no local files (server.settings refuses link.weights)
+        _check_weights(cfg, src)
+    else:
+        for k in range(cfg.n_links):
+            check_pretrained(cfg.link_settings(k).pretrained, f"{src}: link")
 
 
 def _check_data_paths(cfg: ChainConfig, src: str) -> None:
@@ -297,6 +320,38 @@ def _check_data_paths(cfg: ChainConfig, src: str) -> None:
             raise ConfigError(f"{src}: data.sites: no data path for site(s) {', '.join(missing)}")
         if data.test is None:
             raise ConfigError(f"{src}: data.test: a held-out test set is required with data.sites")
+
+
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def check_pretrained(value: str | None, where: str) -> None:
+    """``link.pretrained`` is the lower-case hex SHA-256 of a weights file."""
+    if value is not None and not SHA256_HEX.fullmatch(value):
+        raise ConfigError(f"{where}: pretrained: {shown(value, 80)} is not a SHA-256 (64 lower-case hex digits); "
+                          "sha256sum prints it")
+
+
+def _check_weights(cfg: ChainConfig, src: str) -> None:
+    """In-process, a named SHA-256 must be that of link.weights (the file it trains from)."""
+    from .files import file_sha256
+
+    for k in range(cfg.n_links):
+        settings = cfg.link_settings(k)
+        where = f"{src}: links[{k}]" if k < len(cfg.links) else f"{src}: link"
+        check_pretrained(settings.pretrained, where)
+        if settings.pretrained is None or not settings.weights:
+            continue
+        actual = file_sha256(Path(settings.weights), where)
+        if actual != settings.pretrained:
+            raise ConfigError(f"{where}.weights: {settings.weights} has SHA-256 {actual}, not link.pretrained "
+                              f"{settings.pretrained}")
+
+
+def _check_delivery(cfg: ChainConfig, src: str) -> None:
+    if cfg.chain.deliver == "best" and cfg.chain.mode != "weights":
+        raise ConfigError(f"{src}: chain.deliver: best needs chain.mode: weights (every site scores every link's "
+                          "model); use chain.deliver: last in logits mode")
 
 
 def _check_privacy(cfg: ChainConfig, src: str) -> None:

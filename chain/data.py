@@ -265,15 +265,35 @@ def split_parts(labels: torch.Tensor, k: int, seed: int) -> list[np.ndarray]:
 
 
 def make_site(
-    name: str, data: ImageSet, val_fraction: float, seed: int, unlabelled: ImageSet | None = None
+    name: str,
+    data: ImageSet,
+    val_fraction: float,
+    seed: int,
+    unlabelled: ImageSet | None = None,
+    labelled_fraction: float = 1.0,
 ) -> SiteData:
-    """A site from its labelled data: a deterministic stratified train/validation split."""
+    """A site from its labelled data: a deterministic stratified train/validation split.
+
+    With ``labelled_fraction`` below 1, only that fraction of the training split (stratified, at least
+    one image a class) keeps its label; the other training images join the site's unlabelled images.
+    """
     if len(data) == 0:
         raise SiteDataError(f"site {name}: no labelled images; a site needs local training data")
     train_idx, val_idx = stratified_split(data.labels, val_fraction, seed)
     if len(train_idx) == 0:
         raise SiteDataError(f"site {name}: too few images ({len(data)}) to hold out a validation split")
-    return SiteData(name, data.subset(train_idx), data.subset(val_idx), unlabelled)
+    train = data.subset(train_idx)
+    if labelled_fraction < 1.0:
+        train, dropped = _drop_labels(train, labelled_fraction, seed + 11)
+        unlabelled = dropped if unlabelled is None else concat([unlabelled, dropped])
+    return SiteData(name, train, data.subset(val_idx), unlabelled)
+
+
+def _drop_labels(train: ImageSet, labelled_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+    """(the images that keep their label, the rest without labels)."""
+    unlabelled_idx, labelled_idx = stratified_split(train.labels, labelled_fraction, seed)
+    rest = train.subset(unlabelled_idx)
+    return train.subset(labelled_idx), ImageSet(rest.images, torch.full_like(rest.labels, -1))
 
 
 # ---------------------------------------------------------------- tensors

@@ -14,6 +14,8 @@ before they become part of a path, and :func:`inside` joins and refuses anything
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import re
 import secrets
@@ -171,3 +173,21 @@ def staged_dir(target: Path) -> Iterator[Path]:
     os.replace(stage, target)
     fsync_dir(parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sha256(path: Path, where: str) -> str:
+    """The SHA-256 of a file (hashed again whenever its size or modification time changes)."""
+    try:
+        info = os.stat(path)
+        return _sha256_of(str(path), info.st_size, info.st_mtime_ns)
+    except OSError as err:
+        raise ConfigError(f"{where}: {path}: cannot read the file ({err.strerror})") from None

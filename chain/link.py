@@ -9,7 +9,9 @@ the student starts from the predecessor's weights. With ``privacy`` set, the lin
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -69,6 +71,8 @@ class LinkResult:
     images_per_s: float
     proxy_logits: torch.Tensor | None = field(default=None, repr=False)
     privacy: PrivacySpent | None = None  # ε spent at δ when the link trained with DP-SGD
+    teacher_val: Evaluation | None = None  # the incoming teacher on this site's validation split (do_no_harm)
+    kept: str = "student"  # "teacher" when do_no_harm handed the teacher on unchanged
 
 
 EpochHook = Callable[[EpochStats], None]
@@ -87,10 +91,13 @@ def train_link(
     label: str = "link",
     on_epoch: EpochHook | None = None,
     initial_state: dict[str, torch.Tensor] | None = None,
+    position: tuple[int, int] = (0, 1),
 ) -> LinkResult:
     """Train one student on ``site`` (plus distillation from ``teacher``) and evaluate it.
 
     ``initial_state`` starts the student from given weights without a teacher (FedAvg rounds).
+    ``position`` is (link index, number of links): with ``lr_schedule: chain`` it picks this link's
+    slice of the chain-wide learning-rate schedule.
     """
     torch.manual_seed(seed)
     arch = student_arch(settings)
@@ -103,6 +110,7 @@ def train_link(
     if teacher is not None and teacher.proxy_logits is not None and proxy is None:
         raise LinkError(f"{label}: logits mode needs the proxy set at this site")
     _check_private_inputs(settings, site, teacher, label)
+    scored = _score_teacher(settings, site, spec, teacher, device)
     loop = _Loop(
         settings,
         site,
@@ -114,14 +122,71 @@ def train_link(
         augment_images,
         torch.Generator().manual_seed(seed),
         label,
+        lr_window(settings, *position),
     )
     history = loop.run(on_epoch)
     spent = _close_private(loop.private, label)
-    val = evaluate(student, site.val, len(spec.classes), device)
+    student_pred = predict_logits(student, site.val.images, device).argmax(1) if len(site.val) else None
+    val = score(student_pred, site.val.labels, len(spec.classes)) if student_pred is not None else evaluate(
+        student, site.val, len(spec.classes), device)
     own_proxy = predict_logits(student, proxy.images, device) if proxy is not None else None
     samples = {"train": len(site.train), "val": len(site.val), "unlabelled": len(loop.extra) if loop.extra else 0}
     rate = loop.seen / loop.seconds if loop.seconds > 0 else 0.0
-    return LinkResult(arch, state_of(student), val, history, samples, init, loop.seconds, rate, own_proxy, spent)
+    result = LinkResult(arch, state_of(student), val, history, samples, init, loop.seconds, rate, own_proxy, spent)
+    if scored is None or teacher is None or teacher.state is None or student_pred is None:
+        return result
+    teacher_val, teacher_pred = scored
+    if not clearly_worse(student_pred, teacher_pred, site.val.labels):
+        return dataclasses.replace(result, teacher_val=teacher_val)
+    log.info(
+        "%s: do_no_harm: the student scores %.3f on this site's validation split, the teacher %.3f (clearly "
+        "better on the same images): handing the teacher on unchanged",
+        label,
+        val.accuracy,
+        teacher_val.accuracy,
+    )
+    state = {k: v.float() if v.is_floating_point() else v.clone() for k, v in teacher.state.items()}
+    return dataclasses.replace(result, state=state, val=teacher_val, teacher_val=teacher_val, kept="teacher")
+
+
+def lr_window(settings: LinkSettings, index: int, n_links: int) -> tuple[float, float]:
+    """The slice of the cosine schedule that link ``index`` of ``n_links`` trains: all of it with
+    ``lr_schedule: link``, its k-th N-th with ``lr_schedule: chain``."""
+    if settings.lr_schedule != "chain" or n_links <= 1:
+        return (0.0, 1.0)
+    if not 0 <= index < n_links:
+        raise LinkError(f"link index {index} is outside the chain of {n_links} links")
+    return (index / n_links, (index + 1) / n_links)
+
+
+DO_NO_HARM_Z = 2.0
+
+
+def clearly_worse(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether the student is clearly worse than the teacher on the same images (McNemar): of the images
+    exactly one of them gets right, the teacher's lead ``b − c`` exceeds ``DO_NO_HARM_Z·√(b + c)``. A site's
+    validation split holds tens of images, so a lead of one or two is noise; the guard is for a link that
+    truly set the chain back (a diverged or collapsed student)."""
+    s_ok, t_ok = student == labels, teacher == labels
+    b, c = int((t_ok & ~s_ok).sum()), int((s_ok & ~t_ok).sum())
+    return b - c > DO_NO_HARM_Z * math.sqrt(b + c)
+
+
+def _score_teacher(
+    settings: LinkSettings, site: SiteData, spec: ImageSpec, teacher: Teacher | None, device: torch.device
+) -> tuple[Evaluation, torch.Tensor] | None:
+    """With ``do_no_harm``: the teacher on this site's validation split before training (its metrics and
+    its predictions)."""
+    if not settings.do_no_harm or teacher is None or teacher.state is None or len(site.val) == 0:
+        return None
+    if teacher.arch != student_arch(settings):
+        log.warning("do_no_harm: the teacher is a %s, this link a %s: the student is handed on", teacher.arch,
+                    student_arch(settings))
+        return None
+    model = create_model(teacher.arch, len(spec.classes), spec.channels)
+    load_state(model, teacher.state, "teacher")
+    pred = predict_logits(model.to(device), site.val.images, device).argmax(1)
+    return score(pred, site.val.labels, len(spec.classes)), pred
 
 
 def _check_private_inputs(settings: LinkSettings, site: SiteData, teacher: Teacher | None, label: str) -> None:
@@ -177,6 +242,7 @@ class _Loop:
         augment_images: bool,
         gen: torch.Generator,
         label: str,
+        window: tuple[float, float] = (0.0, 1.0),
     ) -> None:
         self.s, self.site, self.student, self.teacher_model = settings, site, student, teacher_model
         self.device, self.augment, self.gen, self.label = device, augment_images, gen, label
@@ -191,7 +257,7 @@ class _Loop:
             self.model, self.optimizer = self.private.model, self.private.optimizer
             total = min(self.private.steps_per_epoch * settings.epochs, self.private.budget)
         # on the plain optimizer: with DP-SGD it takes its step after the noise is added
-        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total, 1))
+        self.schedule = _cosine(optimizer, max(total, 1), window)
         self.bar = Progress(total, label)
         use_extra = teacher_model is not None and site.unlabelled is not None and settings.privacy is None
         self.extra = site.unlabelled if use_extra else None
@@ -276,6 +342,20 @@ class _Loop:
             p_kd = kd_term(p_student, self.proxy_logits[pidx].to(self.device), s.temperature, s.distill)
             return s.alpha * parts.ce + (1.0 - s.alpha) * p_kd, parts.ce, p_kd
         return parts.total, parts.ce, parts.kd
+
+
+def _cosine(
+    optimizer: torch.optim.Optimizer, steps: int, window: tuple[float, float]
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """Cosine from ``lr`` to 0 over ``steps`` (window (0, 1)), or over the slice ``window`` of a longer one."""
+    if window == (0.0, 1.0):
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+    start, end = window
+
+    def factor(step: int) -> float:
+        return 0.5 * (1.0 + math.cos(math.pi * (start + (end - start) * min(step, steps) / steps)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _warm_start(

@@ -52,8 +52,8 @@ def prepare(data: DataSettings, order: Sequence[str], seed: int, need_proxy: boo
         labelled = {name: read_labelled(data.sites[name], spec) for name in order}
         assert data.test is not None  # checked by the config loader
         test = read_labelled(data.test, spec, split="test")
-    sites = {name: make_site(name, labelled[name], data.val_fraction, seed, site_unlabelled(data, name, spec))
-             for name in order}
+    sites = {name: make_site(name, labelled[name], data.val_fraction, seed, site_unlabelled(data, name, spec),
+                             data.labelled_fraction) for name in order}
     proxy = load_proxy(data, spec) if need_proxy else None
     return Prepared(spec, sites, test, proxy)
 
@@ -83,7 +83,7 @@ def site_fraction(data: DataSettings, order: Sequence[str], site: str, seed: int
     pool, _ = pool_and_test(data, spec, seed)
     parts = split_parts(pool.labels, len(order), seed)
     part = pool.subset(parts[list(order).index(site)])
-    return make_site(site, part, data.val_fraction, seed, site_unlabelled(data, site, spec))
+    return make_site(site, part, data.val_fraction, seed, site_unlabelled(data, site, spec), data.labelled_fraction)
 
 
 def load_proxy(data: DataSettings, spec: ImageSpec) -> ImageSet:

@@ -67,6 +67,8 @@ class Reason(str, Enum):
     EPSILON_OVER_LIMIT = "epsilon-over-limit"
     EPSILON_BUDGET = "epsilon-budget-exhausted"
     WEIGHTS_FROM_WIRE = "weights-from-wire"  # link.weights names a local file: only the site's config may
+    PRETRAINED_UNKNOWN = "pretrained-unknown"  # link.pretrained names weights this site does not hold
+    PRETRAINED_MISMATCH = "pretrained-mismatch"  # the site's file for link.pretrained has another SHA-256
     # payloads (seal reasons keep their own names)
     MALFORMED_PAYLOAD = "malformed-payload"
     TOO_LARGE = "too-large"
@@ -107,6 +109,8 @@ TEXT: dict[Reason, str] = {
     Reason.EPSILON_OVER_LIMIT: "the link's epsilon exceeds the site's per-link limit",
     Reason.EPSILON_BUDGET: "the link would exceed the site's cumulative epsilon budget",
     Reason.WEIGHTS_FROM_WIRE: "link.weights names a local file; only the site's own config may",
+    Reason.PRETRAINED_UNKNOWN: "link.pretrained names starting weights this site does not hold",
+    Reason.PRETRAINED_MISMATCH: "this site's file for link.pretrained has another SHA-256",
     Reason.MALFORMED_PAYLOAD: "the payload is malformed or does not fit the model",
     Reason.TOO_LARGE: "the payload is over the site's size limit",
     Reason.MALFORMED: "the sealed payload is malformed",
@@ -219,7 +223,7 @@ class TrainRequest:
     mode: str
     wire_dtype: str
     augment: bool
-    deliver: bool  # the last link: its model is also delivered
+    deliver: bool  # only ever the last link: its model is also delivered (chain.deliver: last)
     seal_for: tuple[tuple[str, str], ...]  # (kind, recipient) of every blob to seal
 
     @property
@@ -243,7 +247,7 @@ class TrainRequest:
         if v["mode"] not in ("weights", "logits") or v["wire-dtype"] not in ("float32", "float16"):
             raise Refused(Reason.BAD_REQUEST, f"{where}: mode {v['mode'][:20]!r} / wire dtype "
                           f"{v['wire-dtype'][:20]!r} unknown")
-        if v["deliver"] != (v["link"] == len(schedule) - 1):
+        if v["deliver"] and v["link"] != len(schedule) - 1:
             raise Refused(Reason.BAD_REQUEST, f"{where}: only the last link of the schedule delivers its model")
         return cls(v["run-id"], v["link"], schedule, v["seed"], v["mode"], v["wire-dtype"], v["augment"],
                    v["deliver"], seal_for)
@@ -313,11 +317,12 @@ _RUN_KEYS_DELIVER = {"link": int, "run-id": str, "schedule": list, "seal-for": s
 @dataclass(frozen=True)
 class DeliverRequest:
     """The ``config`` record of a ``query.deliver`` message: link ``link``'s model, which this site trained
-    in this run, is the chain's final model (every link after it was skipped); seal it for the recipients."""
+    in this run, is the chain's final model (the best link under ``chain.deliver: best``, or the last one
+    that completed when the links after it were skipped); seal it for the recipients."""
 
     run_id: str
     link: int
-    schedule: tuple[str, ...]  # the run's schedule now: ``link`` is its last link
+    schedule: tuple[str, ...]  # the run's schedule now, every link of it done
     seal_for: tuple[tuple[str, str], ...]  # ("weights", recipient) for each recipient (empty when unsealed)
 
     def to_config(self) -> dict[str, Any]:
@@ -328,8 +333,8 @@ class DeliverRequest:
     def from_config(cls, values: Mapping[str, Any], where: str) -> DeliverRequest:
         v = _typed(values, _RUN_KEYS_DELIVER, where)
         schedule = _names(v["schedule"], "schedule", where)
-        if v["link"] != len(schedule) - 1 or not schedule:
-            raise Refused(Reason.BAD_REQUEST, f"{where}: only the last link of the schedule is delivered")
+        if not 0 <= v["link"] < len(schedule):
+            raise Refused(Reason.BAD_REQUEST, f"{where}: link {v['link']} is not a link of the schedule")
         seal_for = _seal_for(v["seal-for"], where)
         if any(kind != "weights" for kind, _ in seal_for):
             raise Refused(Reason.BAD_REQUEST, f"{where}: a delivered model is sealed as weights only")
@@ -448,6 +453,9 @@ _LINK_LISTS = {"val-recall": float, "val-confusion": int, "epoch-loss": float, "
                "epoch-kd": float, "epoch-seconds": float}
 
 
+_DO_NO_HARM = ("teacher-val-accuracy", "teacher-kept")
+
+
 @dataclass(frozen=True)
 class LinkMetrics:
     """The ``metrics`` record of a ``train`` reply: aggregates only (accuracy, recall, confusion counts,
@@ -465,6 +473,9 @@ class LinkMetrics:
     images_per_s: float
     samples: Mapping[str, int]  # images by use (train, unlabelled, …)
     privacy: Mapping[str, float] | None = None  # epsilon, delta, … of the link's DP-SGD
+    # do_no_harm: the incoming teacher on this site's validation split, and whether it was handed on unchanged
+    teacher_val_accuracy: float | None = None
+    teacher_kept: bool | None = None
 
     def to_record(self) -> dict[str, Any]:
         out: dict[str, Any] = {"val-accuracy": self.val_accuracy, "val-n": self.val_n,
@@ -474,12 +485,22 @@ class LinkMetrics:
                                "seconds": self.seconds, "images-per-s": self.images_per_s}
         out.update({f"samples-{k}": int(v) for k, v in self.samples.items()})
         out.update({f"privacy-{k}": float(v) for k, v in (self.privacy or {}).items()})
+        if self.teacher_val_accuracy is not None:
+            out["teacher-val-accuracy"] = self.teacher_val_accuracy
+            out["teacher-kept"] = int(bool(self.teacher_kept))
         return out
 
     @classmethod
     def from_record(cls, values: Mapping[str, Any], where: str) -> LinkMetrics:
-        _only(values, {"val-accuracy", "val-n", "seconds", "images-per-s", *_LINK_LISTS}, ("samples-", "privacy-"),
-              where)
+        _only(values, {"val-accuracy", "val-n", "seconds", "images-per-s", *_LINK_LISTS, *_DO_NO_HARM},
+              ("samples-", "privacy-"), where)
+        harm = [k for k in _DO_NO_HARM if k in values]
+        if harm and len(harm) != len(_DO_NO_HARM):
+            raise ReplyError(f"{where}: reply has {harm[0]!r} without "
+                             f"{next(k for k in _DO_NO_HARM if k not in values)!r}")
+        kept = _reply_value(values, "teacher-kept", int, where) if harm else None
+        if kept not in (None, 0, 1):
+            raise ReplyError(f"{where}: reply field 'teacher-kept' must be 0 or 1, got {kept}")
         lists = {k: _numbers(_reply_value(values, k, list, where), k, t, where) for k, t in _LINK_LISTS.items()}
         samples = {k[len("samples-"):]: _reply_value(values, k, int, where) for k in values if k.startswith("samples-")}
         privacy = {k[len("privacy-"):]: _reply_value(values, k, float, where)
@@ -487,7 +508,9 @@ class LinkMetrics:
         return cls(_reply_value(values, "val-accuracy", float, where), _reply_value(values, "val-n", int, where),
                    lists["val-recall"], lists["val-confusion"], lists["epoch-loss"], lists["epoch-ce"],
                    lists["epoch-kd"], lists["epoch-seconds"], _reply_value(values, "seconds", float, where),
-                   _reply_value(values, "images-per-s", float, where), samples, privacy or None)
+                   _reply_value(values, "images-per-s", float, where), samples, privacy or None,
+                   _reply_value(values, "teacher-val-accuracy", float, where) if harm else None,
+                   bool(kept) if harm else None)
 
 
 @dataclass(frozen=True)

@@ -228,6 +228,12 @@ def summary_lines(run: RunResults) -> list[str]:
         lines.append(f"Last link vs pooled: {100 * (last - pooled):+.1f} points test accuracy")
     else:
         lines.append("Last link vs pooled: no pooled baseline in this run")
+    delivered = run.results.get("delivered")
+    if isinstance(delivered, dict) and isinstance(delivered.get("link"), int):
+        k = delivered["link"]
+        scores = delivered.get("pooled_val_accuracy") or []
+        score = f" ({100 * scores[k - 1]:.1f}% over all sites' validation splits)" if len(scores) >= k else ""
+        lines.append(f"Delivered model: link {k}{score}; rule: {delivered.get('rule', '')}")
     return lines
 
 

@@ -7,6 +7,7 @@ module derived from the schedule, never against a sender the message names for i
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -17,7 +18,7 @@ from weckd.chain.protocol import DeliverRequest, EvaluateRequest, Reason, Refuse
 
 from .policy import check_arch, check_delivery, check_evaluate, check_recipients, check_schedule, check_train
 from .runstate import RunRecord, RunState
-from .site import LocalData, SiteConfig
+from .site import LocalData, SiteConfig, pretrained_file
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ def admit_train(cfg: SiteConfig, data: LocalData, party: Party | None, runs: Run
     if req.schedule[req.link] != cfg.site:
         raise Refused(Reason.BAD_REQUEST, f"{where}: the schedule gives this link to {req.schedule[req.link]!r}")
     settings = link_settings(link_config, where)
+    if settings.pretrained is not None:  # named by SHA-256: this site's own file, checked against it
+        settings = dataclasses.replace(settings, weights=pretrained_file(cfg, settings.pretrained, where))
     check_schedule(cfg.policy, cfg.site, req.schedule, pinned_sites(party), where)
     check_train(cfg.policy, req, settings, len(data.site.train), where)
     check_recipients(cfg.policy, req, cfg.site, where)
@@ -68,6 +71,8 @@ def admit_train(cfg: SiteConfig, data: LocalData, party: Party | None, runs: Run
         raise Refused(Reason.BAD_REQUEST, f"{where}: the first link of a run has no teacher")
     epsilon = settings.privacy.epsilon if settings.privacy is not None else None
     record = runs.admit_train(req.run_id, req.link, req.schedule, epsilon, where)
+    if req.deliver:
+        runs.check_one_delivery(record, req.link, where)
     sender = req.schedule[req.link - 1] if req.link > 0 else ""
     return AdmittedTrain(req, settings, dict(link_config), sender, record)
 
@@ -84,8 +89,9 @@ def admit_evaluate(cfg: SiteConfig, party: Party | None, runs: RunState, config:
 
 def admit_deliver(cfg: SiteConfig, party: Party | None, runs: RunState, config: Mapping[str, Any]
                   ) -> DeliverRequest:
-    """A hand-over of this site's link as the final model: the schedule's last link must be this site's, the
-    recipients allowed by its policy, and the link one it trained in its current run."""
+    """A hand-over of this site's link as the final model: the schedule gives that link to this site, the
+    recipients are allowed by its policy, the link is one it trained in its current run, the schedule is
+    done, and no other link of the run was delivered."""
     where = f"site {cfg.site} deliver"
     req = DeliverRequest.from_config(config, where)
     where = f"site {cfg.site} deliver link {req.link + 1} of run {req.run_id[:64]!r}"

@@ -222,6 +222,8 @@ def _train(site: Site, msg: Message, status: SiteStatus, audit: AuditLog) -> Mes
     if teacher is not None:
         check_model_arch(cfg, teacher.arch, where)
     runs.commit(req.run_id, ok.record, link, req.schedule, trained=True)
+    if req.deliver:
+        runs.delivered(req.run_id, ok.record, link)
     teacher_sha = hashlib.sha256(received.raw).hexdigest() if received is not None else ""
     audit.append("train", run=req.run_id, link=link, decision="accepted", sender=ok.sender,
                  payload_sha256=teacher_sha, signer=ok.sender if party is not None and received is not None else "",
@@ -237,7 +239,7 @@ def _train(site: Site, msg: Message, status: SiteStatus, audit: AuditLog) -> Mes
             result = train_link(ok.settings, data.site, data.spec, seed=req.seed, device=_device(cfg),
                                 teacher=teacher, proxy=data.proxy if req.mode == "logits" else None,
                                 augment_images=req.augment, label=f"link {link + 1}/{req.n_links} site {cfg.site}",
-                                on_epoch=status.on_epoch)
+                                on_epoch=status.on_epoch, position=(link, req.n_links))
         out = link_output(result, req.mode, link, req.deliver, req.wire_dtype, cfg.site, where)
         store.put(key, out, req.run_id, link)
         if result.privacy is not None:
@@ -301,6 +303,8 @@ def link_metrics(result: LinkResult) -> dict[str, Any]:
         tuple(float(e.seconds) for e in result.epochs), float(result.seconds), float(result.images_per_s),
         {k: int(v) for k, v in result.samples.items()},
         {k: float(v) for k, v in dict(result.privacy).items()} if result.privacy is not None else None,
+        float(result.teacher_val.accuracy) if result.teacher_val is not None else None,
+        result.kept == "teacher" if result.teacher_val is not None else None,
     ).to_record()
 
 
@@ -347,16 +351,17 @@ def hand_over(msg: Message, context: Context) -> Message:
 
 
 def _hand_over(site: Site, msg: Message, audit: AuditLog) -> Message:
-    """The links after this site's were skipped: its link, as trained and kept here, becomes the final model,
-    sealed for the recipients its policy allows (no training, no payload received)."""
+    """One of this site's links, as trained and kept here, becomes the final model (the best link, or the
+    last one that completed when later links were skipped), sealed for the recipients its policy allows
+    (no training, no payload received)."""
     cfg, data, party = site
-    req = admit_deliver(cfg, party, RunState(cfg.state_dir, cfg.policy),
-                        config_dict(msg.content, KEY_CONFIG, f"site {cfg.site}"))
+    runs = RunState(cfg.state_dir, cfg.policy)
+    req = admit_deliver(cfg, party, runs, config_dict(msg.content, KEY_CONFIG, f"site {cfg.site}"))
     where = f"site {cfg.site} deliver link {req.link + 1}"
     out = LinkStore(cfg.state_dir).get_link(req.run_id, req.link)
     if out is None or "weights" not in out.payloads:
-        raise Refused(Reason.BAD_REQUEST, f"{where}: this site keeps no model of that link (only its latest link's "
-                      "weights are kept; logits-mode links keep none)")
+        raise Refused(Reason.BAD_REQUEST, f"{where}: this site keeps no model of that link (the weights of its "
+                      "links of the current run are kept; logits-mode links keep none)")
     weights = LinkOutput({"weights": out.payloads["weights"]}, out.metrics, out.info)
     records: dict[str, Any] = {KEY_METRICS: MetricRecord(out.metrics), KEY_INFO: ConfigRecord(out.info)}
     if party is not None:
@@ -366,7 +371,8 @@ def _hand_over(site: Site, msg: Message, audit: AuditLog) -> Message:
     audit.append("deliver", run=req.run_id, link=req.link, decision="sent",
                  sent_to=[r for _, r in req.seal_for] if party is not None else ["coordinator"],
                  payload_sha256=hashlib.sha256(weights.payloads["weights"]).hexdigest())
-    log.info("%s: handed over as the chain's final model (the links after it were skipped)", where)
+    runs.delivered(req.run_id, runs.ledger.runs[req.run_id], req.link)
+    log.info("%s: handed over as the chain's final model", where)
     return Message(RecordDict(records), reply_to=msg)
 
 

@@ -4,8 +4,10 @@ A coordinator that restarts mid-link (or retries a link whose reply was lost) se
 the same chain run again, with the same teacher. The site then answers from ``<state_dir>/last-link/``:
 the same payloads (re-sealed for whoever is asked for now), metrics and info. The key covers the chain
 run id, the link, the teacher's bytes and every setting the message carries, so anything different is
-trained anew. Only the latest link is kept; it is the site's own model, it never leaves the site
-except as the payloads it already sent.
+trained anew. The latest link is kept there; the site's earlier links of the same run move to
+``<state_dir>/kept-links/<link>/`` (any of them may be handed over as the chain's final model, see
+``client.app``), and are removed when the site trains a link of another run. They are the site's own
+models; they never leave the site except as the payloads it already sent.
 """
 from __future__ import annotations
 
@@ -14,17 +16,19 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from weckd.chain.files import atomic_write, atomic_write_text, inside, staged_dir
+from weckd.chain.files import atomic_write, atomic_write_text, inside, private_dir, staged_dir
 from weckd.chain.payload import KINDS, MAX_HEADER_BYTES, MAX_PAYLOAD_BYTES
 
 log = logging.getLogger(__name__)
 
 FOLDER = "last-link"
+KEPT = "kept-links"
 MAX_META_BYTES = 1 << 20  # 1 MiB: a record is ~2 KB of metrics
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SCALARS = (str, int, float, bool)
@@ -41,7 +45,9 @@ class LinkOutput:
 
 def link_key(run: Mapping[str, Any], settings: Mapping[str, Any], teacher: bytes) -> str:
     """Identity of a link request: the run config minus routing, the link settings and the teacher bytes."""
-    routing = {"seal-for", "n-links", "schedule"}  # recomputed per request; the outputs do not depend on them
+    # recomputed per request; the outputs do not depend on them (the number of links does: with
+    # lr_schedule: chain it sets this link's slice of the learning-rate schedule)
+    routing = {"seal-for", "schedule"}
     h = hashlib.sha256()
     h.update(json.dumps({k: v for k, v in run.items() if k not in routing}, sort_keys=True, default=str).encode())
     h.update(json.dumps(dict(settings), sort_keys=True, default=str).encode())
@@ -60,17 +66,10 @@ class LinkStore:
         meta = self._read_meta()
         if meta is None or meta["key"] != key:
             return None
-        payloads: dict[str, bytes] = {}
-        for kind in meta["kinds"]:
-            data = _read_capped(self.dir / f"{kind}.bin", MAX_PAYLOAD_BYTES + MAX_HEADER_BYTES)
-            if data is None or hashlib.sha256(data).hexdigest() != meta["sha256"][kind]:
-                log.warning("%s: stored link does not match its checksums; training again", self.dir)
-                return None
-            payloads[kind] = data
-        return LinkOutput(payloads, meta["metrics"], meta["info"])
+        return _load(self.dir, meta)
 
-    def _read_meta(self) -> dict[str, Any] | None:
-        path = self.dir / "meta.json"
+    def _read_meta(self, folder: Path | None = None) -> dict[str, Any] | None:
+        path = (folder or self.dir) / "meta.json"
         if not path.exists():
             return None  # nothing stored: the usual case
         raw = _read_capped(path, MAX_META_BYTES)
@@ -85,19 +84,43 @@ class LinkStore:
 
     def get_link(self, run_id: str, link: int) -> LinkOutput | None:
         """The stored output of link ``link`` of run ``run_id`` (a hand-over of it as the final model), or None."""
-        meta = self._read_meta()
-        if meta is None or meta.get("run") != run_id or meta.get("link") != link:
-            return None
-        return self.get(meta["key"])
+        for folder in (self.dir, self.dir.parent / KEPT / str(link)):
+            meta = self._read_meta(folder) if folder.is_dir() else None
+            if meta is not None and meta.get("run") == run_id and meta.get("link") == link:
+                return _load(folder, meta)
+        return None
 
     def put(self, key: str, out: LinkOutput, run_id: str = "", link: int = -1) -> None:
-        """Replace the stored link whole (staged beside it, then renamed into place)."""
+        """Replace the stored link whole (staged beside it, then renamed into place). The link it replaces
+        is kept under ``kept-links/`` when it is an earlier link of the same run; the kept links of
+        other runs are removed."""
+        kept = self.dir.parent / KEPT
+        prev = self._read_meta() if self.dir.is_dir() else None
+        same_run = prev is not None and bool(run_id) and prev.get("run") == run_id
+        if not same_run and kept.exists():
+            shutil.rmtree(kept)
+        elif same_run and prev is not None and type(prev.get("link")) is int and 0 <= prev["link"] != link:
+            target = private_dir(kept) / str(prev["link"])
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(self.dir, target)
         with staged_dir(self.dir) as stage:
             for kind, data in out.payloads.items():
                 atomic_write(inside(stage, f"{kind}.bin"), data)
             meta = {"key": key, "run": run_id, "link": link, "kinds": list(out.payloads), "metrics": out.metrics,
                     "info": out.info, "sha256": {k: hashlib.sha256(d).hexdigest() for k, d in out.payloads.items()}}
             atomic_write_text(stage / "meta.json", json.dumps(meta))
+
+
+def _load(folder: Path, meta: dict[str, Any]) -> LinkOutput | None:
+    payloads: dict[str, bytes] = {}
+    for kind in meta["kinds"]:
+        data = _read_capped(folder / f"{kind}.bin", MAX_PAYLOAD_BYTES + MAX_HEADER_BYTES)
+        if data is None or hashlib.sha256(data).hexdigest() != meta["sha256"][kind]:
+            log.warning("%s: stored link does not match its checksums; training again", folder)
+            return None
+        payloads[kind] = data
+    return LinkOutput(payloads, meta["metrics"], meta["info"])
 
 
 def _valid_meta(meta: Any) -> bool:

@@ -38,6 +38,7 @@ class RunRecord:
     links: list[int] = field(default_factory=list)  # links trained here
     evaluations: int = 0
     epsilon: float = 0.0
+    delivered: int = -1  # the one link of the run whose model this site sealed as the chain's model
 
 
 @dataclass
@@ -91,12 +92,26 @@ class RunState:
         return rec
 
     def admit_deliver(self, run_id: str, link: int, schedule: tuple[str, ...], where: str) -> RunRecord:
-        """A hand-over of link ``link`` as the final model: only of this site's current run, only a link it trained."""
+        """A hand-over of link ``link`` as the final model: only of this site's current run, only a link it
+        trained, once the schedule is done, and one model per run (the coordinator cannot collect several)."""
         rec = self._record(run_id, where)
         if run_id != self.ledger.current or link not in rec.links:
             raise Refused(Reason.BAD_REQUEST, f"{where}: this site did not train link {link + 1} of run {run_id!r}")
-        self._forward(rec, link, schedule, where)
+        self._forward(rec, len(schedule) - 1, schedule, where)
+        self.check_one_delivery(rec, link, where)
         return rec
+
+    @staticmethod
+    def check_one_delivery(rec: RunRecord, link: int, where: str) -> None:
+        if rec.delivered not in (-1, link):
+            raise Refused(Reason.BAD_REQUEST, f"{where}: this site already delivered link {rec.delivered + 1} as this "
+                          "run's final model; a run has one")
+
+    def delivered(self, run_id: str, rec: RunRecord, link: int) -> None:
+        """Record that link ``link``'s model went out as the run's final model."""
+        rec.delivered = link
+        if run_id == self.ledger.current:
+            self._save()
 
     def commit(self, run_id: str, rec: RunRecord, link: int, schedule: tuple[str, ...], *, trained: bool = False,
                evaluated: bool = False) -> None:
@@ -146,4 +161,4 @@ def _record_fields(v: Any) -> dict[str, Any]:
         raise TypeError("a run record is not a mapping")
     return {"routed": [str(s) for s in v["routed"]], "last_link": int(v["last_link"]),
             "links": [int(x) for x in v["links"]], "evaluations": int(v["evaluations"]),
-            "epsilon": float(v["epsilon"])}
+            "epsilon": float(v["epsilon"]), "delivered": int(v.get("delivered", -1))}

@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from weckd.chain.config import DataSettings, read_yaml
+from weckd.chain.config import DataSettings, check_pretrained, read_yaml
 from weckd.chain.errors import ConfigError
+from weckd.chain.files import file_sha256
 from weckd.chain.peers import SealingSettings
+from weckd.chain.protocol import Reason, Refused
 from weckd.chain.schema import Origin, build
 
 from .policy import SitePolicy
@@ -71,6 +73,8 @@ class SiteConfig:
     metrics_port: int = field(default=9465, metadata=_m(min=0, max=65535))
     sealing: SealingSettings | None = None  # this site's sealing keys and pinned peers (weckd.chain.peers)
     policy: SitePolicy = field(default_factory=SitePolicy)  # what this site agrees to do (weckd.client.policy)
+    # starting weights this site holds, by the SHA-256 a run names in link.pretrained: {sha256: local file}
+    pretrained: dict[str, str] = field(default_factory=dict)
     source: str = field(default="<defaults>", compare=False, metadata=_m(internal=True))
 
 
@@ -89,11 +93,40 @@ def load_site_config(path: str | Path, site: str | None = None) -> SiteConfig:
     raw, origin = read_yaml(path)
     cfg = build(SiteConfig, raw, "", origin)
     cfg = SiteConfig(**{**cfg.__dict__, "source": origin.source,
-                        "data": resolve_site_paths_data(cfg.data, origin)})
+                        "data": resolve_site_paths_data(cfg.data, origin),
+                        "pretrained": _pretrained_files(cfg.pretrained, origin)})
     if site is not None and site != cfg.site:
         raise ConfigError(f"{origin.source}: site: the file is for site {cfg.site!r}, but --site is {site!r}")
     _check_data(cfg, origin)
     return cfg
+
+
+def _pretrained_files(files: dict[str, str], origin: Origin) -> dict[str, str]:
+    """``pretrained:`` with every key a SHA-256 and every path resolved against the config's folder."""
+    out = {}
+    for sha, path in files.items():
+        check_pretrained(str(sha), f"{origin.source}: pretrained")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"{origin.source}: pretrained.{sha}: expected the path of a weights file")
+        q = Path(path).expanduser()
+        out[str(sha)] = str(q if q.is_absolute() else origin.base_dir / q)
+    return out
+
+
+def pretrained_file(cfg: SiteConfig, sha: str, where: str) -> str:
+    """The local file for ``link.pretrained``: listed in this site's config and with exactly that SHA-256."""
+    path = cfg.pretrained.get(sha)
+    if path is None:
+        raise Refused(Reason.PRETRAINED_UNKNOWN, f"{where}: link.pretrained {sha[:16]}…: this site holds no such "
+                      "weights file (list it under pretrained: in the site config)")
+    try:
+        actual = file_sha256(Path(path), f"{where}: pretrained")
+    except ConfigError as err:
+        raise Refused(Reason.PRETRAINED_UNKNOWN, str(err)) from None
+    if actual != sha:
+        raise Refused(Reason.PRETRAINED_MISMATCH, f"{where}: pretrained file {path} has SHA-256 {actual[:16]}…, not "
+                      f"the {sha[:16]}… the run names (the file changed, or the config maps the wrong file)")
+    return path
 
 
 def resolve_site_paths_data(data: DataSettings, origin: Origin) -> DataSettings:
@@ -131,7 +164,8 @@ def load_local_data(cfg: SiteConfig, need_proxy: bool | None = None) -> LocalDat
     else:
         labelled = read_labelled(cfg.data.sites[cfg.site], spec)
         seed = cfg.split.seed if cfg.split is not None else 0
-        site = make_site(cfg.site, labelled, cfg.data.val_fraction, seed, site_unlabelled(cfg.data, cfg.site, spec))
+        site = make_site(cfg.site, labelled, cfg.data.val_fraction, seed, site_unlabelled(cfg.data, cfg.site, spec),
+                         cfg.data.labelled_fraction)
     want_proxy = cfg.data.proxy is not None if need_proxy is None else need_proxy
     proxy = load_proxy(cfg.data, spec) if want_proxy else None
     log.info("site %s: %d train, %d validation images%s", cfg.site, len(site.train), len(site.val),

@@ -127,6 +127,8 @@ class ServerMetrics:
         self.resumes = Counter("weckd_chain_resumes_total", "Runs that continued a checkpointed chain", registry=r)
         self.epsilon = Gauge("weckd_link_privacy_epsilon", "DP-SGD privacy budget spent by a link (epsilon)",
                              ["link", "site"], registry=r)
+        self.delivered = Gauge("weckd_chain_delivered_link", "The link delivered as the chain's model (1-based; 0: "
+                               "none yet), by the rule that chose it (chain.deliver)", ["rule"], registry=r)
         self._initial(links)
 
     def _initial(self, links: int) -> None:
@@ -163,6 +165,8 @@ class ServerMetrics:
             self._link_start(event)
         elif kind == Event.LINK_DONE:
             self._link_done(event)
+        elif kind == Event.DELIVERED and "link" in event:
+            self.delivered.labels(str(event.get("rule", "last"))).set(int(event["link"]))
         elif kind == Event.RETRY:
             self.retries.labels(str(event.get("reason", "other"))).inc()
         elif kind in ("site-failure", "evaluation-missing"):

@@ -9,6 +9,7 @@ import numpy as np
 from weckd.chain import __version__
 from weckd.chain.artifacts import ModelCard, save_model, write_json, write_yaml
 from weckd.chain.config import config_to_mapping
+from weckd.chain.delivery import deliver_rule, delivery_json, evaluations_accuracy
 from weckd.chain.files import atomic_write, inside, private_dir
 from weckd.chain.payload import decode_arrays, payload_from_bytes
 from weckd.chain.peers import COORDINATOR, load_party
@@ -62,6 +63,9 @@ def _link_json(r: LinkRecord) -> dict[str, Any]:
     privacy = {k[len("privacy-"):]: v for k, v in m.items() if k.startswith("privacy-")}
     if privacy:  # DP-SGD at the site: the spent epsilon and the mechanism (chain.privacy.PrivacySpent)
         row["privacy"] = privacy
+    if "teacher-val-accuracy" in m:  # do_no_harm: the teacher on this site, and what was handed on
+        row["do_no_harm"] = {"teacher_val_accuracy": m["teacher-val-accuracy"],
+                             "kept": "teacher" if m["teacher-kept"] else "student"}
     test = held_out(r, n_classes)
     if test is not None:
         row["test"] = test
@@ -75,11 +79,17 @@ def results(fed: Federation, outcome: ChainOutcome, seconds: float) -> dict[str,
     summary: dict[str, Any] = {"link1_eval_accuracy": first, "last_eval_accuracy": last,
                                "gain_over_link1": (last - first) if first is not None and last is not None else None,
                                "seconds": seconds}
+    extra: dict[str, Any] = {}
+    if outcome.final is not None and deliver_rule(cfg.chain.deliver, cfg.chain.mode, fed.settings.evaluate) == "best":
+        pooled = [evaluations_accuracy(r.evaluations) for r in outcome.links]
+        extra["delivered"] = delivery_json("best", outcome.final.link, pooled)
+        summary["delivered_eval_accuracy"] = links[outcome.final.link]["eval_accuracy"]
     return {"weckd_version": __version__, "seed": cfg.seed, "mode": cfg.chain.mode, "classes": list(cfg.data.classes),
             "order": list(cfg.chain.order), "cycles": cfg.chain.cycles, "evaluate": fed.settings.evaluate,
             "sites": {s: {"counts": i["counts"]} for s, i in outcome.sites.items()},
             "links": links, "baselines": [], "summary": summary,
-            "held_out": "federated evaluation: each link's model on the evaluating sites' validation splits"}
+            "held_out": "federated evaluation: each link's model on the evaluating sites' validation splits",
+            **extra}
 
 
 def final_model(fed: Federation, outcome: ChainOutcome, run_id: str) -> tuple[str, dict[str, Any]] | None:

@@ -30,6 +30,7 @@ from flwr.app import ConfigRecord, RecordDict
 from weckd.chain import __version__
 from weckd.chain.audit import AUDIT_FILE, AuditLog, sha256_hex
 from weckd.chain.config import link_to_mapping
+from weckd.chain.delivery import best_link, deliver_rule, evaluations_accuracy, evaluations_count
 from weckd.chain.errors import LinkError
 from weckd.chain.peers import COORDINATOR
 from weckd.chain.protocol import (
@@ -160,6 +161,9 @@ class ChainRun:
         self.audit = audit if audit is not None else AuditLog(state_dir / AUDIT_FILE)
         self.sealed = fed.settings.sealing is not None
         self.full = [fed.chain.site_of(k) for k in range(fed.chain.n_links)]
+        # chain.deliver: best: no link delivers as it trains; once every link is scored, the best one is handed
+        # over by the site that trained it
+        self.best = deliver_rule(fed.chain.chain.deliver, fed.chain.chain.mode, fed.settings.evaluate) == "best"
 
     def schedule(self) -> list[str]:
         """Sites of the links done, then the remaining slots of the full schedule minus skipped sites."""
@@ -187,8 +191,8 @@ class ChainRun:
             raise LinkError("no link completed: every site failed or was skipped", Failure.SITE_FAILED)
         if self.state.relay is None or len(self.state.links) != len(self.schedule()):
             raise LinkError("the chain ended without a final model")
-        if not self.state.delivered:  # the links after the last good one were skipped: hand that one over
-            self._hand_over(len(self.state.links) - 1, self.schedule())
+        if not self.state.delivered:  # the best link, or the last good one when the links after it were skipped
+            self._hand_over(self._to_deliver(), self.schedule())
         return ChainOutcome(self.infos, list(self.state.links), self.state.relay, list(self.state.skipped))
 
     def _finish_link(self, k: int, site: str, schedule: list[str], rep: Reply) -> None:
@@ -197,9 +201,9 @@ class ChainRun:
         eps = {"epsilon": float(record.metrics["privacy-epsilon"])} if "privacy-epsilon" in record.metrics else {}
         self._audit("train", "accepted", k, site=site, blobs={n: sha256_hex(b) for n, b in relay.blobs.items()},
                     recipients=sorted({r for kind in relay.blobs for r in relay.recipients(kind)}), **eps)
-        final = k == len(schedule) - 1
+        final = k == len(schedule) - 1 and not self.best  # this link delivers its model as it trains
         deliver = tuple(r for r in self._recipients() if r != COORDINATOR) if final else ()
-        if self.fed.chain.chain.mode == "weights" or final:
+        if self.fed.chain.chain.mode == "weights" or k == len(schedule) - 1:
             targets = list(dict.fromkeys([*eval_targets(self.fed.settings.evaluate, schedule, k), *deliver]))
             record.evaluations = self._evaluate(k, relay, targets, schedule, deliver)
             missing = [s for s in deliver if s not in record.evaluations]
@@ -213,22 +217,34 @@ class ChainRun:
         if final:
             to = self._recipients()
             self._audit("deliver", "sent", k, to=to, model_sha256={r: _blob_sha(relay, "weights", r) for r in to})
-        if deliver:
-            self.on_event({"event": Event.DELIVERED, "sites": list(deliver)})
+        if final:
+            self.on_event({"event": Event.DELIVERED, "sites": list(deliver), "link": k + 1, "rule": "last"})
         self.on_event({"event": Event.LINK_DONE, "link": k + 1, "links": len(schedule), "site": site,
                        "val_accuracy": record.metrics["val-accuracy"], "seconds": record.round_trip_s,
                        "evaluations": {s: e["accuracy"] for s, e in record.evaluations.items()},
                        **link_event_extras(record)})
 
+    def _to_deliver(self) -> int:
+        """The link to hand over: the best by pooled validation accuracy, or the last one that completed."""
+        if not self.best:
+            return len(self.state.links) - 1
+        links = self.state.links
+        return best_link([evaluations_accuracy(r.evaluations) for r in links],
+                         min(evaluations_count(r.evaluations) for r in links))
+
     def _hand_over(self, k: int, schedule: list[str]) -> None:
-        """Deliver link k (the last one that completed) as the final model: its site seals the model it kept for
-        the recipients (``query.deliver``; nothing is trained again), the sites among them take it."""
+        """Deliver link k as the final model: its site seals the model it kept for the recipients
+        (``query.deliver``; nothing is trained again), the sites among them take it."""
         site = schedule[k]
         recipients = [r for r in self._recipients() if r not in self.state.skipped]  # a skipped site is gone
         req = DeliverRequest(self.state.run_id, k, tuple(schedule),
                              tuple(("weights", r) for r in recipients) if self.sealed else ())
-        log.warning("the links after link %d were skipped: handing over link %d (site %s) as the final model",
-                    k + 1, k + 1, site)
+        if self.best:
+            log.info("delivering link %d (site %s): the best pooled validation accuracy of the chain, %.3f", k + 1,
+                     site, evaluations_accuracy(self.state.links[k].evaluations))
+        else:
+            log.warning("the links after link %d were skipped: handing over link %d (site %s) as the final model",
+                        k + 1, k + 1, site)
         self._audit("deliver", "sent", k, to=site, seal_for=[f"weights:{r}" for r in recipients])
         self._ensure_online(site, self.fed.settings.retry_wait)
         try:
@@ -236,8 +252,8 @@ class ChainRun:
                                           f"deliver-{k + 1}")[site]
         except SiteFailure as err:
             self._audit("deliver", _decision(err), k, err.reason, site=site)
-            raise LinkError(f"handing over link {k + 1} (site {site}) as the final model after the later links were "
-                            f"skipped: {err}; restart weckd-server to retry", err.failure) from None
+            raise LinkError(f"handing over link {k + 1} (site {site}) as the final model: {err}; restart "
+                            "weckd-server to retry", err.failure) from None
         relay = relay_from_reply(rep.message.content, k, site, self.sealed)
         deliver = tuple(r for r in recipients if r != COORDINATOR)
         record = self.state.links[k]
@@ -252,7 +268,8 @@ class ChainRun:
         save_state(self.state_dir, self.state)
         self._audit("deliver", "sent", k, to=recipients,
                     model_sha256={r: _blob_sha(relay, "weights", r) for r in recipients})
-        self.on_event({"event": Event.DELIVERED, "sites": list(deliver), "link": k + 1, "handed_over": True})
+        self.on_event({"event": Event.DELIVERED, "sites": list(deliver), "link": k + 1, "handed_over": True,
+                       "rule": "best" if self.best else "last"})
 
     # -- one link, with retries and the failure policy ---------------------------------------------------
 
@@ -299,7 +316,7 @@ class ChainRun:
 
     def _train_content(self, k: int, schedule: list[str]) -> RecordDict:
         cfg, state = self.fed.chain, self.state
-        final = k == len(schedule) - 1
+        final = k == len(schedule) - 1 and not self.best
         seal_for = tuple(tuple(item.split(":", 1)) for item in self._seal_for(k, schedule))
         req = TrainRequest(state.run_id, k, tuple(schedule), link_seed(cfg.seed, k), cfg.chain.mode,
                            cfg.chain.wire_dtype, cfg.data.augment, final, seal_for)  # type: ignore[arg-type]
@@ -319,7 +336,7 @@ class ChainRun:
         keys = [f"{mode}:{r}" for r in relay_to]
         if mode == "weights" or k == len(schedule) - 1:
             keys += [f"weights:{r}" for r in eval_targets(self.fed.settings.evaluate, schedule, k)]
-        if k == len(schedule) - 1:
+        if k == len(schedule) - 1 and not self.best:
             keys += [f"weights:{r}" for r in self._recipients()]
         return list(dict.fromkeys(keys))
 

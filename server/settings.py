@@ -108,6 +108,13 @@ def load_federation(path: str | Path, overrides: tuple[str, ...] = (), base_dir:
     sites = _sites(sites_raw, chain, origin)
     _check_address(settings.fleet_address, origin)
     _check_sealing(settings.sealing, chain, origin)
+    if any(chain.link_settings(k).weights for k in range(chain.n_links)):
+        raise ConfigError(f"{origin.source}: link.weights names a file on the coordinator, which trains nothing; "
+                          "name the starting weights by their SHA-256 in link.pretrained, and map it to a local file "
+                          "in each site's config (pretrained:)")
+    if chain.chain.deliver == "best" and settings.evaluate != "all":
+        raise ConfigError(f"{origin.source}: chain.deliver: best needs federation.evaluate: all (every site scores "
+                          f"every link); it is {settings.evaluate!r}")
     return Federation(chain, settings, sites, origin.source, effective, str(origin.base_dir))
 
 

@@ -60,7 +60,8 @@ def _refused_sites(fed: LocalFederation) -> dict[str, str]:
         "unregistered": write_site_config(s.root, "A", s.chain, fleet, 1, name="A-unregistered",
                                           auth_key="rogue-keys/site-Z"),
     }
-    for name, cfg in configs.items():
+    for name, cfg in configs.items():  # once the coordinator is gone they give up within 5 s, not 60
+        cfg.write_text(cfg.read_text().replace("max_wait: 60.0", "max_wait: 5.0"))
         fed.start_site("A", cfg, name=name)
     plaintext = [str(Path(sys.executable).with_name("flower-supernode")), "--insecure", "--grpc-rere",
                  "--superlink", fleet, "--isolation", "process", "--host", "127.0.0.1", "--port", str(free_port()),
@@ -127,7 +128,8 @@ def run_federation(root: Path, chain: dict[str, Any], federation: dict[str, Any]
 def weights_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FederatedRun]:
     """Weights mode, 3 sites, evaluate all, wire log on, three SuperNodes that must be refused, and a real
     Prometheus scraping the server and the sites (if installed; weckd-server serves its final state 3 s more)."""
-    chain = chain_settings({"link": {"epochs": EPOCHS}})
+    chain = chain_settings({"link": {"epochs": EPOCHS, "lr_schedule": "chain", "do_no_harm": True},
+                            "chain": {"deliver": "best"}})  # the recipe's levers, checked against the in-process chain
     yield run_federation(tmp_path_factory.mktemp("weights"), chain, {"metrics_linger": 3.0}, refused=True,
                          monitor=prometheus.available())
 

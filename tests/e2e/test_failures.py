@@ -131,7 +131,8 @@ def test_skip_goes_on_without_a_killed_site_and_hands_over_the_last_good_model(
     assert failure["kind"] in ("unavailable", "timeout")
     assert res["links"][-1]["eval_accuracy"] > 0.4  # chance is 0.25: C learnt from A's model and its own data
     handed = [e for e in events if e["event"] == "delivered"]
-    assert handed == [{"event": "delivered", "sites": ["A"], "link": 2, "handed_over": True, "t": handed[0]["t"]}]
+    assert handed == [{"event": "delivered", "sites": ["A"], "link": 2, "handed_over": True, "rule": "best",
+                      "t": handed[0]["t"]}]
     card = json.loads((fed.scaffold.root / "out" / "model" / "model_card.json").read_text())
     assert card["provenance"]["links"][-1] == {"link": 2, "site": "C", "arch": "test_resnet", "init": "predecessor"}
     delivered = fed.scaffold.root / "state" / "site-A" / "delivered" / res["run_id"] / "model" / "model_card.json"

@@ -56,12 +56,23 @@ def test_federation_matches_the_in_process_chain(weights_run: FederatedRun) -> N
     cfg = dataclasses.replace(fed.chain, runtime=dataclasses.replace(fed.chain.runtime, threads=1, device="cpu"),
                               baselines=dataclasses.replace(fed.chain.baselines, sites=False, pooled=False))
     local = run_chain(cfg)
+    assert (cfg.link.lr_schedule, cfg.link.do_no_harm, cfg.chain.deliver) == ("chain", True, "best")
     for row, remote in zip(local.links, weights_run.results["links"], strict=True):
         assert remote["val"]["accuracy"] == pytest.approx(row.result.val.accuracy, abs=1e-5)
         assert remote["samples"]["train"] == row.result.samples["train"]
         for mine, theirs in zip(row.result.epochs, remote["epochs"], strict=True):
             expected = pytest.approx((mine.loss, mine.ce, mine.kd), abs=1e-5)
             assert (theirs["loss"], theirs["ce"], theirs["kd"]) == expected
+        if row.result.teacher_val is not None:  # do no harm: the same teacher score and decision at the site
+            assert remote["do_no_harm"]["kept"] == row.result.kept
+            assert remote["do_no_harm"]["teacher_val_accuracy"] == pytest.approx(row.result.teacher_val.accuracy)
+    # the same link is delivered (best over all sites' validation splits), with the same weights
+    delivered = weights_run.results["delivered"]
+    assert delivered["link"] == local.delivered + 1
+    assert delivered["pooled_val_accuracy"] == pytest.approx(local.pooled_val, abs=1e-6)
+    _, state = load_model_files(weights_run.out / "model")
+    assert set(state) == set(local.final.result.state)
+    assert all(torch.equal(torch.as_tensor(state[k]).float(), local.final.result.state[k].float()) for k in state)
 
 
 def test_coordinator_writes_the_run_report(weights_run: FederatedRun) -> None:
@@ -75,10 +86,10 @@ def test_coordinator_writes_the_run_report(weights_run: FederatedRun) -> None:
 
 
 def test_coordinator_opens_only_its_own_slot_of_what_it_relays_and_checkpoints(weights_run: FederatedRun) -> None:
-    """What the coordinator stored (its chain checkpoint, sealed/final-model.sealed) is the last link's model,
-    encrypted once for A, B, C and the coordinator (evaluation and delivery). The coordinator opens its own
-    slot, and that is the model it wrote; with its X25519 key no other recipient's slot unwraps, and posing
-    as a site fails the header check."""
+    """What the coordinator stored (its chain checkpoint, sealed/final-model.sealed) is the delivered link's
+    model (chain.deliver: best), handed over by its site and encrypted once for the recipients of the final
+    model, site A and the coordinator. The coordinator opens its own slot, and that is the model it wrote;
+    with its X25519 key no other recipient's slot unwraps, and posing as a site fails the header check."""
     from weckd.chain.keys import load_x25519_private
     from weckd.chain.seal import Expectation, SealError, _parse, _wrap_key, open_sealed, read_header
     from weckd.server.settings import load_federation as load
@@ -91,7 +102,7 @@ def test_coordinator_opens_only_its_own_slot_of_what_it_relays_and_checkpoints(w
     assert len(stored) == 2 and stored[0].read_bytes() == stored[1].read_bytes()
     blob = stored[1].read_bytes()
     h = read_header(blob)
-    assert h.recipients == ("A", "B", "C", "coordinator") and h.link == 2
+    assert sorted(h.recipients) == ["A", "coordinator"] and h.link == weights_run.results["delivered"]["link"] - 1
     opened = open_sealed(blob, own, _pinned(fed, h.sender), Expectation(h.run_id, h.link, h.sender, "coordinator"))
     assert hashlib.sha256(opened.payload).hexdigest() == h.payload_sha256
     for site in ("A", "B", "C"):
@@ -100,7 +111,7 @@ def test_coordinator_opens_only_its_own_slot_of_what_it_relays_and_checkpoints(w
         assert err.value.reason == "wrong-recipient"
     frame = _parse(blob, 1 << 30)
     shared = own.exchange(x25519.X25519PublicKey.from_public_bytes(frame.ephemeral))
-    for i in range(3):  # the slots of A, B and C
+    for i in [h.recipients.index("A")]:  # the slot of A
         kek = _wrap_key(shared, frame.ephemeral, base64.b64decode(h.recipient_keys[i]), h.version)
         with pytest.raises(InvalidTag):
             kek.decrypt(frame.slots[i][:12], frame.slots[i][12:], frame.header_bytes)

@@ -85,11 +85,12 @@ def test_weights_payload_does_not_grow_with_site_data(weights_run: FederatedRun,
     small = logits_run.results["sites"]["A"]["counts"]["train"]
     assert big >= 2 * small - 2
     replies = [m for m in logits_run.wire if m["direction"] == "received" and m["type"] == "train"]
-    delivered = sum(a["bytes"] for a in replies[-1]["arrays"]["model-arrays"])
-    sealed = _payload_bytes(weights_run, -1)  # both delivered float32 test_resnet models
-    assert delivered < sealed < delivered + SEAL_OVERHEAD
-    relayed = [_payload_bytes(weights_run, k) for k in (0, 1)]  # relayed in the wire dtype
-    assert relayed[0] == relayed[1] < delivered
+    delivered = sum(a["bytes"] for a in replies[-1]["arrays"]["model-arrays"])  # float32 test_resnet
+    # weights_run delivers its best link as relayed (chain.deliver: best): every link travels as the same
+    # test_resnet in float16, sealed: about half the float32 model's bytes, whatever the site holds
+    relayed = [_payload_bytes(weights_run, k) for k in (0, 1, 2)]
+    assert relayed[0] == relayed[1] == relayed[2]
+    assert delivered // 2 < relayed[0] < delivered // 2 + SEAL_OVERHEAD
 
 
 def test_sealed_run_puts_only_opaque_blobs_on_the_wire(weights_run: FederatedRun) -> None:

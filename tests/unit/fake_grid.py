@@ -34,11 +34,13 @@ from .helpers import write_yaml
 Behaviour = Callable[[str, int], SiteFailure | None]  # (site, link) → a failure to report, or None to answer
 
 
-def federation(tmp_path: Path, order: list[str], cycles: int = 1, **settings: Any) -> Federation:
+def federation(tmp_path: Path, order: list[str], cycles: int = 1, deliver: str = "last",
+               link: dict[str, Any] | None = None, **settings: Any) -> Federation:
     tmp_path.mkdir(parents=True, exist_ok=True)
     fed = {"sites": {s: {"auth_key": f"keys/site-{s}.pub"} for s in dict.fromkeys(order)},
            "poll_interval": 0.01, "retry_wait": 0.0, **settings}
-    cfg = {"seed": 1, "chain": {"order": order, "cycles": cycles}, "link": {"arch": "test_resnet"},
+    cfg = {"seed": 1, "chain": {"order": order, "cycles": cycles, "deliver": deliver},
+           "link": link or {"arch": "test_resnet"},
            "data": {"dataset": "synthetic", "classes": ["a", "b"], "image_size": 32}, "federation": fed}
     return load_federation(write_yaml(tmp_path / "federation.yaml", cfg))
 
@@ -59,9 +61,11 @@ class FakeSites(Transport):
     calls: list[tuple[str, str, int]] = field(default_factory=list)
     teachers: dict[int, int | None] = field(default_factory=dict)  # link → link of the teacher it was sent
 
-    def __init__(self, sites: list[str], behaviour: Behaviour | None = None) -> None:
+    def __init__(self, sites: list[str], behaviour: Behaviour | None = None,
+                 eval_accuracy: Callable[[str, int], float] | None = None) -> None:
         super().__init__(FakeGrid(set(sites)), {}, Timing(60.0, 60.0, 0.01), WireLog(""))
         self.behaviour = behaviour or (lambda site, link: None)
+        self.eval_accuracy = eval_accuracy or (lambda site, link: 0.5)  # (evaluating site, link) → accuracy
         self.calls, self.teachers = [], {}
 
     def exchange_all(self, kind: str, contents: dict[str, RecordDict], group: str, timeout: float | None = None
@@ -77,17 +81,18 @@ class FakeSites(Transport):
             if kind == MSG_TRAIN:
                 teacher = read_payload(content, "test")
                 self.teachers[link] = None if teacher is None else int(teacher[0]["link"])
-            replies[site] = Reply(site, SimpleNamespace(content=_answer(kind, site, link)), 0.1, 10, 20)
+            content = _answer(kind, site, link, self.eval_accuracy(site, link))
+            replies[site] = Reply(site, SimpleNamespace(content=content), 0.1, 10, 20)
         return Exchange(replies, failures)
 
 
-def _answer(kind: str, site: str, link: int) -> RecordDict:
+def _answer(kind: str, site: str, link: int, accuracy: float = 0.5) -> RecordDict:
     if kind == MSG_QUERY:
         info = SiteInfo(site, __version__, ("a", "b"), 32, 1, "", "")
         return RecordDict({KEY_INFO: ConfigRecord(info.to_record()),
                            KEY_METRICS: MetricRecord(SiteCounts(8, 2, 0, 0).to_record())})
     if kind not in (MSG_TRAIN, MSG_DELIVER):  # a hand-over answers with the link's weights, as its train reply did
-        return RecordDict({KEY_METRICS: MetricRecord(EvalMetrics(0.5, 10, (0.6, 0.4), (3, 2, 3, 2)).to_record())})
+        return RecordDict({KEY_METRICS: MetricRecord(EvalMetrics(accuracy, 10, (0.6, 0.4), (3, 2, 3, 2)).to_record())})
     weights = payload_bytes(encode_state({"w": torch.full((2,), float(link))}, "test_resnet", link))
     metrics = LinkMetrics(0.5 + link / 10, 10, (0.5, 0.5), (3, 2, 3, 2), (1.0,), (0.7,), (0.3,), (0.1,), 0.1, 100.0,
                           {"train": 8})

@@ -8,9 +8,13 @@ import pytest
 import torch
 from weckd.chain.bench import (
     METHODS,
+    ablation_table,
     average_states,
+    compute,
     markdown_table,
+    paired,
     parse_variant,
+    run_ablation,
     run_protocol,
     summarise,
     with_links,
@@ -45,7 +49,21 @@ def test_protocol_scores_every_method_for_every_seed(tmp_path: Path) -> None:
     summary = summarise(results)
     assert summary["pooled"]["n"] == 2
     assert summary["link1"]["mean"] == pytest.approx(sum(r.test_accuracy["link1"] for r in results) / 2)
-    assert "WeCKD chain, warm start + KD" in markdown_table(summary, "tiny")
+    diffs = paired(results)
+    chain_minus_cwt = [r.test_accuracy["chain_warm"] - r.test_accuracy["cwt"] for r in results]
+    assert diffs["cwt"]["mean"] == pytest.approx(sum(chain_minus_cwt) / 2)
+    assert diffs["cwt"]["below"] == sum(d < 0 for d in chain_minus_cwt)
+    cost = {m: compute(cfg, m) for m in summary}
+    assert cost["chain_warm"] == cost["cwt"] == 2 * 1 and cost["pooled"] == 2 and cost["link1"] == 1
+    table = markdown_table(summary, "tiny", cost, diffs)
+    assert "WeCKD chain, warm start + KD" in table and "pooled, AdamW" in table and "seeds below" in table
+
+
+def test_compute_counts_site_epochs_at_equal_budget(tmp_path: Path) -> None:
+    cfg = load_config(write_yaml(tmp_path / "c.yaml", deep_merge(TINY_CHAIN, {
+        "chain": {"order": ["A", "B", "C", "D"], "cycles": 5}, "link": {"epochs": 3}})))
+    assert compute(cfg, "chain_warm") == 60 == compute(cfg, "pooled") == compute(cfg, "fedavg")
+    assert compute(cfg, "link1") == compute(cfg, "site_alone_mean") == 15  # a site's share of the chain
 
 
 def test_variant_parses_name_and_overrides() -> None:
@@ -57,3 +75,17 @@ def test_variant_parses_name_and_overrides() -> None:
 def test_malformed_variant_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="expected NAME:key=value"):
         parse_variant("alpha:link.alpha")
+
+
+def test_ablation_scores_chain_and_pooled_variants_with_paired_differences(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "c.yaml", deep_merge(TINY_CHAIN, {"baselines": {"sites": False, "pooled": False}}))
+    variants = [parse_variant("cwt:link.alpha=1.0"), parse_variant("chain-schedule:link.lr_schedule=chain"),
+                parse_variant("pooled-adamw:pooled,link.optimizer=adamw,link.lr=0.001")]
+    result = run_ablation(str(path), (), [0, 1], variants)
+    assert [sorted(s) for s in result["per_seed"]] == [sorted(["link1", "pooled", "cwt", "chain-schedule",
+                                                               "pooled-adamw"])] * 2
+    assert all(0.0 <= v <= 1.0 for s in result["per_seed"] for v in s.values())
+    table = ablation_table(result, "tiny", reference="cwt")
+    d = [s["chain-schedule"] - s["cwt"] for s in result["per_seed"]]
+    row = next(line for line in table.splitlines() if line.startswith("| chain-schedule"))
+    assert f"{100 * sum(d) / 2:+.1f} ± " in row and f"({sum(x < 0 for x in d)} below)" in row

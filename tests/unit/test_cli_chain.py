@@ -30,9 +30,9 @@ def test_synthetic_chain_last_link_beats_link1_and_chance(repo: Path, tmp_path: 
                            "--set", "baselines.pooled=false")  # the links only: baselines have tests of their own
     assert code == 0
     summary = json.loads((out / "results.json").read_text())["summary"]
-    assert summary["last_test_accuracy"] > summary["link1_test_accuracy"] + 0.05
-    assert summary["last_test_accuracy"] > 0.25 + 0.4  # four classes: chance is 0.25
-    assert "last link vs link 1" in stdout
+    assert summary["delivered_test_accuracy"] > summary["link1_test_accuracy"] + 0.05
+    assert summary["delivered_test_accuracy"] > 0.25 + 0.4  # four classes: chance is 0.25
+    assert "delivered model vs link 1" in stdout
 
 
 def test_outputs_hold_results_config_and_a_loadable_model(tmp_path: Path, capsys) -> None:

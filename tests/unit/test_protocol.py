@@ -22,9 +22,10 @@ LINK_INFO = LinkInfo("A", "resnet18", "predecessor")
 METRICS = LinkMetrics(0.8125, 32, (0.75, 0.875), (12, 4, 2, 14), (1.2, 0.9), (0.8, 0.6), (0.4, 0.3), (2.5, 2.4),
                       5.1, 47.2, {"train": 120, "unlabelled": 40}, {"epsilon": 7.9, "delta": 1e-5})
 EVAL = EvalMetrics(0.75, 40, (0.7, 0.8), (14, 6, 4, 16))
+KEPT = LinkMetrics(**{**METRICS.__dict__, "privacy": None, "teacher_val_accuracy": 0.84375, "teacher_kept": True})
 REPLIES: list[tuple[Any, Callable[[Any], Any]]] = [(INFO, ConfigRecord), (COUNTS, MetricRecord),
                                                     (LINK_INFO, ConfigRecord), (METRICS, MetricRecord),
-                                                    (EVAL, MetricRecord)]
+                                                    (EVAL, MetricRecord), (KEPT, MetricRecord)]
 
 
 @pytest.mark.parametrize("reply, record", REPLIES, ids=lambda v: type(v).__name__ if not callable(v) else "")
@@ -37,6 +38,15 @@ def test_a_link_without_dp_has_no_privacy_fields() -> None:
     plain = LinkMetrics(**{**METRICS.__dict__, "privacy": None})
     assert not any(k.startswith("privacy-") for k in plain.to_record())
     assert LinkMetrics.from_record(plain.to_record(), "site A").privacy is None
+
+
+def test_do_no_harm_fields_come_together_and_kept_is_zero_or_one() -> None:
+    values = KEPT.to_record()
+    assert values["teacher-kept"] == 1 and LinkMetrics.from_record(values, "site A").teacher_kept is True
+    with pytest.raises(ReplyError, match="reply has 'teacher-val-accuracy' without 'teacher-kept'"):
+        LinkMetrics.from_record({k: v for k, v in values.items() if k != "teacher-kept"}, "site A")
+    with pytest.raises(ReplyError, match="'teacher-kept' must be 0 or 1, got 7"):
+        LinkMetrics.from_record({**values, "teacher-kept": 7}, "site A")
 
 
 def test_a_whole_number_where_a_float_is_expected_is_read_as_a_float() -> None:

@@ -79,8 +79,30 @@ def test_skip_at_the_last_link_hands_over_the_last_good_model(tmp_path: Path) ->
     assert outcome.final is not None and (outcome.final.link, outcome.final.site) == (1, "B")
     assert outcome.final.blob("weights", "coordinator")  # unsealed: the coordinator can write the model
     assert [e for e in events if e["event"] == "delivered"] == [
-        {"event": "delivered", "sites": [], "link": 2, "handed_over": True}]
+        {"event": "delivered", "sites": [], "link": 2, "handed_over": True, "rule": "last"}]
     assert load_state(tmp_path / "state", run.fed).delivered
+
+
+def test_deliver_best_hands_over_the_link_with_the_best_pooled_validation_accuracy(tmp_path: Path) -> None:
+    """Every site scores every link; link 4 (site A, second cycle) scores best over all sites' validation
+    splits together, by more than the noise of 30 images, so A hands it over once the chain is done; the
+    last link delivers nothing as it trains."""
+    scores = {0: 0.6, 1: 0.7, 2: 0.7, 3: 0.9, 4: 0.7, 5: 0.6}
+    sites = FakeSites(["A", "B", "C"], eval_accuracy=lambda s, k: scores[k] - (0.1 if s == "C" and k == 3 else 0.0))
+    run, events = _run(tmp_path, sites, cycles=2, evaluate="all", deliver="best")
+    outcome = run.run()
+    assert _trained(sites) == [("A", 0), ("B", 1), ("C", 2), ("A", 3), ("B", 4), ("C", 5)]
+    assert sites.calls[-1] == (MSG_DELIVER, "A", 3)  # nothing trained again: A seals its kept link 4
+    assert outcome.final is not None and (outcome.final.link, outcome.final.site) == (3, "A")
+    delivered = [e for e in events if e["event"] == "delivered"]
+    assert delivered == [{"event": "delivered", "sites": [], "link": 4, "handed_over": True, "rule": "best"}]
+    assert load_state(tmp_path / "state", run.fed).delivered
+
+
+def test_deliver_best_breaks_a_tie_towards_the_later_link(tmp_path: Path) -> None:
+    sites = FakeSites(["A", "B", "C"], eval_accuracy=lambda s, k: 0.8 if k in (0, 1) else 0.5)
+    run, _ = _run(tmp_path, sites, evaluate="all", deliver="best")
+    assert (run.run().final.link, sites.calls[-1]) == (1, (MSG_DELIVER, "B", 1))
 
 
 def test_a_completed_final_link_needs_no_hand_over(tmp_path: Path) -> None:

@@ -252,8 +252,8 @@ def test_deliver_requests_round_trip_through_their_config_record() -> None:
     assert DeliverRequest.from_config(req.to_config(), "test") == req
 
 
-@pytest.mark.parametrize("change", [{"link": 0}, {"seal-for": "logits:A"}, {"schedule": "A,B"}, {"extra": 1},
-                                    {"link": True}])
+@pytest.mark.parametrize("change", [{"link": 2}, {"link": -1}, {"seal-for": "logits:A"}, {"schedule": "A,B"},
+                                    {"extra": 1}, {"link": True}])
 def test_malformed_deliver_requests_are_refused(change: dict[str, Any]) -> None:
     _refused(Reason.BAD_REQUEST, DeliverRequest.from_config, _deliver_config(**change), "test")
 
@@ -274,6 +274,52 @@ def test_only_a_link_this_site_trained_in_its_current_run_is_handed_over(tmp_pat
     _refused(Reason.BAD_REQUEST, runs.admit_deliver, RUN, 0, ("A", "B"), "test")  # A trained link 1
     _refused(Reason.STALE_RUN, runs.admit_deliver, EARLIER, 1, ("A", "B"), "test")
     _refused(Reason.BAD_REQUEST, runs.admit_deliver, LATER, 1, ("A", "B"), "test")  # a run it never trained in
+
+
+def test_a_site_hands_over_one_model_per_run(tmp_path: Path) -> None:
+    """chain.deliver: best: the coordinator may ask for an earlier link of this site, but it cannot collect
+    several of its models (one delivery per run)."""
+    cfg = _cfg(tmp_path, deliver_to=("coordinator",))
+    schedule = ("A", "B", "C", "A", "B", "C")
+    runs = _join(cfg, RUN, 1, schedule)
+    rec = runs.admit_train(RUN, 4, schedule, None, "test")
+    runs.commit(RUN, rec, 4, schedule, trained=True)
+    runs = RunState(cfg.state_dir, cfg.policy)
+    req = admit_deliver(cfg, None, runs, _deliver_config(link=1, schedule=list(schedule)))  # its link 2: allowed
+    runs.delivered(RUN, runs.ledger.runs[RUN], req.link)
+    runs = RunState(cfg.state_dir, cfg.policy)  # the ledger remembers it across restarts
+    assert admit_deliver(cfg, None, runs, _deliver_config(link=1, schedule=list(schedule))).link == 1  # a retry
+    _refused(Reason.BAD_REQUEST, admit_deliver, cfg, None, runs, _deliver_config(link=4, schedule=list(schedule)))
+    _refused(Reason.BAD_REQUEST, admit_deliver, cfg, None, runs,  # a link another site trained
+             _deliver_config(link=2, schedule=list(schedule)))
+
+
+def test_a_train_request_may_not_deliver_a_second_model_of_the_run(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, deliver_to=("coordinator",))
+    runs = _join(cfg, RUN, 1, ("A", "B", "C", "B"))
+    runs.delivered(RUN, runs.ledger.runs[RUN], 1)
+    _refused(Reason.BAD_REQUEST, admit_train, cfg, _data(), None, RunState(cfg.state_dir, cfg.policy),
+             _train_config(link=3, schedule=["A", "B", "C", "B"], deliver=True, **{"n-links": 4}),
+             {"arch": "test_resnet"}, True)
+
+
+def test_the_last_link_may_train_without_delivering_but_no_other_link_delivers() -> None:
+    last = TrainRequest.from_config(_train_config(link=2, schedule=["A", "B", "C"], deliver=False), "test")
+    assert not last.deliver  # chain.deliver: best: the best link is handed over once all are scored
+    _refused(Reason.BAD_REQUEST, TrainRequest.from_config, _train_config(link=1, deliver=True), "test")
+
+
+def test_the_link_store_keeps_the_earlier_links_of_the_run_and_forgets_other_runs(tmp_path: Path) -> None:
+    store = LinkStore(tmp_path)
+    outs = [LinkOutput({"weights": bytes([k]) * 10}, {"val-accuracy": 0.1 * k}, {"arch": "test_resnet"})
+            for k in range(3)]
+    for k in (0, 3, 6):
+        store.put(f"{k:064d}", outs[k // 3], RUN, k)
+    assert [store.get_link(RUN, k) for k in (0, 3, 6)] == outs
+    assert store.get(f"{6:064d}") == outs[2]  # the latest link still answers a repeated request
+    store.put("f" * 64, outs[0], LATER, 1)
+    assert store.get_link(RUN, 0) is None and store.get_link(RUN, 3) is None
+    assert not (tmp_path / "kept-links").exists()
 
 
 def test_the_link_store_finds_the_kept_link_by_run_and_link(tmp_path: Path) -> None:
