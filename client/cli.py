@@ -28,7 +28,7 @@ from typing import Sequence
 
 from weckd.chain.cli import ERROR_PREFIX, run_command, setup_logging
 from weckd.chain.errors import ConfigError, ReportedError, WeckdError
-from weckd.chain.files import atomic_write, atomic_write_text, private_dir
+from weckd.chain.files import atomic_write, atomic_write_text, file_sha256, private_dir
 from weckd.chain.flower import check_internals
 from weckd.chain.peers import load_party
 from weckd.chain.procs import Group, flower_env, raise_on_sigterm, wait_port
@@ -73,6 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
     else:
         log.warning("site %s: no sealing: section; payloads are protected by TLS only and the coordinator can "
                     "read them", cfg.site)
+    check_pretrained_files(cfg)
     if args.check:
         counts = check_data(cfg)
         log.info("site %s: config and data OK (%s)", cfg.site, ", ".join(f"{n} {k}" for k, n in counts.items()))
@@ -94,6 +95,16 @@ def _serve(args: argparse.Namespace) -> int:
         metrics.close()
         group.stop_all()
         log.info("site %s stopped", cfg.site)
+
+
+def check_pretrained_files(cfg: SiteConfig) -> None:
+    """Every file under ``pretrained:`` exists and hashes to its name: a wrong copy is one line at start,
+    not a refused link later."""
+    for sha, path in cfg.pretrained.items():
+        actual = file_sha256(Path(path), f"{cfg.source}: pretrained")
+        if actual != sha:
+            raise ConfigError(f"{cfg.source}: pretrained: {path} has SHA-256 {actual}, not {sha}; copy the file the "
+                              "coordinator names, or fix the mapping")
 
 
 def write_superexec_secret(folder: Path) -> Path:

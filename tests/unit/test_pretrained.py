@@ -97,3 +97,14 @@ def test_the_coordinator_names_weights_by_sha256_never_by_a_local_path(tmp_path:
 
     with pytest.raises(ConfigError, match="link.weights names a file on the coordinator"):
         federation(tmp_path, ["A", "B"], link={"arch": "test_resnet", "weights": "w.safetensors"})
+
+
+def test_a_site_with_a_wrong_pretrained_copy_fails_its_check_in_one_line(tmp_path: Path) -> None:
+    from weckd.client.cli import check_pretrained_files
+
+    path, sha, _ = _checkpoint(tmp_path)
+    cfg = SiteConfig(site="B", source="site-B.yaml", pretrained={sha: str(path)})
+    check_pretrained_files(cfg)  # the right copy: nothing to say
+    path.write_bytes(b"not the checkpoint")
+    with pytest.raises(ConfigError, match=f"site-B.yaml: pretrained: {path} has SHA-256 [0-9a-f]{{64}}, not {sha}"):
+        check_pretrained_files(cfg)

@@ -27,6 +27,7 @@ VARIANTS: dict[str, list[str] | str] = {
     "freq_sched_best": F + CS + ["chain.deliver=best"], "cwt_freq_sched": F + CS + ["link.alpha=1.0"],
     "freq_sched_adamw": F + CS + ADAMW, "cwt_sched": CS + ["link.alpha=1.0"], "sched_a05": CS + ["link.alpha=0.5"],
     "sched_dnh": CS + ["link.do_no_harm=true"], "sched_best": CS + ["chain.deliver=best"], "sched_adamw": CS + ADAMW,
+    "dnh_best": ["link.do_no_harm=true", "chain.deliver=best"],
     "pooled_sgd": "pooled", "pooled_adamw": "pooled:adamw",
 }
 # the recipe as it was before the search, named explicitly (the defaults have changed since)
