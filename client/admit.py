@@ -60,6 +60,8 @@ def admit_train(cfg: SiteConfig, data: LocalData, party: Party | None, runs: Run
     if req.schedule[req.link] != cfg.site:
         raise Refused(Reason.BAD_REQUEST, f"{where}: the schedule gives this link to {req.schedule[req.link]!r}")
     settings = link_settings(link_config, where)
+    if cfg.policy.require_do_no_harm and not settings.do_no_harm:  # the site's own rule, not the coordinator's
+        settings = dataclasses.replace(settings, do_no_harm=True)
     if settings.pretrained is not None:  # named by SHA-256: this site's own file, checked against it
         settings = dataclasses.replace(settings, weights=pretrained_file(cfg, settings.pretrained, where))
     check_schedule(cfg.policy, cfg.site, req.schedule, pinned_sites(party), where)

@@ -42,6 +42,9 @@ class SitePolicy:
     max_evaluations_per_run: int = field(default=256, metadata=_m(min=0, max=1_000_000))
     allow_logits: bool = True
     require_dp: bool = False
+    # hand the teacher on when this site's student is clearly worse on its validation split, whatever the
+    # coordinator's link.do_no_harm says
+    require_do_no_harm: bool = False
     max_epsilon_per_link: float = field(default=0.0, metadata=_m(min=0.0))  # 0: no per-link limit
     epsilon_budget: float = field(default=0.0, metadata=_m(min=0.0))  # cumulative over links and runs; 0: none
     # who may receive this site's final model besides the sites of the chain ('coordinator' only if listed)

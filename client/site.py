@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from weckd.chain.config import DataSettings, check_pretrained, read_yaml
+from weckd.chain.config import SHA256_HEX, DataSettings, check_pretrained, read_yaml
 from weckd.chain.errors import ConfigError
 from weckd.chain.files import file_sha256
 from weckd.chain.peers import SealingSettings
@@ -115,6 +115,8 @@ def _pretrained_files(files: dict[str, str], origin: Origin) -> dict[str, str]:
 
 def pretrained_file(cfg: SiteConfig, sha: str, where: str) -> str:
     """The local file for ``link.pretrained``: listed in this site's config and with exactly that SHA-256."""
+    if not SHA256_HEX.fullmatch(sha):  # the coordinator names weights by hash only, never by a path
+        raise Refused(Reason.BAD_REQUEST, f"{where}: link.pretrained is not a SHA-256")
     path = cfg.pretrained.get(sha)
     if path is None:
         raise Refused(Reason.PRETRAINED_UNKNOWN, f"{where}: link.pretrained {sha[:16]}…: this site holds no such "

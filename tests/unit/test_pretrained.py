@@ -90,6 +90,11 @@ def test_a_train_request_naming_pretrained_weights_trains_from_the_sites_file(tm
                                                            **{"seal-for": "weights:A"}),
                     {**link, "pretrained": "2" * 64}, False)
     assert err.value.reason is Reason.PRETRAINED_UNKNOWN
+    with pytest.raises(Refused) as err:  # a path where a hash belongs: refused before any lookup
+        admit_train(cfg, _data(), None, runs, _train_config(link=0, schedule=["B", "A", "C"],
+                                                           **{"seal-for": "weights:A"}),
+                    {**link, "pretrained": "../../etc/passwd"}, False)
+    assert err.value.reason is Reason.BAD_REQUEST and "passwd" not in str(err.value)
 
 
 def test_the_coordinator_names_weights_by_sha256_never_by_a_local_path(tmp_path: Path) -> None:

@@ -69,6 +69,20 @@ def test_do_no_harm_hands_the_teacher_on_when_the_student_scores_lower_at_this_s
     assert out.kept == "student" and out.val.accuracy >= out.teacher_val.accuracy  # type: ignore[union-attr]
 
 
+def test_a_site_that_requires_do_no_harm_applies_it_whatever_the_coordinator_sends(tmp_path: Path) -> None:
+    from weckd.client.admit import admit_train
+    from weckd.client.policy import SitePolicy
+    from weckd.client.runstate import RunState
+    from weckd.client.site import SiteConfig
+
+    from .test_site_policy import _data, _train_config
+
+    cfg = SiteConfig(site="B", state_dir=str(tmp_path / "state"), policy=SitePolicy(require_do_no_harm=True))
+    link = {"arch": "test_resnet", "epochs": 2, "batch_size": 16, "lr": 0.05, "do_no_harm": False}
+    ok = admit_train(cfg, _data(), None, RunState(cfg.state_dir, cfg.policy), _train_config(), link, True)
+    assert ok.settings.do_no_harm is True
+
+
 def test_clearly_worse_needs_more_than_a_few_images_of_lead() -> None:
     labels = torch.zeros(40, dtype=torch.long)
 
