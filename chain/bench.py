@@ -24,8 +24,7 @@ from .link import evaluate, model_from_state, predict_logits, score, train_link
 from .models import pick_device
 from .prepare import Prepared, prepare
 from .privacy import student_arch
-from .runner import ChainRun, link_seed, run_chain
-from .runner import pooled_rows as _pooled_rows
+from .runner import ChainRun, link_seed, pooled_rows, run_chain
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +139,7 @@ def single_backbone(cfg: ChainConfig, data: Prepared) -> float:
 def _pooled_only(cfg: ChainConfig, data: Prepared) -> float:
     """The pooled baseline of ``cfg`` alone (no chain)."""
     device = pick_device(cfg.runtime.device)
-    rows = _pooled_rows(cfg, data, device)
+    rows = pooled_rows(cfg, data, device)
     return rows[0].test.accuracy
 
 
