@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing
+import os
 import statistics
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -286,28 +291,97 @@ def parse_variant(text: str) -> Variant:
 POOLED = "pooled"
 
 
-def run_ablation(path: str, base: tuple[str, ...], seeds: list[int], variants: list[Variant]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class AblationJob:
+    """One model of an ablation: a seed and a variant (or a reference: ``link1``, ``pooled``)."""
+
+    seed: int
+    name: str
+    overrides: tuple[str, ...] = ()
+
+
+REFERENCES = ("link1", "pooled")
+
+
+def ablation_jobs(seeds: list[int], variants: list[Variant]) -> list[AblationJob]:
+    """Every model an ablation trains, seed by seed, the references first."""
+    return [job for seed in seeds for job in (
+        *(AblationJob(seed, ref) for ref in REFERENCES),
+        *(AblationJob(seed, v.name, v.overrides) for v in variants),
+    )]
+
+
+def run_job(path: str, base: tuple[str, ...], job: AblationJob) -> float:
+    """Test accuracy of one ablation model: link 1 (the first site alone, its whole budget), pooled (the
+    config's own recipe), a pooled-only variant or a chain variant (its delivered model)."""
+    overrides = tuple(o for o in job.overrides if o != POOLED)
+    cfg = load_config(path, (*base, f"seed={job.seed}", *overrides))
+    data = prepare(cfg.data, cfg.chain.order, job.seed, cfg.chain.mode == "logits")
+    if job.name == "link1" and not job.overrides:
+        return single_backbone(cfg, data)
+    if (job.name == "pooled" and not job.overrides) or POOLED in job.overrides:
+        cfg = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, sites=False, pooled=True))
+        return _pooled_only(cfg, data)
+    cfg = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, sites=False, pooled=False))
+    return run_chain(cfg, data).final.test.accuracy
+
+
+def _job_worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_jobs(jobs: list[tuple[str, tuple[str, ...], AblationJob]], workers: int = 1,
+             done: Callable[[str, tuple[str, ...], AblationJob, float, float], None] | None = None) -> list[float]:
+    """Accuracies of ``(config path, overrides, job)`` triples, in their order. ``workers`` > 1 runs them in as
+    many processes at once (a GPU trains several small models side by side); ``done`` hears of each as it
+    ends, with its accuracy and seconds."""
+    def finish(i: int, acc: float, seconds: float) -> float:
+        if done is not None:
+            done(*jobs[i], acc, seconds)
+        return acc
+
+    if workers <= 1:
+        out = []
+        for i, (path, base, job) in enumerate(jobs):
+            start = time.monotonic()
+            out.append(finish(i, run_job(path, base, job), time.monotonic() - start))
+        return out
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    accs: dict[int, float] = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_job_worker_init, initargs=(threads,)) as pool:
+        started = {pool.submit(_timed_job, *triple): i for i, triple in enumerate(jobs)}
+        for fut in as_completed(started):
+            i = started[fut]
+            acc, seconds = fut.result()
+            accs[i] = finish(i, acc, seconds)
+    return [accs[i] for i in range(len(jobs))]
+
+
+def _timed_job(path: str, base: tuple[str, ...], job: AblationJob) -> tuple[float, float]:
+    start = time.monotonic()
+    return run_job(path, base, job), time.monotonic() - start
+
+
+def run_ablation(path: str, base: tuple[str, ...], seeds: list[int], variants: list[Variant],
+                 workers: int = 1) -> dict[str, Any]:
     """Test accuracy of every variant's delivered model per seed, with link 1 (the first site alone, its
     whole budget) and pooled (the config's own recipe) as references."""
-    per_seed: list[dict[str, float]] = []
-    for seed in seeds:
-        cfg = load_config(path, (*base, f"seed={seed}"))
-        data = prepare(cfg.data, cfg.chain.order, seed, cfg.chain.mode == "logits")
-        pooled_cfg = dataclasses.replace(cfg, baselines=dataclasses.replace(cfg.baselines, sites=False, pooled=True))
-        scores = {"link1": single_backbone(cfg, data), "pooled": _pooled_only(pooled_cfg, data)}
-        for v in variants:
-            overrides = tuple(o for o in v.overrides if o != POOLED)
-            vcfg = load_config(path, (*base, f"seed={seed}", *overrides))
-            if POOLED in v.overrides:
-                vcfg = dataclasses.replace(vcfg, baselines=dataclasses.replace(vcfg.baselines, sites=False,
-                                                                               pooled=True))
-                scores[v.name] = _pooled_only(vcfg, data)
-                continue
-            vcfg = dataclasses.replace(vcfg, baselines=dataclasses.replace(vcfg.baselines, sites=False, pooled=False))
-            scores[v.name] = run_chain(vcfg, data).final.test.accuracy
-        log.info("ablation seed %d: %s", seed, ", ".join(f"{k}={v:.3f}" for k, v in scores.items()))
-        per_seed.append(scores)
-    return {"seeds": seeds, "variants": {v.name: list(v.overrides) for v in variants}, "per_seed": per_seed}
+    jobs = ablation_jobs(seeds, variants)
+    accs = run_jobs([(path, base, job) for job in jobs], workers,
+                      lambda _p, _b, job, acc, seconds: log.info("ablation seed %d %s: %.3f (%.0f s)",
+                                                                    job.seed, job.name, acc, seconds))
+    return ablation_result(seeds, variants, jobs, accs)
+
+
+def ablation_result(seeds: list[int], variants: list[Variant], jobs: list[AblationJob],
+                    accs: list[float]) -> dict[str, Any]:
+    """The ablation's results.json body from its jobs' accuracies."""
+    per_seed: dict[int, dict[str, float]] = {seed: {} for seed in seeds}
+    for job, acc in zip(jobs, accs):
+        per_seed[job.seed][job.name] = acc
+    return {"seeds": seeds, "variants": {v.name: list(v.overrides) for v in variants},
+            "per_seed": [per_seed[seed] for seed in seeds]}
 
 
 def ablation_table(result: dict[str, Any], title: str, reference: str = "") -> str:

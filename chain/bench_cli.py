@@ -15,6 +15,7 @@ import torch
 from .artifacts import write_json
 from .bench import (
     METHODS,
+    REFERENCES,
     ablation_table,
     compute,
     markdown_table,
@@ -53,6 +54,8 @@ def bench_command(argv: Sequence[str]) -> int:
     abl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="applies to every variant")
     abl.add_argument("--reference", default="", metavar="NAME",
                      help="a variant every other one is compared with seed by seed (e.g. cwt)")
+    abl.add_argument("--workers", type=int, default=1,
+                     help="models trained at once, each in its own process (e.g. 8 on one GPU; default 1)")
     perf = sub.add_parser("perf", help="performance ratios: trainer, federation overhead, relay bytes, memory")
     perf.add_argument("-o", "--out", required=True, help="output folder (one table and JSON per part, summary.md)")
     perf.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)}")
@@ -106,10 +109,17 @@ def _ablation(args: argparse.Namespace) -> int:
     variants = [parse_variant(v) for v in args.variant]
     if args.reference and args.reference not in {v.name for v in variants}:
         raise ConfigError(f"--reference {args.reference!r}: not one of the --variant names")
+    names = [v.name for v in variants]
+    clash = sorted({n for n in names if names.count(n) > 1 or n in REFERENCES})
+    if clash:
+        raise ConfigError(f"--variant {', '.join(clash)}: a name used twice or taken by a reference "
+                          f"({', '.join(REFERENCES)})")
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers}: expected 1 or more")
     cfg = load_config(args.config, args.set)
     check_archs(cfg)
     torch.set_num_threads(cfg.runtime.threads or 2)
-    result = run_ablation(args.config, tuple(args.set), list(range(args.seeds)), variants)
+    result = run_ablation(args.config, tuple(args.set), list(range(args.seeds)), variants, args.workers)
     title = f"{Path(args.config).stem}: ablation, {args.seeds} seeds"
     table = ablation_table(result, title, args.reference)
     with staged_dir(Path(args.out)) as stage:

@@ -66,7 +66,8 @@ class SiteConfig:
     state_dir: str = field(default="state", metadata=_m(path=True))
     max_wait: float = field(default=60.0, metadata=_m(min=0.0, max=86_400.0))  # 0: wait for the coordinator forever
     rejoin_wait: float = field(default=180.0, metadata=_m(min=0.0, max=86_400.0))  # see weckd.client.cli
-    # SuperNode heartbeat period: the coordinator notices a site that died after about twice this
+    # SuperNode heartbeat period: the coordinator notices a site that died after about twice this (10 s is
+    # the least Flower's SuperLink accepts: a shorter one is refused at activation)
     heartbeat: float = field(default=30.0, metadata=_m(min=10.0, max=1800.0))
     metrics: bool = True  # Prometheus /metrics (weckd.client.metrics); false or metrics_port 0: off
     metrics_address: str = "127.0.0.1"  # loopback unless the config opens it (docs/ports.md)

@@ -294,13 +294,32 @@ def _torn(where: str, why: str) -> StateError:
 
 
 def discard_state(state_dir: Path) -> Path | None:
-    """Move the checkpoint folder aside (``chain.discarded-<time>``), with the key that signed it; return where."""
+    """Move the checkpoint folder aside (``chain.discarded-<time>``), with the key that signed it; return where.
+
+    A completed chain's relay blobs go: its outputs are in the output folder, and a coordinator that runs
+    chain after chain would otherwise keep one final model per chain. An unfinished chain keeps them (it
+    can still be inspected and resumed by hand)."""
     d = folder(state_dir)
     if not os.path.lexists(d):
         return None
     target = d.with_name(f"{FOLDER}.discarded-{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(3)}")
     os.replace(d, target)
+    if not target.is_dir() or target.is_symlink():
+        return target
     key = Path(state_dir) / KEY_FILE
-    if os.path.lexists(key) and target.is_dir() and not target.is_symlink():
+    if os.path.lexists(key):
         os.replace(key, target / KEY_FILE)  # a fresh chain gets a fresh key
+    if _completed(target / STATE_FILE):
+        for blob in target.glob("relay-*.bin"):
+            if BLOB_FILE.fullmatch(blob.name):
+                blob.unlink(missing_ok=True)
     return target
+
+
+def _completed(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` says its chain is complete (False where it cannot be read)."""
+    try:
+        body = json.loads(_read_plain(path)).get("body", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(body, dict) and body.get("completed") is True

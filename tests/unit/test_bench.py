@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from weckd.chain.bench import (
     METHODS,
+    ablation_jobs,
+    ablation_result,
     ablation_table,
     average_states,
     compute,
@@ -15,6 +18,8 @@ from weckd.chain.bench import (
     paired,
     parse_variant,
     run_ablation,
+    run_job,
+    run_jobs,
     run_protocol,
     summarise,
     with_links,
@@ -89,3 +94,24 @@ def test_ablation_scores_chain_and_pooled_variants_with_paired_differences(tmp_p
     d = [s["chain-schedule"] - s["cwt"] for s in result["per_seed"]]
     row = next(line for line in table.splitlines() if line.startswith("| chain-schedule"))
     assert f"{100 * sum(d) / 2:+.1f} ± " in row and f"({sum(x < 0 for x in d)} below)" in row
+
+
+def test_ablation_in_worker_processes_scores_what_one_process_scores(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "c.yaml", deep_merge(TINY_CHAIN, {"baselines": {"sites": False, "pooled": False}}))
+    variants = [parse_variant("cwt:link.alpha=1.0"), parse_variant("pooled-adamw:pooled,link.optimizer=adamw")]
+    assert [(j.seed, j.name) for j in ablation_jobs([0, 1], variants)] == [
+        (s, n) for s in (0, 1) for n in ("link1", "pooled", "cwt", "pooled-adamw")]
+    jobs = ablation_jobs([0], variants)[1:]  # pooled, a chain variant and a pooled one (link1 has its own tests)
+    heard: list[tuple[int, str, float]] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # what each of the 2 workers gets
+    try:
+        alone = [run_job(str(path), (), job) for job in jobs]
+    finally:
+        torch.set_num_threads(threads)
+    pooled = run_jobs([(str(path), (), job) for job in jobs], workers=2,
+                      done=lambda _p, _b, job, score, seconds: heard.append((job.seed, job.name, score)))
+    assert pooled == alone
+    assert sorted(heard) == sorted((j.seed, j.name, s) for j, s in zip(jobs, alone))
+    result = ablation_result([0], variants, jobs, pooled)
+    assert result["per_seed"] == [{j.name: s for j, s in zip(jobs, pooled)}]

@@ -26,8 +26,9 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 def test_synthetic_chain_last_link_beats_link1_and_chance(repo: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     code, stdout, _ = _run(capsys, "chain", "-c", str(repo / "configs/chain-synthetic.yaml"), "-o", str(out),
-                           "--set", f"runtime.threads={THREADS}", "--set", "baselines.sites=false",
-                           "--set", "baselines.pooled=false")  # the links only: baselines have tests of their own
+                           "--set", f"runtime.threads={THREADS}", "--set", "link.epochs=4",
+                           "--set", "baselines.sites=false", "--set", "baselines.pooled=false")
+    # the links only, 4 epochs each: baselines have tests of their own
     assert code == 0
     summary = json.loads((out / "results.json").read_text())["summary"]
     assert summary["delivered_test_accuracy"] > summary["link1_test_accuracy"] + 0.05

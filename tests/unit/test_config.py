@@ -112,3 +112,20 @@ def test_lr_decay_scales_later_links_only(tmp_path: Path) -> None:
     cfg = _load(tmp_path, {"chain": {"lr_decay": 0.5}, "link": {"lr": 0.08}})
     assert [cfg.link_settings(k).lr for k in range(2)] == [0.08, 0.04]
     assert cfg.link_settings(1, decay=False).lr == 0.08
+
+
+def test_optimizer_defaults_to_adamw_and_each_optimizer_brings_its_own_lr_and_weight_decay(tmp_path: Path) -> None:
+    cfg = _load(tmp_path, {})
+    assert (cfg.link.optimizer, cfg.link.lr, cfg.link.weight_decay) == ("adamw", 1e-3, 0.05)
+    sgd = _load(tmp_path, {}, ("link.optimizer=sgd",))
+    assert (sgd.link.lr, sgd.link.weight_decay) == (0.05, 5e-4)
+    adam = _load(tmp_path, {"link": {"optimizer": "adam"}})
+    assert (adam.link.lr, adam.link.weight_decay) == (1e-3, 0.0)
+    mine = _load(tmp_path, {"link": {"optimizer": "sgd", "lr": 0.2}})  # what a config names is kept
+    assert (mine.link.lr, mine.link.weight_decay) == (0.2, 5e-4)
+    # a per-link optimizer brings its own defaults, not the chain's; one without an optimizer inherits
+    per_link = _load(tmp_path, {"links": [{"optimizer": "sgd"}, {"epochs": 2}]})
+    assert [(k.optimizer, k.lr, k.weight_decay) for k in per_link.links] == [("sgd", 0.05, 5e-4),
+                                                                            ("adamw", 1e-3, 0.05)]
+    with pytest.raises(ConfigError, match="link.optimizer"):
+        _load(tmp_path, {"link": {"optimizer": "lion"}})

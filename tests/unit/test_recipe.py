@@ -53,7 +53,8 @@ def test_the_chain_schedule_is_one_cosine_over_all_links_and_the_link_schedule_r
 def test_do_no_harm_hands_the_teacher_on_when_the_student_scores_lower_at_this_site() -> None:
     torch.set_num_threads(THREADS)
     site = _site()
-    good = train_link(LinkSettings(epochs=6, lr=0.05, batch_size=16), site, SPEC, seed=0, device=torch.device("cpu"))
+    good = train_link(LinkSettings(epochs=6, optimizer="sgd", lr=0.05, batch_size=16), site, SPEC, seed=0,
+                      device=torch.device("cpu"))
     assert good.val.accuracy > 0.5  # four classes: chance is 0.25
     teacher = Teacher(good.arch, good.state)
     weak = LinkSettings(epochs=1, lr=1e-5, batch_size=16, init="scratch", do_no_harm=True)

@@ -242,3 +242,16 @@ def test_fresh_start_after_discard_gets_a_new_key(tmp_path: Path) -> None:
     assert moved is not None and (moved / "chain.key").read_bytes() == key
     _state(tmp_path)
     assert (tmp_path / "state" / "chain.key").read_bytes() != key and _load(tmp_path) is not None
+
+
+def test_fresh_drops_a_completed_chains_relay_files_and_keeps_an_unfinished_ones(tmp_path: Path) -> None:
+    state, d = _state(tmp_path)
+    assert sorted(p.name for p in d.glob("relay-*.bin")) == ["relay-0-0.bin", "relay-0-1.bin"]
+    unfinished = discard_state(tmp_path / "state")
+    assert unfinished is not None and len(list(unfinished.glob("relay-*.bin"))) == 2  # resumable by hand
+    state, d = _state(tmp_path)
+    state.completed = True
+    save_state(tmp_path / "state", state)
+    done = discard_state(tmp_path / "state")
+    assert done is not None and list(done.glob("relay-*.bin")) == []  # its outputs are in out/
+    assert json.loads((done / "state.json").read_text())["body"]["completed"] is True

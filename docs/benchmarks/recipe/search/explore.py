@@ -38,7 +38,9 @@ def main() -> None:
     cfg_path, out, seeds, arch, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
     only = sys.argv[6].split(",") if len(sys.argv) > 6 else list(VARIANTS)
     logging.basicConfig(level=logging.WARNING)
-    common = [f"link.arch={arch}", f"data.image_size={size}"]
+    # the search ran SGD lr 0.02, the recipe's optimizer then (AdamW lr 1e-3 is the default since)
+    common = [f"link.arch={arch}", f"data.image_size={size}", "link.optimizer=sgd", "link.lr=0.02",
+              "link.weight_decay=0.0005"]
     with open(out, "a") as fh:
         for seed in range(seeds):
             base = load_config(cfg_path, [*common, f"seed={seed}"])
