@@ -249,19 +249,25 @@ def markdown_table(summary: dict[str, dict[str, float]], title: str, compute: di
     return "\n".join(lines) + "\n"
 
 
-def plot_summary(summary: dict[str, dict[str, float]], path: Path, title: str) -> None:
-    """A bar chart of mean test accuracy with ±std error bars."""
+def plot_summary(summary: dict[str, dict[str, float]], path: Path, title: str, n_classes: int) -> None:
+    """A bar chart of mean test accuracy with ±std error bars, zoomed to the accuracies, chance marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import accuracy_range
+
     names = list(summary)
+    chance = 1.0 / n_classes
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     ax.barh([LABELS[n] for n in names], [summary[n]["mean"] for n in names],
             xerr=[summary[n]["std"] for n in names], color="#4477aa")
+    ax.axvline(chance, color="red", linestyle=":", linewidth=1.5, label=f"chance ({chance:.0%})")
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("test accuracy")
-    ax.set_xlim(0, 1)
+    ends = [summary[n]["mean"] + s * summary[n]["std"] for n in names for s in (-1, 1)]
+    ax.set_xlim(*accuracy_range(ends, chance))
     ax.set_title(title)
     ax.invert_yaxis()
     fig.tight_layout()

@@ -100,7 +100,7 @@ def _protocol(args: argparse.Namespace) -> int:
             "per_seed": [{"seed": r.seed, "test_accuracy": r.test_accuracy} for r in results],
         })
         atomic_write_text(stage / "table.md", table)
-        plot_summary(summary, stage / "plot.png", title)
+        plot_summary(summary, stage / "plot.png", title, len(cfg.data.classes))
     print(table)
     return 0
 

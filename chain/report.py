@@ -12,6 +12,7 @@ import html
 import io
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -121,6 +122,22 @@ def _save_figure(fig: Figure, path: Path) -> None:
     atomic_write(path, png.getvalue())
 
 
+def accuracy_range(values: Sequence[float], chance: float, margin: float = 0.05) -> tuple[float, float]:
+    """Axis limits that hold ``values`` and the chance level with a margin, on a 0.05 grid within [0, 1]
+    and at least 0.2 wide: zoomed to where the accuracies are, not the whole unit interval."""
+    step = 0.05
+    lo = max(0.0, math.floor((min([*values, chance]) - margin) / step + 1e-9) * step)
+    hi = min(1.0, math.ceil((max([*values, chance]) + margin) / step - 1e-9) * step)
+    if hi - lo < 0.2:
+        lo, hi = max(0.0, min(lo, hi - 0.2)), min(1.0, max(hi, lo + 0.2))
+    return round(lo, 2), round(hi, 2)
+
+
+def chance_level(run: RunResults) -> float:
+    """Accuracy of guessing among the run's classes."""
+    return 1.0 / max(1, len(run.results.get("classes") or ()))
+
+
 def plot_accuracy(run: RunResults) -> Path:
     """Val and test accuracy per link, with the baselines' test accuracy as horizontal lines."""
     links = run.results["links"]
@@ -135,10 +152,14 @@ def plot_accuracy(run: RunResults) -> Path:
             ax.axhline(row["test"]["accuracy"], color=f"C{i + 2}", linestyle=":", label=f"{row['name']} (test)")
         elif row["kind"] == "pooled":
             ax.axhline(row["test"]["accuracy"], color="black", linestyle="-.", label="pooled (test)")
+    chance = chance_level(run)
+    ax.axhline(chance, color="red", linestyle=":", linewidth=1, label=f"chance ({chance:.0%})")
     ax.set_xticks(x, [f"{k}\n{r['site']}" for k, r in zip(x, links)])
     ax.set_xlabel("link (site)")
     ax.set_ylabel("accuracy")
-    ax.set_ylim(0, 1.02)
+    shown = [r[s]["accuracy"] for r in links for s in ("val", "test")]
+    shown += [b["test"]["accuracy"] for b in run.results["baselines"] if b["kind"] in ("site", "pooled")]
+    ax.set_ylim(*accuracy_range(shown, chance))
     ax.set_title("Accuracy per link")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -47,18 +48,25 @@ def breastmnist() -> Path:
 
 
 # Parallel runs (pytest-xdist, ``-n``): tests that share an expensive fixture run in one worker, so it is built
-# once. The unit tests (CPU-bound) run in one worker; the e2e modules reading the same live federations share one
-# group, other e2e modules one group each, and scenarios that each start their own federation one per test.
+# once. The unit tests (CPU-bound) run in three groups that fill the time the e2e tests spend waiting on their
+# processes; the e2e modules reading the same live federations share one group, other e2e modules one group
+# each, and scenarios that each start their own federation one per test.
 # The groups are the scopes of a LoadScope scheduler (xdist's xdist_group marks need pytest < 9).
 SHARED_FEDERATIONS = {"test_federation_weights", "test_federation_wire", "test_monitoring", "test_federation_logits"}
 ONE_PER_TEST = {"test_failures"}
+
+
+# The unit tests in three groups of about equal time: the four longest modules placed by hand, the rest by a
+# stable hash of their name.
+UNIT_GROUPS = 3
+HEAVY_UNIT = {"test_privacy": 0, "test_bench": 1, "test_cli_chain": 2, "test_perf": 2}
 
 
 def _group_of(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
     module = Path(path).stem
     if "/unit/" in f"/{path}":
-        return "unit"
+        return f"unit-{HEAVY_UNIT.get(module, zlib.crc32(module.encode()) % UNIT_GROUPS)}"
     if module in SHARED_FEDERATIONS:
         return "shared-federations"
     if module in ONE_PER_TEST:
@@ -68,7 +76,8 @@ def _group_of(nodeid: str) -> str:
 
 # Seconds each group takes on the 2-core CI machine (measured, rounded): the longest start first, so the
 # run does not end with one worker busy on a long federation while the other waits.
-GROUP_SECONDS = {"unit": 300, "shared-federations": 250, "tests/e2e/test_demo_predict.py": 130,
+GROUP_SECONDS = {"unit-0": 110, "unit-1": 100, "unit-2": 110,
+                 "shared-federations": 250, "tests/e2e/test_demo_predict.py": 130,
                  "tests/e2e/test_federation_hetero.py": 100, "tests/e2e/test_malicious_coordinator.py": 90,
                  "tests/e2e/test_onboarding.py": 60}
 

@@ -17,7 +17,8 @@ THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
 TINY_CHAIN: dict[str, Any] = {
     "seed": 3,
     "chain": {"order": ["A", "B"], "cycles": 1, "mode": "weights"},
-    "link": {"arch": "test_resnet", "epochs": 1, "batch_size": 16},
+    # SGD lr 0.05: a tiny synthetic set learns in one epoch with it (AdamW lr 1e-3, the default, needs more)
+    "link": {"arch": "test_resnet", "epochs": 1, "batch_size": 16, "optimizer": "sgd", "lr": 0.05},
     "data": {
         "dataset": "synthetic",
         "classes": ["c0", "c1", "c2", "c3"],

@@ -115,6 +115,12 @@ def test_lr_decay_scales_later_links_only(tmp_path: Path) -> None:
 
 
 def test_optimizer_defaults_to_adamw_and_each_optimizer_brings_its_own_lr_and_weight_decay(tmp_path: Path) -> None:
+    plain = {k: v for k, v in TINY_CHAIN["link"].items() if k not in ("optimizer", "lr")}
+
+    def _load(tmp_path: Path, extra: dict, overrides: tuple[str, ...] = ()):  # TINY_CHAIN without its optimizer
+        raw = deep_merge({**TINY_CHAIN, "link": plain}, extra)
+        return load_config(write_yaml(tmp_path / "c.yaml", raw), overrides)
+
     cfg = _load(tmp_path, {})
     assert (cfg.link.optimizer, cfg.link.lr, cfg.link.weight_decay) == ("adamw", 1e-3, 0.05)
     sgd = _load(tmp_path, {}, ("link.optimizer=sgd",))

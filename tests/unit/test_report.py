@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from weckd.chain.bench import plot_summary
 from weckd.chain.cli import main
-from weckd.chain.report import PNG_SIZES
+from weckd.chain.report import PNG_SIZES, accuracy_range
 
 from .helpers import TINY_CHAIN, write_yaml
 
@@ -109,3 +110,31 @@ def test_malformed_results_exit_2_with_one_line_and_no_report(content: str, tmp_
     assert code == 2
     assert "results" in _one_error_line(capsys.readouterr().err)
     assert not (tmp_path / "report.md").exists()
+
+
+@pytest.mark.parametrize(("values", "chance", "expected"), [
+    ([0.7, 0.9], 0.25, (0.2, 0.95)),  # four classes: chance 25% stays on the axis
+    ([0.8, 0.85], 0.5, (0.45, 0.9)),
+    ([0.98], 0.9, (0.8, 1.0)),  # at least 0.2 wide, never past 1
+    ([0.02, 0.1], 0.5, (0.0, 0.55)),  # never below 0
+])
+def test_accuracy_axis_zooms_to_the_values_and_the_chance_level(values: list[float], chance: float,
+                                                                 expected: tuple[float, float]) -> None:
+    lo, hi = accuracy_range(values, chance)
+    assert (lo, hi) == pytest.approx(expected)
+    assert lo <= min([*values, chance]) and hi >= max([*values, chance]) and hi - lo >= 0.2 - 1e-9
+
+
+def test_protocol_plot_marks_chance_and_zooms_to_the_accuracies(tmp_path: Path) -> None:
+    summary = {"link1": {"mean": 0.72, "std": 0.04}, "chain_warm": {"mean": 0.84, "std": 0.02},
+               "pooled": {"mean": 0.83, "std": 0.01}}
+    plot_summary(summary, tmp_path / "plot.png", "two classes", n_classes=2)
+    image = np.asarray(Image.open(tmp_path / "plot.png").convert("RGB")).astype(int)
+    red = (image[..., 0] > 200) & (image[..., 1] < 60) & (image[..., 2] < 60)  # the chance line
+    columns = np.flatnonzero(red.sum(0) > 50)
+    assert columns.size and columns.max() - columns.min() < 6  # one vertical line
+    # zoomed: bars start at the axis' left end (0.45, clipped), so chance (0.5) sits at 0.05/0.39 of the way to
+    # the longest bar's end (0.84); on a 0–1 axis it would sit at 0.5/0.84 of it
+    blue = np.flatnonzero(((np.abs(image - np.array([0x44, 0x77, 0xAA])) < 8).all(-1)).sum(0) > 20)
+    left, bar_end = blue.min(), blue.max()
+    assert 0.05 < (columns.mean() - left) / (bar_end - left) < 0.25
