@@ -123,9 +123,12 @@ def check_internals() -> None:
                           "update weckd.chain.flower") from None
 
 
-def cap_supernode_sleep(cap: float = 0.2, idle: float = 0.5, idle_after: float = 10.0) -> None:
+def cap_supernode_sleep(cap: float = 0.2, idle: float = 1.0, idle_after: float = 10.0) -> None:
     """Poll the Fleet API every ``cap`` seconds (Flower: 3 s) while the site had a message within ``idle_after``
-    seconds, every ``idle`` seconds after that; waits for a reply are capped at ``cap`` too."""
+    seconds, every ``idle`` seconds after that; waits for a reply are capped at ``cap`` too. A site waits
+    idle for whole links while the others train: each poll is a signed TLS request that the SuperLink answers
+    from its database, so polling once a second there costs half the CPU of twice, for at most one second
+    more before the site sees its next task."""
     import flwr.supernode.start_client_internal as sci
 
     sci.time = _CappedTime(IdlePoll(cap, idle, idle_after))  # type: ignore[assignment]

@@ -48,8 +48,8 @@ def breastmnist() -> Path:
 
 
 # Parallel runs (pytest-xdist, ``-n``): tests that share an expensive fixture run in one worker, so it is built
-# once. The unit tests (CPU-bound) run in three groups that fill the time the e2e tests spend waiting on their
-# processes; the e2e modules reading the same live federations share one group, other e2e modules one group
+# once. The unit tests (CPU-bound) run in three groups, so that they can fill the time the e2e tests spend
+# waiting on their processes; the e2e modules reading the same live federations share one group, other e2e modules one group
 # each, and scenarios that each start their own federation one per test.
 # The groups are the scopes of a LoadScope scheduler (xdist's xdist_group marks need pytest < 9).
 SHARED_FEDERATIONS = {"test_federation_weights", "test_federation_wire", "test_monitoring", "test_federation_logits"}

@@ -215,7 +215,7 @@ def test_dp_link_learns_above_chance() -> None:
     spec = ImageSpec(("c0", "c1", "c2", "c3"), 48, 1)
     site = make_site("A", read_labelled("synthetic", spec, synthetic_args=(400, 0.3, 5)), 0.25, seed=1)
     settings = LinkSettings(
-        arch="test_efficientnet", epochs=5, batch_size=32, optimizer="sgd", lr=0.2, weight_decay=5e-4,
+        arch="test_efficientnet", epochs=3, batch_size=32, optimizer="sgd", lr=0.2, weight_decay=5e-4,
         privacy=_rdp(1000.0, max_grad_norm=5.0)
     )
     result = train_link(settings, site, spec, seed=1, device=CPU)
