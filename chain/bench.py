@@ -347,11 +347,7 @@ def run_jobs(jobs: list[tuple[str, tuple[str, ...], AblationJob]], workers: int 
         return acc
 
     if workers <= 1:
-        out = []
-        for i, (path, base, job) in enumerate(jobs):
-            start = time.monotonic()
-            out.append(finish(i, run_job(path, base, job), time.monotonic() - start))
-        return out
+        return [finish(i, *_timed_job(*triple)) for i, triple in enumerate(jobs)]
     threads = max(1, (os.cpu_count() or 1) // workers)
     accs: dict[int, float] = {}
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),

@@ -49,8 +49,8 @@ def breastmnist() -> Path:
 
 # Parallel runs (pytest-xdist, ``-n``): tests that share an expensive fixture run in one worker, so it is built
 # once. The unit tests (CPU-bound) run in three groups, so that they can fill the time the e2e tests spend
-# waiting on their processes; the e2e modules reading the same live federations share one group, other e2e modules one group
-# each, and scenarios that each start their own federation one per test.
+# waiting on their processes; the e2e modules reading the same live federations share one group, other e2e
+# modules one group each, and scenarios that each start their own federation one per test.
 # The groups are the scopes of a LoadScope scheduler (xdist's xdist_group marks need pytest < 9).
 SHARED_FEDERATIONS = {"test_federation_weights", "test_federation_wire", "test_monitoring", "test_federation_logits"}
 ONE_PER_TEST = {"test_failures"}
@@ -74,7 +74,8 @@ def _group_of(nodeid: str) -> str:
     return path
 
 
-# Seconds each group takes on the 2-core CI machine (measured, rounded): the longest start first, so the
+# Seconds each group takes on the 2-core CI machine (measured, rounded; the unit groups split the unit tests'
+# measured total): the longest start first, so the
 # run does not end with one worker busy on a long federation while the other waits.
 GROUP_SECONDS = {"unit-0": 110, "unit-1": 100, "unit-2": 110,
                  "shared-federations": 250, "tests/e2e/test_demo_predict.py": 130,
