@@ -8,6 +8,11 @@ config error (before anything starts), 130 on Ctrl-C/SIGTERM (after stopping eve
 once the chain is complete, in this run or in the checkpoint found at start, the SuperLink stops and
 ``/metrics`` keeps serving the final state until SIGTERM or Ctrl-C, then the exit code is 0. A failed run
 still exits 1.
+
+``--service`` (a coordinator that stays up): the SuperLink starts once, the sites are admitted once, and the
+jobs queued with ``weckd submit`` (chains and baselines, see ``weckd.server.service``) run one after another,
+each with its own run id, checkpoint, results and model; ``weckd status`` shows the queue. It runs until
+SIGTERM or Ctrl-C, or with ``--exit-when-idle`` until its queue is empty.
 """
 from __future__ import annotations
 
@@ -27,16 +32,19 @@ from weckd.chain.procs import Group, raise_on_sigterm
 from weckd.chain.protocol import Event, Failure
 
 from .metrics import ServerMetrics, format_seconds
+from .service import KIND_TEXT, Job, Queue, check_job, record_results
 from .settings import RESULTS_FILE, Federation, check_files, coordinator_sealing, load_federation, write_effective
-from .state import ChainState, discard_state, load_state
+from .state import ChainState, StateError, discard_state, load_state
 from .status import read_events
 from .superlink import (
     Paths,
     hold_lock,
     register_and_submit,
+    register_sites,
     run_status,
     start_superlink,
     stop_run,
+    submit,
     write_app_dir,
     write_cli_config,
 )
@@ -47,6 +55,7 @@ FOLLOW_POLL_S = 0.25
 STATUS_EVERY_S = 60.0  # `flwr ls` costs ~1.5 s of CPU: the ServerApp reports its own end in the progress file
 HOLD_SLEEP_S = 3600.0  # a signal ends the sleep at once
 READY_FILE = "ready"
+SERVICE_POLL_S = 1.0  # an idle service looks at its queue once a second
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hold", action="store_true",
                         help="once the chain is complete (this run or its checkpoint), keep serving /metrics until "
                              "SIGTERM, then exit 0 (for supervisors that restart what exits)")
+    parser.add_argument("--service", action="store_true",
+                        help="stay up and run the jobs submitted with 'weckd submit' one after another (the chain "
+                             "settings in the config are each job's defaults)")
+    parser.add_argument("--exit-when-idle", action="store_true",
+                        help="with --service: once the queue is empty, stop (exit 0 when every job it ran completed, "
+                             "1 otherwise) instead of waiting for more jobs")
     parser.add_argument("--wire-log", default="", help=argparse.SUPPRESS)  # tests: record every message
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -78,7 +93,12 @@ def _serve(args: argparse.Namespace) -> int:
     paths = Paths.under(Path(fed.settings.state_dir).resolve())
     private_dir(paths.state)
     lock = hold_lock(paths.state)  # one coordinator per state dir; released by the OS if we die
-    complete = _checkpoint(fed, paths.state, args.fresh, args.hold)
+    if args.service and (args.fresh or args.hold):
+        lock.close()
+        flag = "--fresh" if args.fresh else "--hold"
+        raise ConfigError(f"--service runs submitted jobs, each with its own checkpoint; {flag} applies to the "
+                          "one-shot coordinator only")
+    complete = None if args.service else _checkpoint(fed, paths.state, args.fresh, args.hold)
     (paths.state / READY_FILE).unlink(missing_ok=True)
     raise_on_sigterm()
     metrics = ServerMetrics(fed.chain.n_links, list(fed.chain.chain.order), fed.settings.link_timeout)
@@ -86,6 +106,8 @@ def _serve(args: argparse.Namespace) -> int:
     metrics.serve(s.metrics_address, s.metrics_port if s.metrics else 0)
     held = False
     try:
+        if args.service:
+            return _service(fed, paths, out, args.wire_log, metrics, args.exit_when_idle)
         if complete is None:
             code = _federate(fed, paths, out, args.wire_log, metrics)  # a failed run raises: never held
             why = "the chain completed"
@@ -108,10 +130,78 @@ def _federate(fed: Federation, paths: Paths, out: Path, wire_log: str, metrics: 
         start_superlink(fed, group, paths)
         write_cli_config(fed, paths)
         write_app_dir(paths)
-        return _run(fed, paths, group, out, wire_log, metrics)
+        return _run(fed, paths, group, out, wire_log, metrics, paths.state)
     finally:
         group.stop_all()
         log.info("SuperLink stopped")
+
+
+def _service(fed: Federation, paths: Paths, out_root: Path, wire_log: str, metrics: ServerMetrics,
+             exit_when_idle: bool = False) -> int:
+    """``--service``: the SuperLink stays up and the sites stay admitted; the queued jobs run one after
+    another until SIGTERM or Ctrl-C (then 130; a job cut short resumes from its checkpoint at the next start),
+    or, with ``exit_when_idle``, until the queue is empty (0 when every job it ran completed, else 1)."""
+    group = Group(paths.logs, fed.settings.shutdown_timeout)
+    queue = Queue(paths.state)
+    try:
+        start_superlink(fed, group, paths)
+        write_cli_config(fed, paths)
+        write_app_dir(paths)
+        register_sites(fed, paths)
+        atomic_write_text(paths.state / READY_FILE, f"{time.time()}\n")
+        log.info("service up: sites %s admitted; submit jobs with: weckd submit JOB.yaml -c %s",
+                 ", ".join(fed.sites), fed.source)
+        failed = 0
+        while True:
+            died = group.exited()
+            if died is not None:
+                raise WeckdError(f"{died[0]} exited with code {died[1]}; see {paths.logs / (died[0] + '.log')}")
+            job = queue.take()
+            if job is None:
+                if exit_when_idle:
+                    log.info("queue empty: stopping (--exit-when-idle)")
+                    return 1 if failed else 0
+                time.sleep(SERVICE_POLL_S)
+                continue
+            _run_job(fed, queue, job, paths, group, out_root, wire_log, metrics)
+            failed += job.status == "failed"
+    finally:
+        group.stop_all()
+        log.info("SuperLink stopped")
+
+
+def _run_job(fed: Federation, queue: Queue, job: Job, paths: Paths, group: Group, out_root: Path, wire_log: str,
+             metrics: ServerMetrics) -> None:
+    """Run one job to its end; a job's own failure is recorded and the service goes on."""
+    job_dir = queue.job_dir(job.id)
+    out = out_root / job.id
+    job.attempts += 1
+    queue.save(job)
+    log.info("job %s (%s, %s): %s", job.id, job.name, KIND_TEXT[job.kind],
+             "starting" if job.attempts == 1 else f"resuming (start {job.attempts})")
+    try:
+        jfed = check_job(fed, job)
+        _check_sealing(jfed)
+        state = load_state(job_dir, jfed)
+        metrics.new_chain(jfed.chain.n_links, list(jfed.chain.chain.order), jfed.settings.link_timeout)
+        if state is None or not state.completed:
+            _run(jfed, paths, group, out, wire_log, metrics, job_dir, register=False)
+        job.summary = record_results(out, job)
+        job.status, job.output = "completed", str(out)
+        discard_state(job_dir)  # its outputs are in the output folder: the relay blobs go
+        log.info("job %s completed: delivered accuracy %s; outputs in %s", job.id,
+                 _fmt(job.summary.get("delivered_accuracy")), out)
+    except (ConfigError, LinkError, StateError, OSError, ValueError) as err:
+        job.status, job.reason = "failed", str(err)
+        log.error("job %s failed: %s", job.id, err)
+    finally:
+        if job.status != "running":
+            job.finished = time.time()
+        queue.save(job)
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else "-"
 
 
 def _hold(why: str) -> int:
@@ -164,15 +254,20 @@ def _checkpoint(fed: Federation, state_dir: Path, fresh: bool, hold: bool) -> Ch
     return None
 
 
-def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, metrics: ServerMetrics) -> int:
-    progress = paths.state / f"progress-{int(time.time() * 1000)}.jsonl"
+def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, metrics: ServerMetrics,
+         state_dir: Path, register: bool = True) -> int:
+    """Submit the chain as one Flower run (its checkpoint and progress in ``state_dir``) and follow it: 0 when it
+    completed (it raises otherwise). ``register``: register the sites' keys in the same ``flwr`` process."""
+    progress = state_dir / f"progress-{int(time.time() * 1000)}.jsonl"
+    private_dir(out)
     (out / RESULTS_FILE).unlink(missing_ok=True)
-    effective, digest = write_effective(fed, paths.state)
+    effective, digest = write_effective(fed, state_dir)
     log.info("effective config (after --set) in %s, sha256 %s", effective, digest[:16])
-    run_id = register_and_submit(fed, paths, {
-        "federation-config": str(effective), "config-dir": fed.base_dir, "output-dir": str(out),
-        "state-dir": str(paths.state), "progress-file": str(progress), "wire-log": wire_log})
-    atomic_write_text(paths.state / READY_FILE, f"{time.time()}\n")  # the sites' keys are registered (tests, demo)
+    run_config = {"federation-config": str(effective), "config-dir": fed.base_dir, "output-dir": str(out),
+                  "state-dir": str(state_dir), "progress-file": str(progress), "wire-log": wire_log}
+    run_id = register_and_submit(fed, paths, run_config) if register else submit(paths, run_config)
+    if register:
+        atomic_write_text(paths.state / READY_FILE, f"{time.time()}\n")  # the sites' keys are registered
     log.info("run %d submitted; waiting for sites %s", run_id, ", ".join(fed.chain.chain.order))
     metrics.set_run(run_id, fed.chain.chain.mode)
     try:

@@ -145,6 +145,21 @@ class ServerMetrics:
         for reason in FAILURE_REASONS:
             self.failures.labels(reason)
 
+    def new_chain(self, links: int, sites: list[str], expected_link_seconds: float) -> None:
+        """A service coordinator starts its next job: the per-chain gauges start over (counters keep counting:
+        Prometheus counters only go up)."""
+        self.clock = ChainClock()
+        self._default_expected = expected_link_seconds
+        for gauge in (self.current_site, self.duration, self.accuracy, self.loss, self.ce, self.kd, self.epsilon,
+                      self.delivered, self.connected, self.skipped):
+            gauge.clear()
+        self._sites = list(sites)
+        self._connected = set()
+        self.sites_connected.set(0)
+        self.links_done.set(0)
+        self._idle()
+        self._initial(links)
+
     def set_run(self, run_id: int, mode: str) -> None:
         self.info.info({"run_id": str(run_id), "mode": mode, "version": __version__})
 

@@ -95,6 +95,12 @@ def load_federation(path: str | Path, overrides: tuple[str, ...] = (), base_dir:
         origin = Origin(origin.source, Path(base_dir))
     for item in overrides:
         apply_override(raw, item)
+    return federation_from_mapping(raw, origin)
+
+
+def federation_from_mapping(raw: dict[str, Any], origin: Origin) -> Federation:
+    """Validate a federation mapping (as read from YAML); relative paths resolve against ``origin.base_dir``."""
+    raw = copy.deepcopy(raw)
     effective = copy.deepcopy(raw)
     fed_raw = raw.pop("federation", None)
     if fed_raw is None:

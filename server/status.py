@@ -17,6 +17,7 @@ from weckd.chain.cli import run_command, setup_logging
 from weckd.chain.protocol import Event
 
 from .metrics import ChainClock, format_seconds
+from .service import Queue
 from .settings import RESULTS_FILE, Federation, load_federation
 from .superlink import LOCK_FILE
 
@@ -60,8 +61,14 @@ def read_events(progress: Path) -> list[dict[str, Any]]:
 def chain_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     """The chain's state, current link, sites online, links done, ETA and (once complete) the delivered result."""
     state = Path(fed.settings.state_dir)
+    return chain_status_at(state, Path(fed.settings.output_dir), len(fed.chain.chain.order) * fed.chain.chain.cycles,
+                           _running(state), now)
+
+
+def chain_status_at(state: Path, output: Path, default_links: int, running: bool, now: float | None = None
+                    ) -> dict[str, Any]:
+    """:func:`chain_status` of the chain whose progress files are in ``state`` and outputs in ``output``."""
     events, now = _events(state), now or time.time()
-    running = _running(state)
     kinds = [e.get("event") for e in events]
     status = ("completed" if Event.COMPLETED in kinds else "failed" if Event.FAILED in kinds
               else "running" if running else "stopped" if events else "not started")
@@ -82,14 +89,14 @@ def chain_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "state": status, "coordinator_running": running,
         "run_id": next((e["run_id"] for e in events if "run_id" in e), None),
-        "links": clock.links or len(fed.chain.chain.order) * fed.chain.chain.cycles, "links_done": done,
+        "links": clock.links or default_links, "links_done": done,
         "current": current if status == "running" else None, "sites_online": online,
         "skipped": [e.get("site") for e in events if e.get("event") == Event.SITE_SKIPPED],
         "elapsed_seconds": (now - clock.start) if events else None,
         "eta_seconds": clock.eta(now) if status == "running" else None,
         "failure": next((e.get("reason") for e in events if e.get("event") == Event.FAILED), None),
     }
-    results = Path(fed.settings.output_dir) / RESULTS_FILE
+    results = output / RESULTS_FILE
     if status == "completed" and results.is_file():
         data = json.loads(results.read_text(encoding="utf-8"))
         summary = data.get("summary", {})
@@ -118,6 +125,48 @@ def format_status(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+RECENT_JOBS = 10  # finished jobs a service status lists, newest first
+
+
+def is_service(fed: Federation) -> bool:
+    """Whether this coordinator runs submitted jobs (a queue or job records in its state dir)."""
+    q = Queue(fed.settings.state_dir)
+    return q.queue.is_dir() or q.jobs.is_dir()
+
+
+def service_status(fed: Federation, now: float | None = None) -> dict[str, Any]:
+    """A service coordinator: its queue, the running job (with its chain's status) and the latest finished jobs."""
+    state = Path(fed.settings.state_dir)
+    q, running = Queue(state), _running(state)
+    records = q.records()
+    current = next((j for j in records if j.status == "running"), None)
+    out: dict[str, Any] = {"mode": "service", "coordinator_running": running,
+                           "queue": [j.brief() for j in q.queued()], "running": None,
+                           "recent": [j.brief() for j in records if j.status != "running"][::-1][:RECENT_JOBS]}
+    if current is not None:
+        chain = chain_status_at(q.job_dir(current.id), Path(fed.settings.output_dir) / current.id, 0, running, now)
+        out["running"] = {**current.brief(), "chain": chain}
+    return out
+
+
+def format_service_status(s: dict[str, Any]) -> str:
+    lines = [f"coordinator service: {'running' if s['coordinator_running'] else 'not running'}; "
+             f"{len(s['queue'])} job(s) queued"]
+    cur = s["running"]
+    if cur is not None:
+        lines.append(f"running: job {cur['id']} ({cur['name']}, {cur['kind']})"
+                     + ("" if s["coordinator_running"] else " (resumes when the coordinator starts again)"))
+        lines += ["  " + line for line in format_status(cur["chain"]).splitlines()]
+    for j in s["queue"]:
+        lines.append(f"queued: job {j['id']} ({j['name']}, {j['kind']}), submitted "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(j['submitted']))}")
+    for j in s["recent"]:
+        acc = j.get("summary", {}).get("delivered_accuracy")
+        what = f"delivered accuracy {acc:.3f}" if isinstance(acc, float) else (j.get("reason") or "")[:160]
+        lines.append(f"{j['status']}: job {j['id']} ({j['name']}, {j['kind']}) {what}".rstrip())
+    return "\n".join(lines)
+
+
 def status_command(argv: Sequence[str]) -> int:
     """Show where the coordinator's chain stands (reads its state dir; no network)."""
     parser = argparse.ArgumentParser(prog="weckd status", description=status_command.__doc__)
@@ -127,7 +176,12 @@ def status_command(argv: Sequence[str]) -> int:
     setup_logging(False)
 
     def body() -> int:
-        s = chain_status(load_federation(args.config))
+        fed = load_federation(args.config)
+        if is_service(fed):
+            s = service_status(fed)
+            print(json.dumps(s, indent=1) if args.json else format_service_status(s))
+            return 0
+        s = chain_status(fed)
         print(json.dumps(s, indent=1) if args.json else format_status(s))
         return 0
 

@@ -5,6 +5,7 @@ TLS and SuperNode auth. Each federation runs once per session and every process 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,10 +36,79 @@ class FederatedRun:
     seconds: float = 0.0
     observed: prometheus.Observed | None = None  # what a real Prometheus scraped (monitor=True)
     procs: ProcWatch | None = None  # what the federation's processes held while it ran
+    out_dir: Path | None = None  # where this run's outputs are (a service coordinator: one folder per job)
+    service: ServiceRun | None = None  # a service coordinator: the jobs and what status and compare said
 
     @property
     def out(self) -> Path:
-        return self.scaffold.root / "out"
+        return self.out_dir or self.scaffold.root / "out"
+
+
+@dataclass
+class ServiceRun:
+    jobs: list[str]  # job ids in the order they were submitted (the first one while no coordinator ran)
+    during: dict[str, Any]  # `weckd status --json` just after the later jobs were submitted
+    final: dict[str, Any]  # `weckd status --json` once the coordinator stopped
+    sites_alive: dict[str, bool]  # each site's weckd-client still the same process when the last job was done
+    compare: str  # `weckd compare` of every job
+    plot: Path
+
+
+def weckd(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(Path(sys.executable).with_name("weckd")), *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _status(scaffold: Scaffold) -> dict[str, Any]:
+    r = weckd("status", "-c", str(scaffold.federation), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _submit(scaffold: Scaffold, name: str, job: dict[str, Any], kind: str = "chain") -> str:
+    path = scaffold.root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    r = weckd("submit", str(path), "-c", str(scaffold.federation), "--kind", kind, "--json")
+    assert r.returncode == 0, r.stderr
+    return str(json.loads(r.stdout)["id"])
+
+
+def run_service(root: Path, chain: dict[str, Any], federation: dict[str, Any], server_args: tuple[str, ...],
+                later: list[tuple[str, str, dict[str, Any]]]) -> FederatedRun:
+    """A service coordinator (``weckd-server --service --exit-when-idle``) and 3 sites started before it. One
+    job (the config's own chain, no overrides) is queued before the coordinator starts; once its first link
+    trains, the ``later`` jobs (name, kind, overrides) are submitted. The run's results are the first job's."""
+    scaffold = make_scaffold(root, chain, federation)
+    fed = LocalFederation(scaffold, stop_timeout=10.0)
+    watch = ProcWatch(root)
+    start = time.monotonic()
+    try:
+        watch.start()
+        for site in scaffold.sites:
+            fed.start_site(site)
+        _wait_sites_waiting(fed)
+        jobs = [_submit(scaffold, "first", {})]
+        fed.start_server("--service", "--exit-when-idle", *server_args)
+        fed.wait_ready()
+        deadline = time.monotonic() + RUN_TIMEOUT
+        while not ((_status(scaffold).get("running") or {}).get("chain") or {}).get("current"):
+            assert fed.server.poll() is None and time.monotonic() < deadline, "the first job never started a link"
+            time.sleep(0.5)
+        jobs += [_submit(scaffold, name, job, kind) for name, kind, job in later]
+        during = _status(scaffold)
+        rc = fed.wait_server(RUN_TIMEOUT * 2)
+        alive = {name: proc.poll() is None for name, proc in fed.group.procs if name.startswith("weckd-client-")}
+        seconds = time.monotonic() - start
+    finally:
+        watch.stop()
+        fed.stop()
+    plot = root / "compare.png"
+    compare = weckd("compare", *jobs, "-c", str(scaffold.federation), "--plot", str(plot))
+    assert compare.returncode == 0, compare.stderr
+    out = scaffold.root / "out" / jobs[0]
+    results = json.loads((out / "results.json").read_text()) if rc == 0 else {}
+    return FederatedRun(scaffold, rc, results, [], {}, seconds, None, watch, out_dir=out,
+                        service=ServiceRun(jobs, during, _status(scaffold), alive, compare.stdout, plot))
 
 
 def _read_wire(path: Path) -> list[dict[str, Any]]:
@@ -155,10 +225,14 @@ def hetero_weights_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed
     """Weights mode across architectures: distillation from a live teacher of another architecture,
     warm start only where the architectures match; evaluation by the next link's site. The YAML says
     3 epochs a link and ``weckd-server --set link.epochs=2`` overrides it. The sites start first and
-    wait for their coordinator (any start order)."""
+    wait for their coordinator (any start order), and the coordinator is a service that runs it as a job."""
     chain = chain_settings({
         "link": {"epochs": 3},
         "links": [{"arch": "test_resnet"}, {"arch": "test_efficientnet"}, {"arch": "test_efficientnet"}],
     })
-    yield run_federation(tmp_path_factory.mktemp("weights-hetero"), chain, {"evaluate": "next"},
-                         server_args=("--set", "link.epochs=2"), sites_first=True)
+    # the same federation runs as a service: a second chain and a baseline (each site alone) are submitted while
+    # the first job runs, one architecture and every site evaluating every link (tests/e2e/test_service.py)
+    same_arch = {"links": [], "link": {"epochs": 1}, "federation": {"evaluate": "all"}}
+    yield run_service(tmp_path_factory.mktemp("weights-hetero"), chain, {"evaluate": "next"},
+                      ("--set", "link.epochs=2"), [("second-chain", "chain", same_arch),
+                                                   ("sites-alone", "local", same_arch)])
