@@ -14,6 +14,7 @@ before they become part of a path, and :func:`inside` joins and refuses anything
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -22,7 +23,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import IO, BinaryIO, Iterator
 
 from .errors import ConfigError, SecurityError, WeckdError
 from .protocol import Reason, Refused
@@ -191,3 +192,35 @@ def file_sha256(path: Path, where: str) -> str:
         return _sha256_of(str(path), info.st_size, info.st_mtime_ns)
     except OSError as err:
         raise ConfigError(f"{where}: {path}: cannot read the file ({err.strerror})") from None
+
+
+def process_lock(path: Path, who: str) -> IO[str]:
+    """Hold an exclusive lock on ``path`` (0600, its holder's pid inside) for the life of the process (the OS
+    releases it if the process dies): one ``who`` per state dir. WeckdError naming the holder if it is held."""
+    refuse_symlink(path)
+    fh = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "r+", encoding="utf-8")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise WeckdError(f"{path.parent}: another {who} (pid {holder}) runs on this state dir; stop it first") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
+
+
+def lock_held(path: Path) -> bool:
+    """Whether a process holds the lock on ``path`` (tried without waiting, then released)."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    with path.open("r") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False

@@ -28,13 +28,14 @@ from typing import Sequence
 
 from weckd.chain.cli import ERROR_PREFIX, run_command, setup_logging
 from weckd.chain.errors import ConfigError, ReportedError, WeckdError
-from weckd.chain.files import atomic_write, atomic_write_text, file_sha256, private_dir
+from weckd.chain.files import atomic_write, atomic_write_text, file_sha256, private_dir, process_lock
 from weckd.chain.flower import check_internals
 from weckd.chain.peers import load_party
 from weckd.chain.procs import Group, flower_env, raise_on_sigterm, wait_port
 
 from .metrics import SiteMetrics, SiteStatus, read_status, status_path
 from .site import SiteConfig, load_site_config
+from .status import LOCK_FILE, format_site_status, site_status
 from .supernode import HEARTBEAT_ENV
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--site", required=True, help="this site's name (as registered at the coordinator)")
     parser.add_argument("-c", "--config", required=True, help="site YAML")
     parser.add_argument("--check", action="store_true", help="validate config and data, then exit")
+    parser.add_argument("--status", action="store_true",
+                        help="show what this site is doing and the runs it joined (reads its state dir), then exit")
+    parser.add_argument("--json", action="store_true", help="with --status: one JSON object, for scripts")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -64,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     cfg = load_site_config(args.config, args.site)
+    if args.status:
+        s = site_status(cfg)
+        print(json.dumps(s, indent=1) if args.json else format_site_status(s))
+        return 0
     for key, path in (("ca", cfg.ca), ("auth_key", cfg.auth_key)):
         if not Path(path).is_file():
             raise ConfigError(f"{cfg.source}: {key}: {path}: file not found; copy it from the coordinator "
@@ -80,6 +88,8 @@ def _serve(args: argparse.Namespace) -> int:
         return 0
     check_internals()
     state = Path(cfg.state_dir).resolve()
+    private_dir(state)
+    lock = process_lock(state / LOCK_FILE, "weckd-client")  # one supervisor per state dir; --status reads it
     group = Group(state / "logs", 10.0)
     raise_on_sigterm()
     SiteStatus(status_path(cfg.state_dir)).reset()
@@ -94,6 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         metrics.close()
         group.stop_all()
+        lock.close()
         log.info("site %s stopped", cfg.site)
 
 

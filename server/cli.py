@@ -48,6 +48,7 @@ from .superlink import (
     write_app_dir,
     write_cli_config,
 )
+from .tracking import local_uri, track_in_child
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ def _run_job(fed: Federation, queue: Queue, job: Job, paths: Paths, group: Group
             _run(jfed, paths, group, out, wire_log, metrics, job_dir, register=False)
         job.summary = record_results(out, job)
         job.status, job.output = "completed", str(out)
+        track(jfed, out, out_root)
         discard_state(job_dir)  # its outputs are in the output folder: the relay blobs go
         log.info("job %s completed: delivered accuracy %s; outputs in %s", job.id,
                  _fmt(job.summary.get("delivered_accuracy")), out)
@@ -198,6 +200,17 @@ def _run_job(fed: Federation, queue: Queue, job: Job, paths: Paths, group: Group
         if job.status != "running":
             job.finished = time.time()
         queue.save(job)
+
+
+def track(fed: Federation, out: Path, root: Path) -> None:
+    """Log a completed run to MLflow when ``federation.mlflow`` is set (a local store under ``root`` by default)."""
+    m = fed.settings.mlflow
+    if m is None:
+        return
+    s = fed.settings
+    federation = {"evaluate": s.evaluate, "on_site_failure": s.on_site_failure,
+                  "sealed_for": list(s.sealing.deliver_to) if s.sealing else None}
+    track_in_child(out, m.tracking_uri or local_uri(root), m.experiment, federation)
 
 
 def _fmt(value: object) -> str:
@@ -277,6 +290,8 @@ def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, 
         raise
     if status == "finished:completed" and (out / RESULTS_FILE).is_file():
         log.info("run %d completed; outputs in %s", run_id, out)
+        if register:  # the one-shot coordinator; a service job is tracked once its results carry the job
+            track(fed, out, out)
         return 0
     reason = _failure_reason(progress) or details or status
     if not _failure_reason(progress):  # the ServerApp never said why: it died, or the run outlived its deadline

@@ -58,7 +58,7 @@ KIND_TEXT = {"chain": "WeCKD chain", "cwt": "cyclic weight transfer (no distilla
 # federation keys a job may set for its own run; the rest (addresses, TLS, keys, folders, sealing, metrics)
 # belong to the running coordinator
 JOB_FEDERATION_KEYS = ("evaluate", "on_site_failure", "link_timeout", "discovery_timeout", "retries",
-                       "retry_wait", "message_ttl")
+                       "retry_wait", "message_ttl", "mlflow")
 JOB_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9]{3}-[0-9a-f]{4}")
 STATES = ("queued", "running", "completed", "failed", "cancelled")
 
@@ -251,6 +251,7 @@ def submit(config: str | Path, job_file: str | Path, kind: str = "chain", name: 
               source=str(Path(job_file).resolve()), job=read_job_file(job_file))
     jfed = check_job(fed, job)
     _check_archs(jfed, job)
+    job.submitted = time.time()  # queued now, once valid
     Queue(fed.settings.state_dir).put(job)
     return job
 

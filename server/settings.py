@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,15 @@ class FederationSealing:
 
 
 @dataclass(frozen=True)
+class MlflowSettings:
+    """Experiment tracking in MLflow (``pip install 'weckd[mlflow]'``): every completed chain and baseline is
+    logged (``weckd.server.tracking``)."""
+
+    tracking_uri: str = ""  # empty: a local store in the output dir (sqlite:///<output_dir>/mlflow.db)
+    experiment: str = "weckd"
+
+
+@dataclass(frozen=True)
 class FederationSettings:
     """How the coordinator runs the federation (never sent to the sites)."""
 
@@ -72,6 +83,7 @@ class FederationSettings:
     metrics_address: str = "127.0.0.1"  # loopback unless the config opens it (docs/ports.md)
     metrics_port: int = field(default=9464, metadata=_m(min=0, max=65535))
     metrics_linger: float = field(default=0.0, metadata=_m(min=0.0, max=3600.0))  # serve the final state longer
+    mlflow: MlflowSettings | None = None  # None: no experiment tracking
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,7 @@ def federation_from_mapping(raw: dict[str, Any], origin: Origin) -> Federation:
     chain = config_from_mapping(raw, origin, data_paths=False)  # the coordinator reads no images
     sites = _sites(sites_raw, chain, origin)
     _check_address(settings.fleet_address, origin)
+    _check_mlflow(settings.mlflow, origin)
     _check_sealing(settings.sealing, chain, origin)
     if any(chain.link_settings(k).weights for k in range(chain.n_links)):
         raise ConfigError(f"{origin.source}: link.weights names a file on the coordinator, which trains nothing; "
@@ -137,6 +150,20 @@ def write_effective(fed: Federation, state_dir: Path) -> tuple[Path, str]:
     path = Path(state_dir) / EFFECTIVE_FILE
     atomic_write_text(path, text)
     return path, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_mlflow(mlflow: MlflowSettings | None, origin: Origin) -> None:
+    if mlflow is None:
+        return
+    uri = mlflow.tracking_uri
+    if uri and not re.fullmatch(r"[a-z][a-z0-9+.-]*:.+", uri):
+        raise ConfigError(f"{origin.source}: federation.mlflow.tracking_uri: {uri!r} is not a URI, e.g. "
+                          "http://127.0.0.1:5000 or sqlite:////var/lib/weckd/mlflow.db (empty: a local store)")
+    if not mlflow.experiment.strip():
+        raise ConfigError(f"{origin.source}: federation.mlflow.experiment: give the experiment a name")
+    if importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(f"{origin.source}: federation.mlflow: MLflow is not installed here; install the extra "
+                          "(pip install 'weckd[mlflow]') or remove the section")
 
 
 def _check_sealing(sealing: FederationSealing | None, chain: ChainConfig, origin: Origin) -> None:

@@ -7,13 +7,13 @@ scripts.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from weckd.chain.cli import run_command, setup_logging
+from weckd.chain.files import lock_held
 from weckd.chain.protocol import Event
 
 from .metrics import ChainClock, format_seconds
@@ -23,17 +23,8 @@ from .superlink import LOCK_FILE
 
 
 def _running(state: Path) -> bool:
-    """Whether a weckd-server holds this state dir's lock (tried without waiting, then released)."""
-    path = state / LOCK_FILE
-    if not path.is_file():
-        return False
-    with path.open("r") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        fcntl.flock(fh, fcntl.LOCK_UN)
-    return False
+    """Whether a weckd-server holds this state dir's lock."""
+    return lock_held(state / LOCK_FILE)
 
 
 def _events(state: Path) -> list[dict[str, Any]]:

@@ -3,10 +3,8 @@ registration, the config-only app bundle, and submitting and following a run.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -16,7 +14,7 @@ from typing import IO, Any
 import tomli_w
 from weckd.chain.appbundle import app_pyproject
 from weckd.chain.errors import WeckdError
-from weckd.chain.files import atomic_write_text, private_dir, refuse_symlink
+from weckd.chain.files import atomic_write_text, private_dir, process_lock
 from weckd.chain.procs import Group, flower_env, kill_leftovers, wait_port
 
 from .settings import Federation
@@ -75,22 +73,7 @@ LOCK_FILE = "weckd-server.lock"  # in the state dir; ``weckd status`` tells a ru
 
 def hold_lock(state: Path) -> IO[str]:
     """Hold ``state/weckd-server.lock`` for the life of the process: one coordinator per state dir."""
-    path = state / LOCK_FILE
-    refuse_symlink(path)
-    fh = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), "r+", encoding="utf-8")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        holder = fh.read().strip() or "?"
-        fh.close()
-        raise WeckdError(f"{state}: another weckd-server (pid {holder}) runs on this state dir; stop it first"
-                         ) from None
-    fh.seek(0)
-    fh.truncate()
-    fh.write(f"{os.getpid()}\n")
-    fh.flush()
-    return fh
+    return process_lock(state / LOCK_FILE, "weckd-server")
 
 
 def write_cli_config(fed: Federation, paths: Paths) -> None:

@@ -5,9 +5,12 @@ TLS and SuperNode auth. Each federation runs once per session and every process 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -46,12 +49,52 @@ class FederatedRun:
 
 @dataclass
 class ServiceRun:
-    jobs: list[str]  # job ids in the order they were submitted (the first one while no coordinator ran)
-    during: dict[str, Any]  # `weckd status --json` just after the later jobs were submitted
+    jobs: list[str]  # job ids in queue order (the first one submitted while no coordinator ran)
+    during: dict[str, Any]  # `weckd status --json` while the second job ran
     final: dict[str, Any]  # `weckd status --json` once the coordinator stopped
     sites_alive: dict[str, bool]  # each site's weckd-client still the same process when the last job was done
     compare: str  # `weckd compare` of every job
     plot: Path
+    tracked: list[dict[str, Any]]  # the runs a real `mlflow server` holds at the end, oldest first
+
+
+def _mlflow_server(fed: LocalFederation, root: Path, port: int) -> None:
+    """A real ``mlflow server`` on loopback (SQLite store, artifacts proxied to a folder), up before return."""
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+           "--backend-store-uri", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}", "--artifacts-destination",
+           str(root / "mlflow" / "artifacts"), "--workers", "1"]
+    (root / "mlflow").mkdir()
+    proc = fed.group.start("mlflow-server", cmd, dict(os.environ))
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not come up"
+        time.sleep(0.5)
+
+
+def _tracked(uri: str, experiment: str) -> list[dict[str, Any]]:
+    """What the tracking server holds: each run's name, tags, params, metric histories and artifacts."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    out = []
+    for run in client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]):
+        rid = run.info.run_id
+        out.append({"name": run.info.run_name, "status": run.info.status, "tags": dict(run.data.tags),
+                    "params": dict(run.data.params),
+                    "metrics": {k: [(m.step, m.value) for m in client.get_metric_history(rid, k)]
+                                for k in run.data.metrics},
+                    "artifacts": sorted(a.path for a in client.list_artifacts(rid)),
+                    "model": sorted(a.path for a in client.list_artifacts(rid, "model"))})
+    return out
 
 
 def weckd(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
@@ -73,32 +116,46 @@ def _submit(scaffold: Scaffold, name: str, job: dict[str, Any], kind: str = "cha
     return str(json.loads(r.stdout)["id"])
 
 
+def _wait_running(fed: LocalFederation, scaffold: Scaffold, job: str) -> dict[str, Any]:
+    """``weckd status --json`` once the service runs ``job``."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while True:
+        status = _status(scaffold)
+        if (status.get("running") or {}).get("id") == job:
+            return status
+        assert fed.server.poll() is None and time.monotonic() < deadline, f"job {job} never ran"
+        time.sleep(0.5)
+
+
 def run_service(root: Path, chain: dict[str, Any], federation: dict[str, Any], server_args: tuple[str, ...],
                 later: list[tuple[str, str, dict[str, Any]]]) -> FederatedRun:
     """A service coordinator (``weckd-server --service --exit-when-idle``) and 3 sites started before it. One
     job (the config's own chain, no overrides) is queued before the coordinator starts; once its first link
-    trains, the ``later`` jobs (name, kind, overrides) are submitted. The run's results are the first job's."""
-    scaffold = make_scaffold(root, chain, federation)
+    trains, the ``later`` jobs (name, kind, overrides) are submitted. The run's results are the first job's.
+    Every job is tracked in a real ``mlflow server`` on loopback."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    scaffold = make_scaffold(root, chain, {**federation, "mlflow": {"tracking_uri": uri, "experiment": "e2e"}})
     fed = LocalFederation(scaffold, stop_timeout=10.0)
     watch = ProcWatch(root)
     start = time.monotonic()
     try:
         watch.start()
+        _mlflow_server(fed, root, port)
         for site in scaffold.sites:
             fed.start_site(site)
         _wait_sites_waiting(fed)
         jobs = [_submit(scaffold, "first", {})]
         fed.start_server("--service", "--exit-when-idle", *server_args)
         fed.wait_ready()
-        deadline = time.monotonic() + RUN_TIMEOUT
-        while not ((_status(scaffold).get("running") or {}).get("chain") or {}).get("current"):
-            assert fed.server.poll() is None and time.monotonic() < deadline, "the first job never started a link"
-            time.sleep(0.5)
-        jobs += [_submit(scaffold, name, job, kind) for name, kind, job in later]
-        during = _status(scaffold)
+        _wait_running(fed, scaffold, jobs[0])
+        with ThreadPoolExecutor(len(later)) as pool:  # at once: each submission checks the job in full (seconds)
+            jobs += sorted(pool.map(lambda item: _submit(scaffold, item[0], item[2], item[1]), later))
+        during = _wait_running(fed, scaffold, jobs[1])  # the second job runs, the third waits, the first is done
         rc = fed.wait_server(RUN_TIMEOUT * 2)
         alive = {name: proc.poll() is None for name, proc in fed.group.procs if name.startswith("weckd-client-")}
         seconds = time.monotonic() - start
+        tracked = _tracked(uri, "e2e")
     finally:
         watch.stop()
         fed.stop()
@@ -108,7 +165,7 @@ def run_service(root: Path, chain: dict[str, Any], federation: dict[str, Any], s
     out = scaffold.root / "out" / jobs[0]
     results = json.loads((out / "results.json").read_text()) if rc == 0 else {}
     return FederatedRun(scaffold, rc, results, [], {}, seconds, None, watch, out_dir=out,
-                        service=ServiceRun(jobs, during, _status(scaffold), alive, compare.stdout, plot))
+                        service=ServiceRun(jobs, during, _status(scaffold), alive, compare.stdout, plot, tracked))
 
 
 def _read_wire(path: Path) -> list[dict[str, Any]]:
