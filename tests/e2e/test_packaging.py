@@ -16,6 +16,10 @@ def test_wheel_installs_and_runs(repo: Path, tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(repo)],
                    check=True, timeout=300)
     wheel = next(dist.glob("weckd-*.whl"))
+    # the checksum file the runbook makes and the onboarding guide checks (docs/runbook.md, docs/onboarding.md)
+    subprocess.run("sha256sum weckd-*.whl > SHA256SUMS", shell=True, cwd=dist, check=True, timeout=60)
+    ok = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=dist, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.strip() == f"{wheel.name}: OK"
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, timeout=300)

@@ -35,6 +35,7 @@ class Usage:
     flags: dict[str, bool]
     required: tuple[frozenset[str], ...]
     subcommands: frozenset[str]
+    positionals: int = 0  # how many plain arguments it takes (-1: any number)
 
 
 def help_text(prog: str, args: Sequence[str] = ()) -> str:
@@ -75,9 +76,13 @@ def usage(prog: str, args: tuple[str, ...] = ()) -> Usage:
     while re.search(r"\[[^\[\]]*\]", head):  # drop optional parts, innermost first
         head = re.sub(r"\[[^\[\]]*\]", "", head)
     required = set(re.findall(r"(?<![\w-])(-{1,2}[A-Za-z][\w-]*)", head.removeprefix("usage:")))
-    subs = SUBCOMMANDS.search(text.split("\n\n", 1)[0])
+    usage_line = text.split("\n\n", 1)[0]
+    subs = SUBCOMMANDS.search(re.sub(r"-[\w-]+ \{[^}]*\}", "", usage_line))  # a flag's choices are not commands
+    section = text.split("positional arguments:\n", 1)[1].split("\n\n", 1)[0] if "positional arguments:" in text else ""
+    names = re.findall(r"^\s{2}([a-z][\w-]*)\b", section, flags=re.M)
+    positionals = -1 if any(f"{n} ..." in usage_line for n in names) else len(names)
     return Usage(flags, tuple(g for g in groups if g & required),
-                 frozenset(subs.group(1).split(",")) if subs else frozenset())
+                 frozenset(subs.group(1).split(",")) if subs else frozenset(), 0 if subs else positionals)
 
 
 def weckd_subcommands() -> frozenset[str]:
@@ -107,12 +112,14 @@ def check_command(argv: Sequence[str]) -> list[str]:
         path.append(rest.pop(0))
     where = " ".join([prog, *path])
     seen: set[str] = set()
-    i = 0
+    i, plain = 0, 0
     while i < len(rest):
         token = rest[i]
         flag, eq, _ = token.partition("=")
         if not token.startswith("-"):
-            problems.append(f"{where}: unexpected argument {token!r}")
+            plain += 1
+            if u.positionals != -1 and plain > u.positionals:
+                problems.append(f"{where}: unexpected argument {token!r}")
         elif flag not in u.flags:
             problems.append(f"{where}: no flag {flag!r} (has {sorted(u.flags)})")
         else:

@@ -30,3 +30,19 @@ def test_docs_name_only_files_that_exist(doc: str) -> None:
     assert named, doc
     missing = sorted(p for p in named if not (root / p.split("::")[0]).exists())
     assert not missing, f"{doc} names missing files: {missing}"
+
+
+@pytest.mark.parametrize(("cmd", "problems"), [
+    ("weckd submit job.yaml -c f.yaml --kind cwt", []),
+    ("weckd compare a b c -c f.yaml", []),  # any number of runs
+    ("weckd submit job.yaml other.yaml -c f.yaml", ["weckd submit: unexpected argument 'other.yaml'"]),
+    ("weckd submit job.yaml", ["weckd submit: missing required --config/-c"]),
+    ("weckd-server -c f.yaml extra", ["weckd-server: unexpected argument 'extra'"]),
+    ("weckd status -c f.yaml --jsn", None),
+])
+def test_the_command_check_sees_positionals_and_flags(cmd: str, problems: list[str] | None) -> None:
+    found = check_command(cmd.split())
+    if problems is None:
+        assert len(found) == 1 and "no flag '--jsn'" in found[0]
+    else:
+        assert found == problems

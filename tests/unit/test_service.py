@@ -15,7 +15,7 @@ from weckd.chain.errors import ConfigError
 from weckd.server.compare import find_results, format_table, run_row
 from weckd.server.metrics import ServerMetrics
 from weckd.server.scaffold import chain_settings, make_scaffold
-from weckd.server.service import Queue, job_federation, new_job_id, submit
+from weckd.server.service import Job, Queue, job_federation, new_job_id, read_job_file, submit
 from weckd.server.settings import load_federation
 from weckd.server.status import format_service_status, service_status
 
@@ -60,7 +60,7 @@ def test_a_job_lays_its_settings_over_the_coordinators(coordinator: Path, tmp_pa
 ])
 def test_each_kind_sets_every_link(coordinator: Path, tmp_path: Path, kind: str, expected: dict) -> None:
     _clear(coordinator)
-    body = {"link": {"alpha": 0.9}, "links": [{"arch": "test_resnet"}] * 3}
+    body = {"link": {"alpha": 0.9}, "links": [{"arch": "test_resnet"} for _ in range(3)]}
     job = submit(coordinator, _job_file(tmp_path, body), kind=kind)
     fed = job_federation(load_federation(coordinator), job)
     for k in range(fed.chain.n_links):
@@ -225,3 +225,13 @@ def test_a_new_job_starts_the_per_chain_gauges_over() -> None:
     assert m.registry.get_sample_value("weckd_chain_links") == 2.0
     assert m.registry.get_sample_value("weckd_chain_links_completed") == 0.0
     assert m.registry.get_sample_value("weckd_relay_bytes_total", {"site": "A", "direction": "from_site"}) == 20.0
+
+
+@pytest.mark.parametrize("kind", ["chain", "cwt", "local"])
+def test_the_shipped_job_example_is_a_valid_job(kind: str) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    fed = load_federation(repo / "configs" / "federation.yaml")
+    job = Job(id=new_job_id(), kind=kind, name="alpha", submitted=0.0, source="configs/job-alpha.yaml",
+              job=read_job_file(repo / "configs" / "job-alpha.yaml"))
+    jfed = job_federation(fed, job)
+    assert jfed.settings.evaluate == "all" and jfed.chain.link.alpha == (0.8 if kind == "chain" else 1.0)
