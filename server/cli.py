@@ -48,7 +48,7 @@ from .superlink import (
     write_app_dir,
     write_cli_config,
 )
-from .tracking import local_uri, track_in_child
+from .tracking import Tracking, local_uri
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ def _service(fed: Federation, paths: Paths, out_root: Path, wire_log: str, metri
     or, with ``exit_when_idle``, until the queue is empty (0 when every job it ran completed, else 1)."""
     group = Group(paths.logs, fed.settings.shutdown_timeout)
     queue = Queue(paths.state)
+    tracking = Tracking(paths.logs)
     try:
         start_superlink(fed, group, paths)
         write_cli_config(fed, paths)
@@ -157,6 +158,7 @@ def _service(fed: Federation, paths: Paths, out_root: Path, wire_log: str, metri
             died = group.exited()
             if died is not None:
                 raise WeckdError(f"{died[0]} exited with code {died[1]}; see {paths.logs / (died[0] + '.log')}")
+            tracking.reap()
             job = queue.take()
             if job is None:
                 if exit_when_idle:
@@ -164,15 +166,16 @@ def _service(fed: Federation, paths: Paths, out_root: Path, wire_log: str, metri
                     return 1 if failed else 0
                 time.sleep(SERVICE_POLL_S)
                 continue
-            _run_job(fed, queue, job, paths, group, out_root, wire_log, metrics)
+            _run_job(fed, queue, job, paths, group, out_root, wire_log, metrics, tracking)
             failed += job.status == "failed"
     finally:
         group.stop_all()
         log.info("SuperLink stopped")
+        tracking.reap(wait=True)
 
 
 def _run_job(fed: Federation, queue: Queue, job: Job, paths: Paths, group: Group, out_root: Path, wire_log: str,
-             metrics: ServerMetrics) -> None:
+             metrics: ServerMetrics, tracking: Tracking) -> None:
     """Run one job to its end; a job's own failure is recorded and the service goes on."""
     job_dir = queue.job_dir(job.id)
     out = out_root / job.id
@@ -189,7 +192,7 @@ def _run_job(fed: Federation, queue: Queue, job: Job, paths: Paths, group: Group
             _run(jfed, paths, group, out, wire_log, metrics, job_dir, register=False)
         job.summary = record_results(out, job)
         job.status, job.output = "completed", str(out)
-        track(jfed, out, out_root)
+        track(jfed, out, out_root, tracking)  # in the background: the next job need not wait for MLflow
         discard_state(job_dir)  # its outputs are in the output folder: the relay blobs go
         log.info("job %s completed: delivered accuracy %s; outputs in %s", job.id,
                  _fmt(job.summary.get("delivered_accuracy")), out)
@@ -202,7 +205,7 @@ def _run_job(fed: Federation, queue: Queue, job: Job, paths: Paths, group: Group
         queue.save(job)
 
 
-def track(fed: Federation, out: Path, root: Path) -> None:
+def track(fed: Federation, out: Path, root: Path, tracking: Tracking) -> None:
     """Log a completed run to MLflow when ``federation.mlflow`` is set (a local store under ``root`` by default)."""
     m = fed.settings.mlflow
     if m is None:
@@ -210,7 +213,7 @@ def track(fed: Federation, out: Path, root: Path) -> None:
     s = fed.settings
     federation = {"evaluate": s.evaluate, "on_site_failure": s.on_site_failure,
                   "sealed_for": list(s.sealing.deliver_to) if s.sealing else None}
-    track_in_child(out, m.tracking_uri or local_uri(root), m.experiment, federation)
+    tracking.start(out, m.tracking_uri or local_uri(root), m.experiment, federation)
 
 
 def _fmt(value: object) -> str:
@@ -290,8 +293,10 @@ def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, 
         raise
     if status == "finished:completed" and (out / RESULTS_FILE).is_file():
         log.info("run %d completed; outputs in %s", run_id, out)
-        if register:  # the one-shot coordinator; a service job is tracked once its results carry the job
-            track(fed, out, out)
+        if register:  # the one-shot coordinator (a service tracks a job once its results carry the job)
+            tracking = Tracking(paths.logs)
+            track(fed, out, out, tracking)
+            tracking.reap(wait=True)
         return 0
     reason = _failure_reason(progress) or details or status
     if not _failure_reason(progress):  # the ServerApp never said why: it died, or the run outlived its deadline

@@ -22,6 +22,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -117,26 +118,57 @@ def log_run(out: Path, uri: str, experiment: str, federation: dict[str, Any] | N
     return rid
 
 
-def track_in_child(out: Path, uri: str, experiment: str, federation: dict[str, Any]) -> None:
-    """:func:`log_run` in a child process (the coordinator never imports MLflow); a failure is a WARNING."""
-    cmd = [sys.executable, "-m", "weckd.server.tracking", str(out), "--uri", uri, "--experiment", experiment,
-           "--federation", json.dumps(federation)]
-    # a store that is down is given up on within seconds, not MLflow's minutes of retries (unless set otherwise)
-    env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-           "MLFLOW_HTTP_REQUEST_TIMEOUT": "60", **os.environ}
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=TRACK_TIMEOUT_S, stdin=subprocess.DEVNULL,
-                           env=env)
-    except subprocess.TimeoutExpired:
-        log.warning("tracking: MLflow (%s) did not take the run within %.0fs; log it later with: weckd track %s "
-                    "--uri %s", uri, TRACK_TIMEOUT_S, out, uri)
-        return
-    if r.returncode == 0:
-        log.info("tracking: logged to MLflow %s (experiment %s, run %s)", uri, experiment, r.stdout.strip())
-    else:
-        last = (r.stderr.strip().splitlines() or ["?"])[-1][:300]
-        log.warning("tracking: MLflow (%s) did not take the run: %s; log it later with: weckd track %s --uri %s",
-                    uri, last, out, uri)
+class Tracking:
+    """:func:`log_run` in child processes (the coordinator never imports MLflow), started as runs complete and
+    reaped later, so a slow tracking store never holds up the next job; a failure is a WARNING."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = Path(log_dir)
+        self.pending: list[tuple[subprocess.Popen[bytes], Path, str, Path, float]] = []
+
+    def start(self, out: Path, uri: str, experiment: str, federation: dict[str, Any]) -> None:
+        cmd = [sys.executable, "-m", "weckd.server.tracking", str(out), "--uri", uri, "--experiment", experiment,
+               "--federation", json.dumps(federation)]
+        # a store that is down is given up on within seconds, not MLflow's minutes of retries (unless set)
+        env = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "60", **os.environ}
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"tracking-{out.name}.log"
+        with open(log_path, "wb") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        self.pending.append((proc, out, uri, log_path, time.monotonic() + TRACK_TIMEOUT_S))
+
+    def reap(self, wait: bool = False) -> None:
+        """Log the outcome of every finished child (``wait``: of all of them, each within its timeout)."""
+        left = []
+        for proc, out, uri, log_path, deadline in self.pending:
+            try:
+                code = proc.wait(max(0.0, deadline - time.monotonic())) if wait else proc.poll()
+            except subprocess.TimeoutExpired:
+                code = None
+            if code is None and time.monotonic() < deadline:
+                left.append((proc, out, uri, log_path, deadline))
+                continue
+            if code is None:
+                proc.kill()
+                proc.wait()
+                why = f"no answer within {TRACK_TIMEOUT_S:.0f}s"
+            else:
+                lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines() or ["?"]
+                if code == 0:
+                    log.info("tracking: %s logged to MLflow %s (run %s)", out, uri, lines[-1].strip())
+                    continue
+                why = lines[-1][:300]
+            log.warning("tracking: MLflow (%s) did not take the run: %s; log it later with: weckd track %s --uri %s",
+                        uri, why, out, uri)
+        self.pending = left
+
+
+def track_in_child(out: Path, uri: str, experiment: str, federation: dict[str, Any], log_dir: Path) -> None:
+    """Log one run and wait for it (bounded): what the one-shot coordinator does before it exits."""
+    tracking = Tracking(log_dir)
+    tracking.start(out, uri, experiment, federation)
+    tracking.reap(wait=True)
 
 
 def track_command(argv: Sequence[str]) -> int:

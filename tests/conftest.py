@@ -53,6 +53,7 @@ def breastmnist() -> Path:
 # modules one group each, and scenarios that each start their own federation one per test.
 # The groups are the scopes of a LoadScope scheduler (xdist's xdist_group marks need pytest < 9).
 SHARED_FEDERATIONS = {"test_federation_weights", "test_federation_wire", "test_monitoring", "test_federation_logits"}
+SERVICE_FEDERATION = {"test_federation_hetero", "test_service"}  # both read the service federation's jobs
 ONE_PER_TEST = {"test_failures"}
 
 
@@ -69,6 +70,8 @@ def _group_of(nodeid: str) -> str:
         return f"unit-{HEAVY_UNIT.get(module, zlib.crc32(module.encode()) % UNIT_GROUPS)}"
     if module in SHARED_FEDERATIONS:
         return "shared-federations"
+    if module in SERVICE_FEDERATION:
+        return "service-federation"
     if module in ONE_PER_TEST:
         return nodeid
     return path
@@ -79,7 +82,7 @@ def _group_of(nodeid: str) -> str:
 # run does not end with one worker busy on a long federation while the other waits.
 GROUP_SECONDS = {"unit-0": 110, "unit-1": 100, "unit-2": 110,
                  "shared-federations": 250, "tests/e2e/test_demo_predict.py": 130,
-                 "tests/e2e/test_federation_hetero.py": 100, "tests/e2e/test_malicious_coordinator.py": 90,
+                 "service-federation": 150, "tests/e2e/test_malicious_coordinator.py": 90,
                  "tests/e2e/test_onboarding.py": 60}
 
 

@@ -58,13 +58,16 @@ class ServiceRun:
     tracked: list[dict[str, Any]]  # the runs a real `mlflow server` holds at the end, oldest first
 
 
-def _mlflow_server(fed: LocalFederation, root: Path, port: int) -> None:
-    """A real ``mlflow server`` on loopback (SQLite store, artifacts proxied to a folder), up before return."""
+def _start_mlflow_server(fed: LocalFederation, root: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` on loopback (SQLite store, artifacts proxied to a folder)."""
     cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
            "--backend-store-uri", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}", "--artifacts-destination",
            str(root / "mlflow" / "artifacts"), "--workers", "1"]
     (root / "mlflow").mkdir()
-    proc = fed.group.start("mlflow-server", cmd, dict(os.environ))
+    return fed.group.start("mlflow-server", cmd, dict(os.environ))
+
+
+def _wait_mlflow_server(proc: subprocess.Popen, port: int) -> None:
     deadline = time.monotonic() + 120
     while True:
         try:
@@ -130,8 +133,8 @@ def _wait_running(fed: LocalFederation, scaffold: Scaffold, job: str) -> dict[st
 def run_service(root: Path, chain: dict[str, Any], federation: dict[str, Any], server_args: tuple[str, ...],
                 later: list[tuple[str, str, dict[str, Any]]]) -> FederatedRun:
     """A service coordinator (``weckd-server --service --exit-when-idle``) and 3 sites started before it. One
-    job (the config's own chain, no overrides) is queued before the coordinator starts; once its first link
-    trains, the ``later`` jobs (name, kind, overrides) are submitted. The run's results are the first job's.
+    job (the config's own chain, no overrides) is queued while the coordinator starts; once it runs, the
+    ``later`` jobs (name, kind, overrides) are submitted. The run's results are the first job's.
     Every job is tracked in a real ``mlflow server`` on loopback."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
@@ -141,12 +144,13 @@ def run_service(root: Path, chain: dict[str, Any], federation: dict[str, Any], s
     start = time.monotonic()
     try:
         watch.start()
-        _mlflow_server(fed, root, port)
+        mlflow = _start_mlflow_server(fed, root, port)
         for site in scaffold.sites:
             fed.start_site(site)
         _wait_sites_waiting(fed)
-        jobs = [_submit(scaffold, "first", {})]
         fed.start_server("--service", "--exit-when-idle", *server_args)
+        jobs = [_submit(scaffold, "first", {})]  # while the coordinator starts: queued before it is ready
+        _wait_mlflow_server(mlflow, port)
         fed.wait_ready()
         _wait_running(fed, scaffold, jobs[0])
         with ThreadPoolExecutor(len(later)) as pool:  # at once: each submission checks the job in full (seconds)

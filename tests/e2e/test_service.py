@@ -85,7 +85,7 @@ def test_every_job_is_tracked_in_a_real_mlflow_server(hetero_weights_run: Federa
     svc = hetero_weights_run.service
     assert svc is not None
     runs = svc.tracked
-    assert [r["tags"]["weckd.job"] for r in runs] == svc.jobs  # logged as each completed, in queue order
+    assert sorted(r["tags"]["weckd.job"] for r in runs) == sorted(svc.jobs)  # each job logged once
     by_name = {r["name"]: r for r in runs}
     assert {n: r["tags"]["weckd.kind"] for n, r in by_name.items()} == {"first": "chain", "second-chain": "chain",
                                                                        "sites-alone": "local"}
@@ -93,7 +93,8 @@ def test_every_job_is_tracked_in_a_real_mlflow_server(hetero_weights_run: Federa
     assert [by_name[n]["params"]["link.epochs"] for n in ("first", "second-chain", "sites-alone")] == ["2", "1", "1"]
     assert by_name["sites-alone"]["params"]["link.init"] == "scratch"
     assert by_name["second-chain"]["params"]["federation.evaluate"] == "all"
-    for run, job in zip(runs, svc.jobs):
+    for run in runs:
+        job = run["tags"]["weckd.job"]
         results = json.loads((hetero_weights_run.scaffold.root / "out" / job / "results.json").read_text())
         assert [step for step, _ in run["metrics"]["val_accuracy"]] == [1, 2, 3]  # step = link
         assert [v for _, v in run["metrics"]["val_accuracy"]] == pytest.approx(

@@ -73,7 +73,7 @@ def test_link_metrics_skip_what_a_link_did_not_report() -> None:
 def test_a_store_that_is_down_costs_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = _output(tmp_path / "out")
     with caplog.at_level(logging.WARNING):
-        track_in_child(out, f"http://127.0.0.1:{free_port()}", "weckd", {})
+        track_in_child(out, f"http://127.0.0.1:{free_port()}", "weckd", {}, tmp_path / "logs")
     assert "did not take the run" in caplog.text and f"weckd track {out}" in caplog.text
 
 
