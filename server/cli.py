@@ -12,7 +12,8 @@ still exits 1.
 ``--service`` (a coordinator that stays up): the SuperLink starts once, the sites are admitted once, and the
 jobs queued with ``weckd submit`` (chains and baselines, see ``weckd.server.service``) run one after another,
 each with its own run id, checkpoint, results and model; ``weckd status`` shows the queue. It runs until
-SIGTERM or Ctrl-C, or with ``--exit-when-idle`` until its queue is empty.
+SIGTERM or Ctrl-C (exit 0 when that comes while no job runs, 130 when it cuts a job short: that job resumes
+at the next start).
 """
 from __future__ import annotations
 
@@ -74,9 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--service", action="store_true",
                         help="stay up and run the jobs submitted with 'weckd submit' one after another (the chain "
                              "settings in the config are each job's defaults)")
-    parser.add_argument("--exit-when-idle", action="store_true",
-                        help="with --service: once the queue is empty, stop (exit 0 when every job it ran completed, "
-                             "1 otherwise) instead of waiting for more jobs")
     parser.add_argument("--wire-log", default="", help=argparse.SUPPRESS)  # tests: record every message
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -108,7 +106,7 @@ def _serve(args: argparse.Namespace) -> int:
     held = False
     try:
         if args.service:
-            return _service(fed, paths, out, args.wire_log, metrics, args.exit_when_idle)
+            return _service(fed, paths, out, args.wire_log, metrics)
         if complete is None:
             code = _federate(fed, paths, out, args.wire_log, metrics)  # a failed run raises: never held
             why = "the chain completed"
@@ -137,11 +135,10 @@ def _federate(fed: Federation, paths: Paths, out: Path, wire_log: str, metrics: 
         log.info("SuperLink stopped")
 
 
-def _service(fed: Federation, paths: Paths, out_root: Path, wire_log: str, metrics: ServerMetrics,
-             exit_when_idle: bool = False) -> int:
+def _service(fed: Federation, paths: Paths, out_root: Path, wire_log: str, metrics: ServerMetrics) -> int:
     """``--service``: the SuperLink stays up and the sites stay admitted; the queued jobs run one after
-    another until SIGTERM or Ctrl-C (then 130; a job cut short resumes from its checkpoint at the next start),
-    or, with ``exit_when_idle``, until the queue is empty (0 when every job it ran completed, else 1)."""
+    another until SIGTERM or Ctrl-C: exit 0 when it came while no job ran, 130 when it cut a job short (that
+    job resumes from its checkpoint at the next start)."""
     group = Group(paths.logs, fed.settings.shutdown_timeout)
     queue = Queue(paths.state)
     tracking = Tracking(paths.logs)
@@ -153,21 +150,20 @@ def _service(fed: Federation, paths: Paths, out_root: Path, wire_log: str, metri
         atomic_write_text(paths.state / READY_FILE, f"{time.time()}\n")
         log.info("service up: sites %s admitted; submit jobs with: weckd submit JOB.yaml -c %s",
                  ", ".join(fed.sites), fed.source)
-        failed = 0
         while True:
-            died = group.exited()
-            if died is not None:
-                raise WeckdError(f"{died[0]} exited with code {died[1]}; see {paths.logs / (died[0] + '.log')}")
-            tracking.reap()
-            job = queue.take()
-            if job is None:
-                if exit_when_idle:
-                    log.info("queue empty: stopping (--exit-when-idle)")
-                    return 1 if failed else 0
-                time.sleep(SERVICE_POLL_S)
-                continue
+            try:  # idle: a stop now cuts nothing short
+                died = group.exited()
+                if died is not None:
+                    raise WeckdError(f"{died[0]} exited with code {died[1]}; see {paths.logs / (died[0] + '.log')}")
+                tracking.reap()
+                job = queue.take()
+                if job is None:
+                    time.sleep(SERVICE_POLL_S)
+                    continue
+            except KeyboardInterrupt:
+                log.info("stopped while idle (no job running)")
+                return 0
             _run_job(fed, queue, job, paths, group, out_root, wire_log, metrics, tracking)
-            failed += job.status == "failed"
     finally:
         group.stop_all()
         log.info("SuperLink stopped")

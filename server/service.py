@@ -60,6 +60,7 @@ KIND_TEXT = {"chain": "WeCKD chain", "cwt": "cyclic weight transfer (no distilla
 JOB_FEDERATION_KEYS = ("evaluate", "on_site_failure", "link_timeout", "discovery_timeout", "retries",
                        "retry_wait", "message_ttl", "mlflow")
 JOB_ID = re.compile(r"[0-9]{8}-[0-9]{6}-[0-9]{3}-[0-9a-f]{4}")
+JOB_NAME = re.compile(r"[\w][\w .-]{0,63}")
 STATES = ("queued", "running", "completed", "failed", "cancelled")
 
 
@@ -247,7 +248,11 @@ def _read_job(path: Path) -> Job | None:
 def submit(config: str | Path, job_file: str | Path, kind: str = "chain", name: str = "") -> Job:
     """Validate ``job_file`` in full against the coordinator's ``config`` and queue it; return the job."""
     fed = load_federation(config)
-    job = Job(id=new_job_id(), kind=kind, name=name or Path(job_file).stem, submitted=time.time(),
+    name = name or Path(job_file).stem
+    if not JOB_NAME.fullmatch(name):
+        raise ConfigError(f"--name {name[:80]!r}: use 1-64 letters, digits, spaces and . _ - (it names the job in "
+                          "logs, weckd status, weckd compare and MLflow)")
+    job = Job(id=new_job_id(), kind=kind, name=name, submitted=time.time(),
               source=str(Path(job_file).resolve()), job=read_job_file(job_file))
     jfed = check_job(fed, job)
     _check_archs(jfed, job)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,6 +21,7 @@ from weckd.chain.certs import make_ca, make_site_key
 from weckd.chain.procs import flower_env, free_port
 from weckd.server.demo import LocalFederation
 from weckd.server.scaffold import Scaffold, chain_settings, make_scaffold, write_site_config
+from weckd.server.service import submit
 
 from . import prometheus
 from .procwatch import ProcWatch
@@ -132,8 +133,8 @@ def _wait_running(fed: LocalFederation, scaffold: Scaffold, job: str) -> dict[st
 
 def run_service(root: Path, chain: dict[str, Any], federation: dict[str, Any], server_args: tuple[str, ...],
                 later: list[tuple[str, str, dict[str, Any]]]) -> FederatedRun:
-    """A service coordinator (``weckd-server --service --exit-when-idle``) and 3 sites started before it. One
-    job (the config's own chain, no overrides) is queued while the coordinator starts; once it runs, the
+    """A service coordinator (``weckd-server --service``) and 3 sites started before it. One
+    job (the config's own chain, no overrides) is queued before the coordinator starts; once it runs, the
     ``later`` jobs (name, kind, overrides) are submitted. The run's results are the first job's.
     Every job is tracked in a real ``mlflow server`` on loopback."""
     port = free_port()
@@ -147,16 +148,23 @@ def run_service(root: Path, chain: dict[str, Any], federation: dict[str, Any], s
         mlflow = _start_mlflow_server(fed, root, port)
         for site in scaffold.sites:
             fed.start_site(site)
+        jobs = [_submit(scaffold, "first", {})]  # queued while the sites start, before any coordinator runs
         _wait_sites_waiting(fed)
-        fed.start_server("--service", "--exit-when-idle", *server_args)
-        jobs = [_submit(scaffold, "first", {})]  # while the coordinator starts: queued before it is ready
-        _wait_mlflow_server(mlflow, port)
+        fed.start_server("--service", *server_args)
         fed.wait_ready()
         _wait_running(fed, scaffold, jobs[0])
-        with ThreadPoolExecutor(len(later)) as pool:  # at once: each submission checks the job in full (seconds)
-            jobs += sorted(pool.map(lambda item: _submit(scaffold, item[0], item[2], item[1]), later))
+        for name, kind, job in later:  # the same checks as `weckd submit` (above), without starting a process
+            path = scaffold.root / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(job))
+            jobs.append(submit(scaffold.federation, path, kind).id)
+        _wait_mlflow_server(mlflow, port)
         during = _wait_running(fed, scaffold, jobs[1])  # the second job runs, the third waits, the first is done
-        rc = fed.wait_server(RUN_TIMEOUT * 2)
+        deadline = time.monotonic() + RUN_TIMEOUT * 2
+        while len(_status(scaffold)["recent"]) < len(jobs):  # then it waits, idle, for more
+            assert fed.server.poll() is None and time.monotonic() < deadline, "the jobs did not all finish"
+            time.sleep(1.0)
+        fed.server.send_signal(signal.SIGTERM)  # stopped while idle: exit 0
+        rc = fed.wait_server(60.0)
         alive = {name: proc.poll() is None for name, proc in fed.group.procs if name.startswith("weckd-client-")}
         seconds = time.monotonic() - start
         tracked = _tracked(uri, "e2e")

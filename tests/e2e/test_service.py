@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_jobs_submitted_while_a_chain_runs_complete_in_order(hetero_weights_run: FederatedRun) -> None:
     svc = hetero_weights_run.service
-    assert svc is not None and hetero_weights_run.server_rc == 0  # --exit-when-idle: every job completed
+    assert svc is not None and hetero_weights_run.server_rc == 0  # stopped (SIGTERM) while idle: exit 0
     first, second, third = svc.jobs
     assert svc.during["coordinator_running"] and svc.during["running"]["id"] == second
     assert [j["id"] for j in svc.during["queue"]] == [third]

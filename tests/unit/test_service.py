@@ -235,3 +235,11 @@ def test_the_shipped_job_example_is_a_valid_job(kind: str) -> None:
               job=read_job_file(repo / "configs" / "job-alpha.yaml"))
     jfed = job_federation(fed, job)
     assert jfed.settings.evaluate == "all" and jfed.chain.link.alpha == (0.8 if kind == "chain" else 1.0)
+
+
+def test_a_job_name_is_a_plain_name(coordinator: Path, tmp_path: Path) -> None:
+    _clear(coordinator)
+    with pytest.raises(ConfigError, match="--name 'a\\\\nfake log line': use 1-64 letters"):
+        submit(coordinator, _job_file(tmp_path, {}), name="a\nfake log line")
+    assert _queue(coordinator).queued() == []
+    assert submit(coordinator, _job_file(tmp_path, {}), name="alpha 0.8 run-2").name == "alpha 0.8 run-2"
