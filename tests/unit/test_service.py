@@ -243,3 +243,13 @@ def test_a_job_name_is_a_plain_name(coordinator: Path, tmp_path: Path) -> None:
         submit(coordinator, _job_file(tmp_path, {}), name="a\nfake log line")
     assert _queue(coordinator).queued() == []
     assert submit(coordinator, _job_file(tmp_path, {}), name="alpha 0.8 run-2").name == "alpha 0.8 run-2"
+
+
+@pytest.mark.parametrize("flag", ["--fresh", "--hold"])
+def test_the_service_refuses_the_one_shot_flags(coordinator: Path, flag: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from weckd.server.cli import main as server_main
+
+    assert server_main(["-c", str(coordinator), "--service", flag]) == 2
+    err = capsys.readouterr().err
+    assert f"--service runs submitted jobs, each with its own checkpoint; {flag} applies to the one-shot" in err
