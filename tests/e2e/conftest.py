@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +23,7 @@ from weckd.server.scaffold import Scaffold, chain_settings, make_scaffold, write
 from weckd.server.service import submit
 
 from . import prometheus
+from .httpwait import wait_http_ok
 from .procwatch import ProcWatch
 
 RUN_TIMEOUT = 300.0
@@ -66,19 +66,6 @@ def _start_mlflow_server(fed: LocalFederation, root: Path, port: int) -> subproc
            str(root / "mlflow" / "artifacts"), "--workers", "1"]
     (root / "mlflow").mkdir()
     return fed.group.start("mlflow-server", cmd, dict(os.environ))
-
-
-def _wait_mlflow_server(proc: subprocess.Popen, port: int) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not come up"
-        time.sleep(0.5)
 
 
 def _tracked(uri: str, experiment: str) -> list[dict[str, Any]]:
@@ -157,7 +144,7 @@ def run_service(root: Path, chain: dict[str, Any], federation: dict[str, Any], s
             path = scaffold.root / f"{name}.yaml"
             path.write_text(yaml.safe_dump(job))
             jobs.append(submit(scaffold.federation, path, kind).id)
-        _wait_mlflow_server(mlflow, port)
+        wait_http_ok(f"http://127.0.0.1:{port}/health", mlflow, 120, "mlflow server")
         during = _wait_running(fed, scaffold, jobs[1])  # the second job runs, the third waits, the first is done
         deadline = time.monotonic() + RUN_TIMEOUT * 2
         while len(_status(scaffold)["recent"]) < len(jobs):  # then it waits, idle, for more

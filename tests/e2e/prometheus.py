@@ -19,6 +19,8 @@ import yaml
 from weckd.chain.procs import free_port
 from weckd.server.scaffold import Scaffold
 
+from .httpwait import wait_http_ok
+
 SCRAPE_S = 1.0
 WINDOW = "15m"
 
@@ -71,18 +73,10 @@ class Prometheus:
             ["prometheus", f"--config.file={self.config}", f"--storage.tsdb.path={self.root / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}; see {self.root / 'prometheus.log'}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as res:
-                    if res.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"prometheus not ready after {timeout:.0f}s; see {self.root / 'prometheus.log'}")
+        try:
+            wait_http_ok(f"{self.url}/-/ready", self.proc, timeout, "prometheus")
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}; see {self.root / 'prometheus.log'}") from None
 
     def query(self, expr: str) -> list[dict[str, Any]]:
         q = urllib.parse.urlencode({"query": expr})
