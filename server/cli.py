@@ -49,7 +49,7 @@ from .superlink import (
     write_app_dir,
     write_cli_config,
 )
-from .tracking import Tracking, local_uri
+from .tracking import STOP_WAIT_S, Tracking, local_uri
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def _service(fed: Federation, paths: Paths, out_root: Path, wire_log: str, metri
     finally:
         group.stop_all()
         log.info("SuperLink stopped")
-        tracking.reap(wait=True)
+        tracking.reap(wait=True, limit=STOP_WAIT_S)
 
 
 def _run_job(fed: Federation, queue: Queue, job: Job, paths: Paths, group: Group, out_root: Path, wire_log: str,

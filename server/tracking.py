@@ -38,6 +38,7 @@ LOCAL_ARTIFACTS = "mlartifacts"
 REPORT_FILES = ("report.md", "report.html")
 MAX_PARAM = 500  # MLflow's param value limit is larger; long lists are cut with an ellipsis
 TRACK_TIMEOUT_S = 300.0
+STOP_WAIT_S = 30.0  # a service that is stopped waits this long at most for its pending MLflow logging
 
 
 def local_uri(output_dir: str | Path) -> str:
@@ -138,10 +139,14 @@ class Tracking:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         self.pending.append((proc, out, uri, log_path, time.monotonic() + TRACK_TIMEOUT_S))
 
-    def reap(self, wait: bool = False) -> None:
-        """Log the outcome of every finished child (``wait``: of all of them, each within its timeout)."""
+    def reap(self, wait: bool = False, limit: float | None = None) -> None:
+        """Log the outcome of every finished child (``wait``: of all of them, each within its timeout, and all
+        within ``limit`` seconds if given: a stopping coordinator does not wait for a slow store for long)."""
         left = []
+        stop_at = time.monotonic() + limit if limit is not None else None
         for proc, out, uri, log_path, deadline in self.pending:
+            if stop_at is not None:
+                deadline = min(deadline, stop_at)
             try:
                 code = proc.wait(max(0.0, deadline - time.monotonic())) if wait else proc.poll()
             except subprocess.TimeoutExpired:
@@ -152,7 +157,7 @@ class Tracking:
             if code is None:
                 proc.kill()
                 proc.wait()
-                why = f"no answer within {TRACK_TIMEOUT_S:.0f}s"
+                why = "it did not answer in time"
             else:
                 lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines() or ["?"]
                 if code == 0:

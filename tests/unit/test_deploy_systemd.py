@@ -20,12 +20,14 @@ from pathlib import Path
 import pytest
 from weckd.server.settings import FederationSettings
 from weckd.server.superlink import CLI_TIMEOUT
+from weckd.server.tracking import STOP_WAIT_S
 
 from .deploy_cli import check_command
 
 REPO = Path(__file__).resolve().parents[2]
 UNITS = REPO / "deploy" / "systemd"
 SERVER = UNITS / "weckd-server.service"
+COORDINATOR = UNITS / "weckd-coordinator.service"  # weckd-server --service
 CLIENT = UNITS / "weckd-client@.service"
 VENV_BIN = "/opt/weckd/venv/bin/"
 HARDENING = {
@@ -77,8 +79,9 @@ def verify(tmp_path: Path, text: str, name: str, instance: str | None = None) ->
 
 
 @needs_analyze
-def test_systemd_analyze_accepts_the_server_unit(tmp_path: Path) -> None:
-    res = verify(tmp_path, SERVER.read_text(), SERVER.name)
+@pytest.mark.parametrize("unit", [SERVER, COORDINATOR], ids=lambda p: p.name)
+def test_systemd_analyze_accepts_the_server_unit(tmp_path: Path, unit: Path) -> None:
+    res = verify(tmp_path, unit.read_text(), unit.name)
     assert res.returncode == 0 and not (res.stdout + res.stderr).strip(), res.stdout + res.stderr
 
 
@@ -95,14 +98,14 @@ def test_systemd_analyze_reports_a_misspelt_key(tmp_path: Path) -> None:
     assert "ProtectSytem" in res.stdout + res.stderr
 
 
-@pytest.mark.parametrize("unit", [SERVER, CLIENT], ids=lambda p: p.name)
+@pytest.mark.parametrize("unit", [SERVER, COORDINATOR, CLIENT], ids=lambda p: p.name)
 def test_units_are_hardened(unit: Path) -> None:
     svc = service(unit)
     assert {k: svc.get(k) for k in HARDENING} == HARDENING
     assert svc.get("CapabilityBoundingSet", None) == ""
 
 
-@pytest.mark.parametrize("unit", [SERVER, CLIENT], ids=lambda p: p.name)
+@pytest.mark.parametrize("unit", [SERVER, COORDINATOR, CLIENT], ids=lambda p: p.name)
 def test_config_and_keys_are_read_only_and_state_is_a_state_directory(unit: Path) -> None:
     svc = service(unit)
     read_only = [p.lstrip("-") for p in svc["ReadOnlyPaths"].split()]
@@ -115,7 +118,7 @@ def test_the_site_unit_reads_its_data_read_only() -> None:
     assert "/data" in [p.lstrip("-") for p in service(CLIENT)["ReadOnlyPaths"].split()]
 
 
-@pytest.mark.parametrize("unit", [SERVER, CLIENT], ids=lambda p: p.name)
+@pytest.mark.parametrize("unit", [SERVER, COORDINATOR, CLIENT], ids=lambda p: p.name)
 def test_no_restart_after_a_config_error_or_a_stop(unit: Path) -> None:
     svc = service(unit)
     assert "2" in svc["RestartPreventExitStatus"].split()  # ConfigError: restarting cannot help
@@ -125,13 +128,15 @@ def test_no_restart_after_a_config_error_or_a_stop(unit: Path) -> None:
 def test_server_stop_timeout_covers_its_shutdown() -> None:
     needed = CLI_TIMEOUT + FederationSettings().shutdown_timeout  # flwr stop, then the SuperLink's group
     assert seconds(service(SERVER)["TimeoutStopSec"]) > needed
+    assert seconds(service(COORDINATOR)["TimeoutStopSec"]) > needed + STOP_WAIT_S  # and pending MLflow logging
+    assert exec_start(COORDINATOR)[-1] == "--service"
 
 
 def test_site_stop_timeout_covers_its_shutdown() -> None:
     assert seconds(service(CLIENT)["TimeoutStopSec"]) > SITE_STOP_S
 
 
-@pytest.mark.parametrize("unit", [SERVER, CLIENT], ids=lambda p: p.name)
+@pytest.mark.parametrize("unit", [SERVER, COORDINATOR, CLIENT], ids=lambda p: p.name)
 def test_exec_start_runs_the_venv_cli_with_existing_flags(unit: Path) -> None:
     argv = exec_start(unit)
     assert argv[0].startswith(VENV_BIN)

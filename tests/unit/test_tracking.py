@@ -93,3 +93,22 @@ def test_the_config_names_a_store(tmp_path: Path) -> None:
 def test_weckd_track_names_a_folder_without_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["track", str(tmp_path), "--uri", f"sqlite:///{tmp_path / 'm.db'}"]) == 2
     assert "no results.json; name the output folder of a completed run" in capsys.readouterr().err
+
+
+def test_a_stopping_coordinator_waits_for_slow_logging_only_so_long(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    import subprocess
+    import time
+
+    from weckd.server.tracking import Tracking
+
+    tracking = Tracking(tmp_path)
+    slow = subprocess.Popen(["sleep", "60"])  # a child stuck on a tracking store that does not answer
+    (tmp_path / "tracking-run.log").write_text("")
+    tracking.pending.append((slow, tmp_path / "run", "http://mlflow.example:5000", tmp_path / "tracking-run.log",
+                             time.monotonic() + 300))
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        tracking.reap(wait=True, limit=0.5)
+    assert time.monotonic() - start < 5 and slow.poll() is not None and tracking.pending == []
+    assert "did not answer in time" in caplog.text and "weckd track" in caplog.text
