@@ -54,7 +54,7 @@ class RunState:
     def __init__(self, state_dir: str | Path, policy: SitePolicy) -> None:
         self.path = Path(state_dir) / FILE
         self.policy = policy
-        self.ledger = _load(self.path)
+        self.ledger = load_ledger(self.path)
 
     def _record(self, run_id: str, where: str) -> RunRecord:
         check_run_id(run_id)
@@ -141,7 +141,8 @@ class RunState:
         atomic_write_text(self.path, json.dumps(data, sort_keys=True))
 
 
-def _load(path: Path) -> Ledger:
+def load_ledger(path: Path) -> Ledger:
+    """The site's run ledger at ``path`` (empty if none yet); WeckdError if it is unreadable or damaged."""
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

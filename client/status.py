@@ -15,7 +15,7 @@ from weckd.chain.files import lock_held
 
 from .metrics import read_status, status_path
 from .runstate import FILE as LEDGER_FILE
-from .runstate import _load as load_ledger
+from .runstate import load_ledger
 from .site import SiteConfig
 
 LOCK_FILE = "weckd-client.lock"  # in the site's state dir, held by its running supervisor

@@ -6,13 +6,13 @@ sites. Used by ``weckd demo``, the end-to-end tests and the federation parts of 
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 from weckd.chain.certs import make_ca, make_server_cert, make_site_key
+from weckd.chain.config import merge_mappings
 from weckd.chain.files import atomic_write, atomic_write_text
 from weckd.chain.keys import generate_site_keys
 from weckd.chain.peers import COORDINATOR
@@ -40,17 +40,7 @@ class Scaffold:
 
 def chain_settings(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """The synthetic chain config, with nested ``overrides`` merged in."""
-    out = copy.deepcopy(SYNTHETIC_CHAIN)
-    _merge(out, overrides or {})
-    return out
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
-    for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
+    return merge_mappings(SYNTHETIC_CHAIN, overrides or {})
 
 
 def make_sealing_keys(root: Path, parties: Sequence[str]) -> None:
@@ -110,7 +100,7 @@ def write_site_config(root: Path, site: str, chain: dict[str, Any], superlink: s
                       sealing: dict[str, Any] | None = None, policy: dict[str, Any] | None = None) -> Path:
     """``site-X.yaml``: this site's fraction of the synthetic dataset, as ``weckd chain`` splits it."""
     data = {k: v for k, v in chain["data"].items() if k not in ("test",)}
-    _merge(data, data_overrides or {})
+    data = merge_mappings(data, data_overrides or {})
     order: Sequence[str] = chain["chain"]["order"]
     cfg = {"site": site, "superlink": superlink, "ca": ca, "auth_key": auth_key or f"keys/site-{site}",
            "data": data, "split": {"order": list(order), "part": site, "seed": chain.get("seed", 0)},

@@ -23,7 +23,6 @@ scored on the same validation splits (``evaluate``), so ``weckd compare`` can se
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import re
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from weckd.chain.cli import run_command, setup_logging
-from weckd.chain.config import read_yaml
+from weckd.chain.config import merge_mappings, read_yaml
 from weckd.chain.errors import ConfigError, WeckdError
 from weckd.chain.files import atomic_write_text, private_dir, refuse_symlink
 from weckd.chain.schema import Origin
@@ -94,16 +93,6 @@ def new_job_id(now: float | None = None) -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{int(now % 1 * 1000):03d}-{secrets.token_hex(2)}"
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 def job_mapping(service: dict[str, Any], job: dict[str, Any], kind: str, where: str) -> dict[str, Any]:
     """The whole federation mapping a job runs with: ``job`` over the coordinator's (effective) mapping,
     then the kind's link settings over every link; ``federation.sites`` narrowed to the job's chain."""
@@ -116,7 +105,7 @@ def job_mapping(service: dict[str, Any], job: dict[str, Any], kind: str, where: 
     if foreign:
         raise ConfigError(f"{where}: federation.{foreign[0]}: belongs to the coordinator's own federation.yaml, not "
                           f"to a job; a job may set federation.{{{', '.join(JOB_FEDERATION_KEYS)}}}")
-    merged = _merge(service, job)
+    merged = merge_mappings(service, job)
     changes = KINDS[kind]
     if changes:
         link = merged.get("link") or {}
