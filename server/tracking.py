@@ -169,13 +169,6 @@ class Tracking:
         self.pending = left
 
 
-def track_in_child(out: Path, uri: str, experiment: str, federation: dict[str, Any], log_dir: Path) -> None:
-    """Log one run and wait for it (bounded): what the one-shot coordinator does before it exits."""
-    tracking = Tracking(log_dir)
-    tracking.start(out, uri, experiment, federation)
-    tracking.reap(wait=True)
-
-
 def track_command(argv: Sequence[str]) -> int:
     """Log a completed federated run (its output folder) to MLflow."""
     return main(list(argv), prog="weckd track")

@@ -14,7 +14,7 @@ from weckd.chain.errors import ConfigError
 from weckd.chain.procs import free_port
 from weckd.server.scaffold import chain_settings, make_scaffold
 from weckd.server.settings import load_federation
-from weckd.server.tracking import link_metrics, log_run, track_in_child
+from weckd.server.tracking import Tracking, link_metrics, log_run
 
 mlflow = pytest.importorskip("mlflow", reason="the mlflow extra is not installed (pip install 'weckd[mlflow]')")
 
@@ -73,7 +73,9 @@ def test_link_metrics_skip_what_a_link_did_not_report() -> None:
 def test_a_store_that_is_down_costs_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     out = _output(tmp_path / "out")
     with caplog.at_level(logging.WARNING):
-        track_in_child(out, f"http://127.0.0.1:{free_port()}", "weckd", {}, tmp_path / "logs")
+        tracking = Tracking(tmp_path / "logs")  # as weckd-server runs it
+        tracking.start(out, f"http://127.0.0.1:{free_port()}", "weckd", {})
+        tracking.reap(wait=True)
     assert "did not take the run" in caplog.text and f"weckd track {out}" in caplog.text
 
 
@@ -99,8 +101,6 @@ def test_a_stopping_coordinator_waits_for_slow_logging_only_so_long(tmp_path: Pa
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     import subprocess
     import time
-
-    from weckd.server.tracking import Tracking
 
     tracking = Tracking(tmp_path)
     slow = subprocess.Popen(["sleep", "60"])  # a child stuck on a tracking store that does not answer
