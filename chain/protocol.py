@@ -27,6 +27,8 @@ MSG_QUERY = "query"
 MSG_TRAIN = "train"
 MSG_EVALUATE = "evaluate"
 MSG_DELIVER = "query.deliver"  # hand over a link the site trained as the final model (the links after it skipped)
+MSG_ROUND = "train.fedavg"  # one FedAvg round at a site (weckd.chain.rounds)
+MSG_ROUND_EVALUATE = "evaluate.fedavg"  # the coordinator's averaged model on a site's validation split
 KEY_CONFIG = "config"  # ConfigRecord: what the federation sends (link index, seed, mode, augment)
 KEY_LINK = "link-settings"  # ConfigRecord: the link's LinkSettings (chain.config.link_to_mapping)
 KEY_HEADER = "payload-header"  # ConfigRecord: the payload header
@@ -69,6 +71,7 @@ class Reason(str, Enum):
     WEIGHTS_FROM_WIRE = "weights-from-wire"  # link.weights names a local file: only the site's config may
     PRETRAINED_UNKNOWN = "pretrained-unknown"  # link.pretrained names weights this site does not hold
     PRETRAINED_MISMATCH = "pretrained-mismatch"  # the site's file for link.pretrained has another SHA-256
+    FEDAVG_NOT_ALLOWED = "fedavg-not-allowed"  # policy.allow_fedavg false: no update to, or model from, the coordinator
     # payloads (seal reasons keep their own names)
     MALFORMED_PAYLOAD = "malformed-payload"
     TOO_LARGE = "too-large"
@@ -111,6 +114,7 @@ TEXT: dict[Reason, str] = {
     Reason.WEIGHTS_FROM_WIRE: "link.weights names a local file; only the site's own config may",
     Reason.PRETRAINED_UNKNOWN: "link.pretrained names starting weights this site does not hold",
     Reason.PRETRAINED_MISMATCH: "this site's file for link.pretrained has another SHA-256",
+    Reason.FEDAVG_NOT_ALLOWED: "the site's policy does not allow FedAvg (updates to, and models from, the coordinator)",
     Reason.MALFORMED_PAYLOAD: "the payload is malformed or does not fit the model",
     Reason.TOO_LARGE: "the payload is over the site's size limit",
     Reason.MALFORMED: "the sealed payload is malformed",
@@ -178,7 +182,7 @@ MAX_SCHEDULE = 4096
 MAX_NAME = 64
 
 
-def _typed(values: Mapping[str, Any], spec: Mapping[str, type], where: str) -> dict[str, Any]:
+def typed_fields(values: Mapping[str, Any], spec: Mapping[str, type], where: str) -> dict[str, Any]:
     """``values`` with exactly the keys of ``spec``, each of exactly its type (bool is not int)."""
     missing, extra = sorted(set(spec) - set(values)), sorted(set(values) - set(spec))
     if missing or extra:
@@ -191,14 +195,14 @@ def _typed(values: Mapping[str, Any], spec: Mapping[str, type], where: str) -> d
     return dict(values)
 
 
-def _names(values: list[Any], key: str, where: str) -> tuple[str, ...]:
+def site_names(values: list[Any], key: str, where: str) -> tuple[str, ...]:
     if len(values) > MAX_SCHEDULE or not all(type(v) is str and 0 < len(v) <= MAX_NAME for v in values):
         raise Refused(Reason.BAD_REQUEST, f"{where}: request field {key!r} must be a list of at most "
                       f"{MAX_SCHEDULE} site names of 1-{MAX_NAME} characters")
     return tuple(values)
 
 
-def _seal_for(text: str, where: str) -> tuple[tuple[str, str], ...]:
+def parse_seal_for(text: str, where: str) -> tuple[tuple[str, str], ...]:
     out = []
     for item in filter(None, text.split(",")):
         kind, sep, recipient = item.partition(":")
@@ -208,7 +212,7 @@ def _seal_for(text: str, where: str) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
-def _seal_for_text(seal_for: tuple[tuple[str, str], ...]) -> str:
+def seal_for_text(seal_for: tuple[tuple[str, str], ...]) -> str:
     return ",".join(f"{k}:{r}" for k, r in seal_for)
 
 
@@ -234,13 +238,13 @@ class TrainRequest:
         return {"link": self.link, "n-links": self.n_links, "seed": self.seed, "mode": self.mode,
                 "wire-dtype": self.wire_dtype, "augment": self.augment, "deliver": self.deliver,
                 "run-id": self.run_id, "schedule": list(self.schedule),
-                "seal-for": _seal_for_text(self.seal_for)}
+                "seal-for": seal_for_text(self.seal_for)}
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any], where: str) -> TrainRequest:
-        v = _typed(values, _RUN_KEYS_TRAIN, where)
-        schedule = _names(v["schedule"], "schedule", where)
-        seal_for = _seal_for(v["seal-for"], where)
+        v = typed_fields(values, _RUN_KEYS_TRAIN, where)
+        schedule = site_names(v["schedule"], "schedule", where)
+        seal_for = parse_seal_for(v["seal-for"], where)
         if not 0 <= v["link"] < len(schedule) or v["n-links"] != len(schedule):
             raise Refused(Reason.BAD_REQUEST, f"{where}: link {v['link']} / n-links {v['n-links']} do not fit a "
                           f"schedule of {len(schedule)} links")
@@ -269,8 +273,8 @@ class EvaluateRequest:
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any], where: str) -> EvaluateRequest:
-        v = _typed(values, _RUN_KEYS_EVALUATE, where)
-        schedule = _names(v["schedule"], "schedule", where)
+        v = typed_fields(values, _RUN_KEYS_EVALUATE, where)
+        schedule = site_names(v["schedule"], "schedule", where)
         if not 0 <= v["link"] < len(schedule):
             raise Refused(Reason.BAD_REQUEST, f"{where}: link {v['link']} is outside the schedule")
         if v["deliver"] and v["link"] != len(schedule) - 1:
@@ -327,15 +331,15 @@ class DeliverRequest:
 
     def to_config(self) -> dict[str, Any]:
         return {"link": self.link, "run-id": self.run_id, "schedule": list(self.schedule),
-                "seal-for": _seal_for_text(self.seal_for)}
+                "seal-for": seal_for_text(self.seal_for)}
 
     @classmethod
     def from_config(cls, values: Mapping[str, Any], where: str) -> DeliverRequest:
-        v = _typed(values, _RUN_KEYS_DELIVER, where)
-        schedule = _names(v["schedule"], "schedule", where)
+        v = typed_fields(values, _RUN_KEYS_DELIVER, where)
+        schedule = site_names(v["schedule"], "schedule", where)
         if not 0 <= v["link"] < len(schedule):
             raise Refused(Reason.BAD_REQUEST, f"{where}: link {v['link']} is not a link of the schedule")
-        seal_for = _seal_for(v["seal-for"], where)
+        seal_for = parse_seal_for(v["seal-for"], where)
         if any(kind != "weights" for kind, _ in seal_for):
             raise Refused(Reason.BAD_REQUEST, f"{where}: a delivered model is sealed as weights only")
         return cls(v["run-id"], v["link"], schedule, seal_for)

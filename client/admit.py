@@ -15,8 +15,19 @@ from weckd.chain.config import LinkSettings, link_from_mapping
 from weckd.chain.errors import ConfigError
 from weckd.chain.peers import COORDINATOR, Party
 from weckd.chain.protocol import DeliverRequest, EvaluateRequest, Reason, Refused, TrainRequest
+from weckd.chain.rounds import RoundEvaluateRequest, RoundRequest
 
-from .policy import check_arch, check_delivery, check_evaluate, check_recipients, check_schedule, check_train
+from .policy import (
+    check_arch,
+    check_delivery,
+    check_evaluate,
+    check_fedavg,
+    check_recipients,
+    check_round,
+    check_schedule,
+    check_settings,
+    check_train,
+)
 from .runstate import RunRecord, RunState
 from .site import LocalData, SiteConfig, pretrained_file
 
@@ -77,6 +88,44 @@ def admit_train(cfg: SiteConfig, data: LocalData, party: Party | None, runs: Run
         runs.check_one_delivery(record, req.link, where)
     sender = req.schedule[req.link - 1] if req.link > 0 else ""
     return AdmittedTrain(req, settings, dict(link_config), sender, record)
+
+
+@dataclass(frozen=True)
+class AdmittedRound:
+    req: RoundRequest
+    settings: LinkSettings
+    link_config: dict[str, Any]
+    record: RunRecord
+
+
+def admit_round(cfg: SiteConfig, data: LocalData, party: Party | None, runs: RunState, config: Mapping[str, Any],
+                link_config: Mapping[str, Any], has_payload: bool) -> AdmittedRound:
+    """A FedAvg round: the policy allows FedAvg, the settings fit it, round 0 carries no model and every
+    later round the coordinator's average (opened by the handler under the coordinator's pinned key)."""
+    where = f"site {cfg.site} fedavg"
+    req = RoundRequest.from_config(config, where)
+    where = f"site {cfg.site} fedavg round {req.round + 1} of run {req.run_id[:64]!r}"
+    check_round(cfg.policy, cfg.site, req, pinned_sites(party), where)
+    settings = link_settings(link_config, where)
+    if settings.pretrained is not None:
+        settings = dataclasses.replace(settings, weights=pretrained_file(cfg, settings.pretrained, where))
+    check_settings(cfg.policy, "weights", settings, len(data.site.train), where)
+    if req.round > 0 and not has_payload:
+        raise Refused(Reason.MISSING_TEACHER, f"{where}: no averaged model from the coordinator")
+    if req.round == 0 and has_payload:
+        raise Refused(Reason.BAD_REQUEST, f"{where}: the first round starts from the seed, not from a model")
+    epsilon = settings.privacy.epsilon if settings.privacy is not None else None
+    record = runs.admit_round(req.run_id, req.round, req.sites, epsilon, where)
+    return AdmittedRound(req, settings, dict(link_config), record)
+
+
+def admit_round_evaluate(cfg: SiteConfig, party: Party | None, runs: RunState, config: Mapping[str, Any]
+                         ) -> tuple[RoundEvaluateRequest, RunRecord]:
+    where = f"site {cfg.site} fedavg evaluate"
+    req = RoundEvaluateRequest.from_config(config, where)
+    where = f"site {cfg.site} fedavg evaluate round {req.round + 1} of run {req.run_id[:64]!r}"
+    check_fedavg(cfg.policy, cfg.site, req.sites, pinned_sites(party), where)
+    return req, runs.admit_round(req.run_id, req.round, req.sites, None, where, evaluate=True)
 
 
 def admit_evaluate(cfg: SiteConfig, party: Party | None, runs: RunState, config: Mapping[str, Any]

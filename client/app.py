@@ -3,7 +3,10 @@
 * ``query``: who the site is (weckd version, classes, image size, proxy hash) and counts only;
 * ``train``: one chain link: the teacher payload → ``weckd.chain.link.train_link`` with exactly the
   arguments ``weckd.chain.runner.run_chain`` uses → the student's payload and metrics;
-* ``evaluate``: a received model on the site's local validation split.
+* ``evaluate``: a received model on the site's local validation split;
+* ``query.deliver``: hand over a link this site trained as the final model;
+* ``train.fedavg`` / ``evaluate.fedavg``: FedAvg rounds, only where the site's policy allows FedAvg
+  (``weckd.client.rounds``).
 
 Every request is first admitted (``weckd.client.admit``: strict decoding, the site's own policy and
 run state), then its payload is opened under the sender the site itself derived; a refusal is one
@@ -19,57 +22,50 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from weckd.chain import __version__
-from weckd.chain.artifacts import ModelCard, save_model
 from weckd.chain.audit import AUDIT_FILE, AuditLog
 from weckd.chain.errors import LinkError, PayloadError, SecurityError
-from weckd.chain.files import check_run_id, inside, private_dir
-from weckd.chain.flower import config_dict, payload_records_from_bytes, read_payload
-from weckd.chain.link import LinkResult, Teacher, evaluate, model_from_state, train_link
-from weckd.chain.models import pick_device
-from weckd.chain.payload import (
-    decode_logits,
-    decode_state,
-    encode_logits,
-    encode_state,
-    pack_bytes,
-    payload_bytes,
-    payload_from_bytes,
-)
-from weckd.chain.peers import Party, load_party
+from weckd.chain.flower import config_dict, payload_records_from_bytes
+from weckd.chain.link import Teacher, evaluate, model_from_state, train_link
+from weckd.chain.payload import decode_logits, decode_state
+from weckd.chain.peers import load_party
 from weckd.chain.protocol import (
     KEY_CONFIG,
-    KEY_HEADER,
     KEY_INFO,
     KEY_LINK,
     KEY_METRICS,
-    KEY_MODEL_ARRAYS,
-    KEY_MODEL_HEADER,
     KEY_SEALED,
-    SEALED_ENTRY,
     EvalMetrics,
-    EvaluateRequest,
-    LinkInfo,
-    LinkMetrics,
     Reason,
     Refused,
     SiteCounts,
     SiteInfo,
     reason_of,
 )
-from weckd.chain.seal import SealError
 
 from .admit import admit_deliver, admit_evaluate, admit_train, check_model_arch
+from .exchange import (
+    Received,
+    Site,
+    has_payload,
+    keep_delivered,
+    link_output,
+    plain_records,
+    receive,
+    sealed_records,
+    site_device,
+)
 from .linkstore import LinkOutput, LinkStore, link_key
 from .metrics import SiteStatus, status_path
+from .rounds import evaluate_round, train_round
 from .runstate import RunState
-from .site import LocalData, SiteConfig, load_local_data, load_site_config
+from .site import LocalData, load_local_data, load_site_config
+
+__all__ = ["app", "receive", "refuse_bundle", "warm_site_data"]
 
 log = logging.getLogger(__name__)
 
@@ -79,18 +75,6 @@ NODE_CONFIG = "site-config"
 app = ClientApp()
 
 _DATA: dict[str, Site] = {}
-
-
-class Site(NamedTuple):
-    cfg: SiteConfig
-    data: LocalData
-    party: Party | None  # sealing keys and pinned peers; None: this site takes unsealed payloads
-
-
-class Received(NamedTuple):
-    header: dict[str, Any]
-    arrays: dict[str, np.ndarray]
-    raw: bytes  # exactly what arrived (sealed blob or plain payload bytes): part of the link's identity
 
 
 def site_data(context: Context) -> Site:
@@ -108,12 +92,6 @@ def warm_site_data(path: str) -> Site:
         party = load_party(cfg.site, cfg.sealing, cfg.source) if cfg.sealing is not None else None
         _DATA[path] = Site(cfg, load_local_data(cfg), party)
     return _DATA[path]
-
-
-def _device(cfg: SiteConfig) -> torch.device:
-    if cfg.runtime.threads:
-        torch.set_num_threads(cfg.runtime.threads)
-    return pick_device(cfg.runtime.device)
 
 
 def _guarded(kind: str, site: Site, msg: Message, work: Callable[[SiteStatus, AuditLog], Message]) -> Message:
@@ -164,34 +142,6 @@ def query(msg: Message, context: Context) -> Message:
     return _guarded("query", site, msg, work)
 
 
-def has_payload(content: RecordDict) -> bool:
-    return KEY_SEALED in content.array_records or KEY_HEADER in content.config_records
-
-
-def receive(content: RecordDict, party: Party | None, kind: str, sender: str, run_id: str, link: int,
-            where: str) -> Received | None:
-    """The payload a message carries, opened and checked (sealed: by its pinned sender, for this run and
-    link); None when it carries none. A sealed site refuses unsealed payloads and the reverse."""
-    if KEY_SEALED in content.array_records:
-        if party is None:
-            raise Refused(Reason.BAD_REQUEST, f"{where}: a sealed payload arrived but this site has no sealing: "
-                          "section; add its keys")
-        record = content.array_records[KEY_SEALED]
-        if list(record.keys()) != [SEALED_ENTRY]:
-            raise SealError("malformed", f"{where}: the sealed record must hold exactly one {SEALED_ENTRY!r} entry")
-        blob = record[SEALED_ENTRY].numpy().tobytes()
-        opened = party.open_from(blob, sender=sender, run_id=run_id, link=link, kind=kind)
-        header, arrays = payload_from_bytes(opened, where, party.max_bytes)
-        return Received(header, arrays, blob)
-    plain = read_payload(content, where)
-    if plain is None:
-        return None
-    if party is not None:
-        raise SealError("unsealed", f"{where}: an unsealed payload arrived but this site accepts sealed payloads "
-                        "only; the coordinator must set federation.sealing")
-    return Received(plain[0], plain[1], pack_bytes(*plain))
-
-
 def _teacher(received: Received | None, data: LocalData, link: int, mode: str, where: str) -> Teacher | None:
     if received is None:
         return None
@@ -236,7 +186,7 @@ def _train(site: Site, msg: Message, status: SiteStatus, audit: AuditLog) -> Mes
     else:
         log.info("%s: training (teacher %s)", where, f"from site {ok.sender}" if received is not None else "none")
         with status.activity("training", link + 1, ok.settings.epochs):
-            result = train_link(ok.settings, data.site, data.spec, seed=req.seed, device=_device(cfg),
+            result = train_link(ok.settings, data.site, data.spec, seed=req.seed, device=site_device(cfg),
                                 teacher=teacher, proxy=data.proxy if req.mode == "logits" else None,
                                 augment_images=req.augment, label=f"link {link + 1}/{req.n_links} site {cfg.site}",
                                 on_epoch=status.on_epoch, position=(link, req.n_links))
@@ -246,66 +196,14 @@ def _train(site: Site, msg: Message, status: SiteStatus, audit: AuditLog) -> Mes
             runs.spend(ok.record, float(dict(result.privacy)["epsilon"]))
     records: dict[str, Any] = {KEY_METRICS: MetricRecord(out.metrics), KEY_INFO: ConfigRecord(out.info)}
     if party is not None:
-        records[KEY_SEALED] = _sealed(out, party, req.run_id, link, req.seal_for)
+        records[KEY_SEALED] = sealed_records(out, party, req.run_id, link, req.seal_for)
     else:
-        records.update(_plain(out, req.mode))
+        records.update(plain_records(out, req.mode))
     audit.append("train-reply", run=req.run_id, link=link, decision="sent",
                  sent_to=[f"{k}:{r}" for k, r in req.seal_for] if party is not None else ["coordinator"],
                  payload_sha256={k: hashlib.sha256(v).hexdigest() for k, v in out.payloads.items()},
                  epsilon=float(out.metrics.get("privacy-epsilon", 0.0)))
     return Message(RecordDict(records), reply_to=msg)
-
-
-def link_output(result: LinkResult, mode: str, link: int, deliver: bool, wire_dtype: str, site: str, where: str
-                ) -> LinkOutput:
-    """The link's payloads as bytes (relayed weights in the wire dtype; the delivered model in float32)."""
-    payloads: dict[str, bytes] = {}
-    if mode == "logits":
-        if result.proxy_logits is None:
-            raise LinkError(f"{where}: logits mode but no proxy logits were produced; set data.proxy")
-        payloads["logits"] = payload_bytes(encode_logits(result.proxy_logits, result.arch, link))
-    if mode == "weights" or deliver:
-        payloads["weights"] = payload_bytes(encode_state(result.state, result.arch, link,
-                                                         "float32" if deliver else wire_dtype))
-    return LinkOutput(payloads, link_metrics(result), LinkInfo(site, result.arch, result.init).to_record())
-
-
-def _sealed(out: LinkOutput, party: Party, run_id: str, link: int, seal_for: tuple[tuple[str, str], ...]
-            ) -> ArrayRecord:
-    """One blob per kind, encrypted once for every recipient the coordinator asked for (checked against
-    the policy)."""
-    recipients: dict[str, list[str]] = {}
-    for kind, recipient in seal_for:
-        if kind not in out.payloads:
-            raise Refused(Reason.BAD_REQUEST, f"site {party.name} link {link + 1}: asked to seal a {kind!r} payload "
-                          "it does not have")
-        recipients.setdefault(kind, []).append(recipient)
-    return ArrayRecord({kind: Array(np.frombuffer(party.seal_for(names, out.payloads[kind], run_id=run_id, link=link,
-                                                                 kind=kind), dtype=np.uint8))
-                        for kind, names in recipients.items()})
-
-
-def _plain(out: LinkOutput, mode: str) -> dict[str, Any]:
-    """Unsealed payload records: the relayed payload, plus the final weights in logits mode."""
-    records = payload_records_from_bytes(out.payloads[mode])
-    if mode == "logits" and "weights" in out.payloads:
-        records.update(payload_records_from_bytes(out.payloads["weights"], KEY_MODEL_HEADER, KEY_MODEL_ARRAYS))
-    return records
-
-
-def link_metrics(result: LinkResult) -> dict[str, Any]:
-    """Aggregates only: accuracy, recall, confusion counts, loss parts per epoch, counts, seconds, and what
-    the link spent where DP-SGD ran (ε at δ)."""
-    return LinkMetrics(
-        float(result.val.accuracy), int(result.val.n), tuple(float(r) for r in result.val.recall),
-        tuple(int(c) for row in result.val.confusion for c in row), tuple(float(e.loss) for e in result.epochs),
-        tuple(float(e.ce) for e in result.epochs), tuple(float(e.kd) for e in result.epochs),
-        tuple(float(e.seconds) for e in result.epochs), float(result.seconds), float(result.images_per_s),
-        {k: int(v) for k, v in result.samples.items()},
-        {k: float(v) for k, v in dict(result.privacy).items()} if result.privacy is not None else None,
-        float(result.teacher_val.accuracy) if result.teacher_val is not None else None,
-        result.kept == "teacher" if result.teacher_val is not None else None,
-    ).to_record()
 
 
 @app.evaluate()
@@ -331,17 +229,29 @@ def _evaluate(site: Site, msg: Message, status: SiteStatus, audit: AuditLog) -> 
     audit.append("evaluate", run=req.run_id, link=link, decision="accepted", sender=req.sender,
                  payload_sha256=hashlib.sha256(received.raw).hexdigest(),
                  signer=req.sender if party is not None else "", deliver=req.deliver)
-    device = _device(cfg)
+    device = site_device(cfg)
     with status.activity("evaluating", link + 1):
         model = model_from_state(arch, state, data.spec, device)
         ev = evaluate(model, data.site.val, len(data.spec.classes), device)
     if req.deliver:
-        keep_delivered(cfg, data, arch, state, req)
+        keep_delivered(cfg, data, arch, state, req.run_id, req.link, req.sender)
     metrics = MetricRecord(EvalMetrics(float(ev.accuracy), int(ev.n), tuple(float(r) for r in ev.recall),
                                        tuple(int(c) for row in ev.confusion for c in row)).to_record())
     audit.append("evaluate-reply", run=req.run_id, link=link, decision="sent", sent_to=["coordinator"],
                  n=int(ev.n))
     return Message(RecordDict({KEY_METRICS: metrics}), reply_to=msg)
+
+
+@app.train("fedavg")
+def fedavg_round(msg: Message, context: Context) -> Message:
+    site = site_data(context)
+    return _guarded("fedavg", site, msg, lambda status, audit: train_round(site, msg, status, audit))
+
+
+@app.evaluate("fedavg")
+def fedavg_evaluate(msg: Message, context: Context) -> Message:
+    site = site_data(context)
+    return _guarded("fedavg-evaluate", site, msg, lambda status, audit: evaluate_round(site, msg, status, audit))
 
 
 @app.query("deliver")
@@ -365,7 +275,7 @@ def _hand_over(site: Site, msg: Message, audit: AuditLog) -> Message:
     weights = LinkOutput({"weights": out.payloads["weights"]}, out.metrics, out.info)
     records: dict[str, Any] = {KEY_METRICS: MetricRecord(out.metrics), KEY_INFO: ConfigRecord(out.info)}
     if party is not None:
-        records[KEY_SEALED] = _sealed(weights, party, req.run_id, req.link, req.seal_for)
+        records[KEY_SEALED] = sealed_records(weights, party, req.run_id, req.link, req.seal_for)
     else:
         records.update(payload_records_from_bytes(weights.payloads["weights"]))
     audit.append("deliver", run=req.run_id, link=req.link, decision="sent",
@@ -374,13 +284,3 @@ def _hand_over(site: Site, msg: Message, audit: AuditLog) -> Message:
     runs.delivered(req.run_id, runs.ledger.runs[req.run_id], req.link)
     log.info("%s: handed over as the chain's final model", where)
     return Message(RecordDict(records), reply_to=msg)
-
-
-def keep_delivered(cfg: SiteConfig, data: LocalData, arch: str, state: dict[str, torch.Tensor],
-                   req: EvaluateRequest) -> None:
-    """Store the chain's final model delivered to this site (safetensors + model card) in its state dir."""
-    out = inside(private_dir(Path(cfg.state_dir) / "delivered"), check_run_id(req.run_id), "model")
-    provenance = {"federated": True, "run_id": req.run_id, "link": req.link + 1, "from_site": req.sender,
-                  "received_by": cfg.site}
-    save_model(out, state, ModelCard(arch, list(data.spec.classes), data.spec.size, data.spec.channels, provenance))
-    log.info("site %s: final model of run %s stored in %s", cfg.site, req.run_id, out)

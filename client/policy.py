@@ -16,6 +16,7 @@ from typing import Any
 from weckd.chain.config import LinkSettings
 from weckd.chain.peers import COORDINATOR
 from weckd.chain.protocol import DeliverRequest, EvaluateRequest, Reason, Refused, TrainRequest
+from weckd.chain.rounds import RoundRequest
 
 
 def _m(**meta: Any) -> Any:
@@ -51,6 +52,9 @@ class SitePolicy:
     deliver_to: tuple[str, ...] = ()
     # the chain order this site agreed to (each run's schedule must follow it, cycles allowed); empty: any
     order: tuple[str, ...] = ()
+    # FedAvg rounds (weckd.chain.rounds): this site's updates go to the coordinator, which reads them, and it
+    # trains the models the coordinator averaged; off by default, as the chain never trusts the coordinator so
+    allow_fedavg: bool = False
 
 
 def arch_allowed(policy: SitePolicy, arch: str) -> bool:
@@ -98,6 +102,11 @@ def _follows(schedule: tuple[str, ...], order: tuple[str, ...]) -> bool:
 
 def check_train(policy: SitePolicy, req: TrainRequest, settings: LinkSettings, n_train: int, where: str) -> None:
     """The request's own settings against the policy (run state and ε are checked by the caller)."""
+    check_settings(policy, req.mode, settings, n_train, where)
+
+
+def check_settings(policy: SitePolicy, mode: str, settings: LinkSettings, n_train: int, where: str) -> None:
+    """Link settings (a chain link's or a FedAvg round's) against the policy."""
     check_arch(policy, settings.arch, where)
     if settings.epochs > policy.max_epochs:
         raise Refused(Reason.EPOCHS_OVER_LIMIT, f"{where}: {settings.epochs} epochs; policy.max_epochs is "
@@ -108,7 +117,7 @@ def check_train(policy: SitePolicy, req: TrainRequest, settings: LinkSettings, n
     if settings.epochs * n_train > policy.max_images_per_link:
         raise Refused(Reason.IMAGES_OVER_LIMIT, f"{where}: {settings.epochs} epochs × {n_train} images; "
                       f"policy.max_images_per_link is {policy.max_images_per_link}")
-    if req.mode == "logits" and not policy.allow_logits:
+    if mode == "logits" and not policy.allow_logits:
         raise Refused(Reason.LOGITS_NOT_ALLOWED, f"{where}: logits mode; policy.allow_logits is false")
     if settings.privacy is None and policy.require_dp:
         raise Refused(Reason.DP_REQUIRED, f"{where}: the link has no privacy settings; policy.require_dp is true")
@@ -116,6 +125,38 @@ def check_train(policy: SitePolicy, req: TrainRequest, settings: LinkSettings, n
             settings.privacy.epsilon > policy.max_epsilon_per_link:
         raise Refused(Reason.EPSILON_OVER_LIMIT, f"{where}: epsilon {settings.privacy.epsilon:g}; "
                       f"policy.max_epsilon_per_link is {policy.max_epsilon_per_link:g}")
+
+
+def check_round(policy: SitePolicy, site: str, req: RoundRequest, pinned: set[str] | None, where: str) -> None:
+    """A FedAvg round: only where the policy allows FedAvg, with this site among pinned participants (inside
+    ``policy.order`` where it names one), at most ``max_links_per_run`` rounds, and the update sealed for
+    the coordinator alone (unsealed sites: sealed for nobody)."""
+    check_fedavg(policy, site, req.sites, pinned, where)
+    if req.rounds > policy.max_links_per_run:
+        raise Refused(Reason.LINKS_OVER_LIMIT, f"{where}: the run asks this site for {req.rounds} rounds; "
+                      f"policy.max_links_per_run is {policy.max_links_per_run}")
+    wanted = () if pinned is None else (("weights", COORDINATOR),)
+    if req.seal_for != wanted:
+        other = next((r for _, r in req.seal_for if r != COORDINATOR), "")
+        raise Refused(Reason.RECIPIENT_NOT_ALLOWED, f"{where}: a FedAvg update is sealed for the coordinator alone"
+                      + (f", not for {other[:64]!r}" if other else "") + f"; asked for {list(req.seal_for)[:4]}")
+
+
+def check_fedavg(policy: SitePolicy, site: str, sites: tuple[str, ...], pinned: set[str] | None, where: str) -> None:
+    """FedAvg at all: allowed by the policy, this site a participant, every participant a pinned site."""
+    if not policy.allow_fedavg:
+        raise Refused(Reason.FEDAVG_NOT_ALLOWED, f"{where}: FedAvg gives the coordinator this site's models; "
+                      "policy.allow_fedavg is false")
+    if COORDINATOR in sites or site not in sites:
+        raise Refused(Reason.BAD_REQUEST, f"{where}: the participants {list(sites)[:8]} must be sites, this one "
+                      "among them")
+    if pinned is not None and not set(sites) <= pinned:
+        unknown = sorted(set(sites) - pinned)[:4]
+        raise Refused(Reason.UNKNOWN_PEER, f"{where}: the round names site(s) {unknown} this site has not pinned")
+    if policy.order and not set(sites) <= set(policy.order):
+        outside = sorted(set(sites) - set(policy.order))[:4]
+        raise Refused(Reason.NOT_PREDECESSOR, f"{where}: site(s) {outside} are outside policy.order "
+                      f"{list(policy.order)}")
 
 
 def check_recipients(policy: SitePolicy, req: TrainRequest, site: str, where: str) -> None:

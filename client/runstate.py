@@ -39,6 +39,7 @@ class RunRecord:
     evaluations: int = 0
     epsilon: float = 0.0
     delivered: int = -1  # the one link of the run whose model this site sealed as the chain's model
+    kind: str = "chain"  # or "fedavg": its links are rounds and ``routed`` its participants (weckd.chain.rounds)
 
 
 @dataclass
@@ -72,9 +73,15 @@ class RunState:
         if list(schedule[:len(rec.routed)]) != rec.routed:
             raise Refused(Reason.BAD_REQUEST, f"{where}: the run's schedule changed for links already routed")
 
+    def _kind(self, rec: RunRecord, kind: str, where: str) -> RunRecord:
+        if rec.kind != kind and (rec.links or rec.evaluations or rec.routed):
+            raise Refused(Reason.BAD_REQUEST, f"{where}: run is a {rec.kind} run here, not a {kind} run")
+        rec.kind = kind
+        return rec
+
     def admit_train(self, run_id: str, link: int, schedule: tuple[str, ...], epsilon: float | None,
                     where: str) -> RunRecord:
-        rec = self._record(run_id, where)
+        rec = self._kind(self._record(run_id, where), "chain", where)
         self._forward(rec, link, schedule, where)
         budget = self.policy.epsilon_budget
         spent = self.ledger.epsilon_spent
@@ -84,17 +91,45 @@ class RunState:
         return rec
 
     def admit_evaluate(self, run_id: str, link: int, schedule: tuple[str, ...], where: str) -> RunRecord:
-        rec = self._record(run_id, where)
+        rec = self._kind(self._record(run_id, where), "chain", where)
         self._forward(rec, link, schedule, where)
         if rec.evaluations >= self.policy.max_evaluations_per_run:
             raise Refused(Reason.EVALUATIONS_OVER_LIMIT, f"{where}: {rec.evaluations} models evaluated in this run; "
                           f"policy.max_evaluations_per_run is {self.policy.max_evaluations_per_run}")
         return rec
 
+    def admit_round(self, run_id: str, rnd: int, sites: tuple[str, ...], epsilon: float | None, where: str,
+                    evaluate: bool = False) -> RunRecord:
+        """A FedAvg round (or an evaluation of the average after it): rounds only move forward, and the
+        participants only shrink (a site skipped does not come back, no site is added)."""
+        rec = self._kind(self._record(run_id, where), "fedavg", where)
+        if rnd < rec.last_link:
+            raise Refused(Reason.LINK_NOT_FORWARD, f"{where}: round {rnd + 1} after round {rec.last_link + 1}")
+        if rec.routed and not set(sites) <= set(rec.routed):
+            added = sorted(set(sites) - set(rec.routed))[:4]
+            raise Refused(Reason.BAD_REQUEST, f"{where}: site(s) {added} joined the run after it started")
+        if evaluate:
+            if rec.evaluations >= self.policy.max_evaluations_per_run:
+                raise Refused(Reason.EVALUATIONS_OVER_LIMIT, f"{where}: {rec.evaluations} models evaluated in this "
+                              f"run; policy.max_evaluations_per_run is {self.policy.max_evaluations_per_run}")
+            return rec
+        budget, spent = self.policy.epsilon_budget, self.ledger.epsilon_spent
+        if epsilon is not None and budget and rnd not in rec.links and spent + epsilon > budget:
+            raise Refused(Reason.EPSILON_BUDGET, f"{where}: epsilon {epsilon:g} on top of {spent:g} spent exceeds "
+                          f"policy.epsilon_budget {budget:g}")
+        return rec
+
+    def commit_round(self, run_id: str, rec: RunRecord, rnd: int, sites: tuple[str, ...], *, trained: bool = False,
+                     evaluated: bool = False) -> None:
+        """Record an accepted FedAvg request (before the work starts)."""
+        self.commit(run_id, rec, rnd, (), trained=trained, evaluated=evaluated)
+        rec.routed = list(sites)
+        self._save()
+
     def admit_deliver(self, run_id: str, link: int, schedule: tuple[str, ...], where: str) -> RunRecord:
         """A hand-over of link ``link`` as the final model: only of this site's current run, only a link it
         trained, once the schedule is done, and one model per run (the coordinator cannot collect several)."""
-        rec = self._record(run_id, where)
+        rec = self._kind(self._record(run_id, where), "chain", where)
         if run_id != self.ledger.current or link not in rec.links:
             raise Refused(Reason.BAD_REQUEST, f"{where}: this site did not train link {link + 1} of run {run_id!r}")
         self._forward(rec, len(schedule) - 1, schedule, where)
@@ -162,4 +197,5 @@ def _record_fields(v: Any) -> dict[str, Any]:
         raise TypeError("a run record is not a mapping")
     return {"routed": [str(s) for s in v["routed"]], "last_link": int(v["last_link"]),
             "links": [int(x) for x in v["links"]], "evaluations": int(v["evaluations"]),
-            "epsilon": float(v["epsilon"]), "delivered": int(v.get("delivered", -1))}
+            "epsilon": float(v["epsilon"]), "delivered": int(v.get("delivered", -1)),
+            "kind": str(v.get("kind", "chain"))}

@@ -23,6 +23,7 @@ from weckd.chain.files import append_text
 from weckd.chain.flower import fast_pull
 from weckd.chain.protocol import Event, Failure
 
+from .fedavg import FedAvgRun
 from .report import write_outputs
 from .schedule import ChainRun, discover
 from .settings import Federation, load_federation
@@ -70,7 +71,8 @@ def main(grid: Grid, context: Context) -> None:
                   "sites": {k: v["counts"] for k, v in infos.items()}})
         audit = AuditLog(state_dir / AUDIT_FILE)
         _audit_discovery(audit, state.run_id, infos)
-        outcome = ChainRun(transport, fed, infos, progress, state, state_dir, audit).run()
+        runner = FedAvgRun if s.algorithm == "fedavg" else ChainRun
+        outcome = runner(transport, fed, infos, progress, state, state_dir, audit).run()
         write_outputs(Path(str(rc["output-dir"])), fed, outcome, time.monotonic() - start, state.run_id)
         state.completed = True
         save_state(state_dir, state)

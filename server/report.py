@@ -80,7 +80,9 @@ def results(fed: Federation, outcome: ChainOutcome, seconds: float) -> dict[str,
                                "gain_over_link1": (last - first) if first is not None and last is not None else None,
                                "seconds": seconds}
     extra: dict[str, Any] = {}
-    if outcome.final is not None and deliver_rule(cfg.chain.deliver, cfg.chain.mode, fed.settings.evaluate) == "best":
+    if fed.settings.algorithm == "fedavg":
+        extra["algorithm"] = {"name": "fedavg", "rounds": len(outcome.links), "epochs_per_round": 1}
+    elif outcome.final is not None and deliver_rule(cfg.chain.deliver, cfg.chain.mode, fed.settings.evaluate) == "best":
         pooled = [evaluations_accuracy(r.evaluations) for r in outcome.links]
         extra["delivered"] = delivery_json("best", outcome.final.link, pooled)
         summary["delivered_eval_accuracy"] = links[outcome.final.link]["eval_accuracy"]

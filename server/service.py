@@ -15,7 +15,10 @@ a few per-run federation keys (``JOB_FEDERATION_KEYS``). Its kind says what runs
 * ``cwt``: cyclic weight transfer, the chain's baseline without distillation (every link starts from its
   predecessor's weights and trains on its labels alone: ``alpha 1``);
 * ``local``: each site alone, what every hospital gets without the federation (every link starts from
-  scratch, no distillation, no do-no-harm hand-over, a whole learning-rate schedule per link).
+  scratch, no distillation, no do-no-harm hand-over, a whole learning-rate schedule per link);
+* ``fedavg``: FedAvg (``weckd.server.fedavg``): rounds of one local epoch at every site from the
+  coordinator's average, as many as give each site the chain's site-epochs. It runs only at sites whose
+  policy allows it (``policy.allow_fedavg``): the coordinator reads every update.
 
 Every kind runs through the same ServerApp, the same sites, their policies and the same sealing, and is
 scored on the same validation splits (``evaluate``), so ``weckd compare`` can set them side by side.
@@ -51,9 +54,11 @@ KINDS: dict[str, dict[str, Any]] = {
     "chain": {},
     "cwt": {"alpha": 1.0, "init": "predecessor"},
     "local": {"alpha": 1.0, "init": "scratch", "do_no_harm": False, "lr_schedule": "link"},
+    "fedavg": {"alpha": 1.0, "do_no_harm": False},  # rounds of one epoch from the average (weckd.server.fedavg)
 }
+ALGORITHM = {"fedavg": "fedavg"}  # federation.algorithm of each kind (the rest: chain)
 KIND_TEXT = {"chain": "WeCKD chain", "cwt": "cyclic weight transfer (no distillation)",
-             "local": "each site alone"}
+             "local": "each site alone", "fedavg": "FedAvg (the chain's site-epochs)"}
 # federation keys a job may set for its own run; the rest (addresses, TLS, keys, folders, sealing, metrics)
 # belong to the running coordinator
 JOB_FEDERATION_KEYS = ("evaluate", "on_site_failure", "link_timeout", "discovery_timeout", "retries",
@@ -115,6 +120,9 @@ def job_mapping(service: dict[str, Any], job: dict[str, Any], kind: str, where: 
         links = merged.get("links")
         if isinstance(links, list):
             merged["links"] = [{**item, **changes} if isinstance(item, dict) else item for item in links]
+    if not isinstance(merged.get("federation"), dict):
+        raise ConfigError(f"{where}: federation: expected a mapping")
+    merged["federation"]["algorithm"] = ALGORITHM.get(kind, "chain")
     chain = merged.get("chain") if isinstance(merged.get("chain"), dict) else {}
     order = chain.get("order") if isinstance(chain, dict) else None
     sites = merged.get("federation", {}).get("sites")
@@ -140,7 +148,7 @@ def read_job_file(path: str | Path) -> dict[str, Any]:
     for key in ("runtime", "baselines"):
         if key in raw:
             raise ConfigError(f"{path}: {key}: does nothing in a federated job (each site runs its own runtime; a "
-                              "baseline is a job of its own: weckd submit --kind cwt or --kind local)")
+                              "baseline is a job of its own: weckd submit --kind cwt, local or fedavg)")
     return raw
 
 
@@ -285,8 +293,8 @@ def submit_command(argv: Sequence[str]) -> int:
     parser.add_argument("job", nargs="?", help="job YAML: chain settings laid over the coordinator's config")
     parser.add_argument("-c", "--config", required=True, help="the coordinator's federation YAML")
     parser.add_argument("--kind", choices=tuple(KINDS), default="chain",
-                        help="chain (WeCKD), cwt (cyclic weight transfer, no distillation) or local (each site "
-                             "alone); default chain")
+                        help="chain (WeCKD), cwt (cyclic weight transfer, no distillation), local (each site "
+                             "alone) or fedavg (FedAvg, the chain's site-epochs); default chain")
     parser.add_argument("--name", default="", help="a name for the job (default: the file's stem)")
     parser.add_argument("--cancel", metavar="JOB_ID", help="take a queued job out of the queue instead")
     parser.add_argument("--json", action="store_true", help="print the job record as JSON")

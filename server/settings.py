@@ -84,6 +84,9 @@ class FederationSettings:
     metrics_port: int = field(default=9464, metadata=_m(min=0, max=65535))
     metrics_linger: float = field(default=0.0, metadata=_m(min=0.0, max=3600.0))  # serve the final state longer
     mlflow: MlflowSettings | None = None  # None: no experiment tracking
+    # chain: the WeCKD chain; fedavg: FedAvg rounds across the same sites (weckd.chain.rounds), the baseline
+    # a job of kind fedavg runs (weckd submit --kind fedavg)
+    algorithm: str = field(default="chain", metadata=_m(choices=("chain", "fedavg")))
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,9 @@ def federation_from_mapping(raw: dict[str, Any], origin: Origin) -> Federation:
         raise ConfigError(f"{origin.source}: link.weights names a file on the coordinator, which trains nothing; "
                           "name the starting weights by their SHA-256 in link.pretrained, and map it to a local file "
                           "in each site's config (pretrained:)")
-    if chain.chain.deliver == "best" and settings.evaluate != "all":
+    if settings.algorithm == "fedavg":
+        _check_fedavg(settings, chain, origin)
+    elif chain.chain.deliver == "best" and settings.evaluate != "all":
         raise ConfigError(f"{origin.source}: chain.deliver: best needs federation.evaluate: all (every site scores "
                           f"every link); it is {settings.evaluate!r}")
     return Federation(chain, settings, sites, origin.source, effective, str(origin.base_dir))
@@ -164,6 +169,21 @@ def _check_mlflow(mlflow: MlflowSettings | None, origin: Origin) -> None:
     if importlib.util.find_spec("mlflow") is None:
         raise ConfigError(f"{origin.source}: federation.mlflow: MLflow is not installed here; install the extra "
                           "(pip install 'weckd[mlflow]') or remove the section")
+
+
+def _check_fedavg(settings: FederationSettings, chain: ChainConfig, origin: Origin) -> None:
+    """FedAvg averages one architecture's weights, and in a sealed federation the coordinator opens every
+    update and signs every average: it needs its own keys and the sites' public keys."""
+    where = f"{origin.source}: federation.algorithm: fedavg"
+    if chain.chain.mode != "weights":
+        raise ConfigError(f"{where} averages weights; set chain.mode: weights")
+    archs = sorted({chain.link_settings(k).arch for k in range(chain.n_links)})
+    if len(archs) > 1:
+        raise ConfigError(f"{where} trains one model at every site; the links name {', '.join(archs)}")
+    sealing = settings.sealing
+    if sealing is not None and COORDINATOR not in sealing.deliver_to:
+        raise ConfigError(f"{where}: the coordinator reads every update and makes every model, so a sealed "
+                          f"federation must list {COORDINATOR!r} in federation.sealing.deliver_to (with its keys)")
 
 
 def _check_sealing(sealing: FederationSealing | None, chain: ChainConfig, origin: Origin) -> None:

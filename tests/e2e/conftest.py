@@ -127,6 +127,10 @@ def run_service(root: Path, chain: dict[str, Any], federation: dict[str, Any], s
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     scaffold = make_scaffold(root, chain, {**federation, "mlflow": {"tracking_uri": uri, "experiment": "e2e"}})
+    for path in scaffold.sites.values():  # the sites agree to FedAvg baselines (their updates go to the coordinator)
+        site = yaml.safe_load(path.read_text())
+        site.setdefault("policy", {})["allow_fedavg"] = True
+        path.write_text(yaml.safe_dump(site, sort_keys=False))
     fed = LocalFederation(scaffold, stop_timeout=10.0)
     watch = ProcWatch(root)
     start = time.monotonic()
@@ -286,9 +290,11 @@ def hetero_weights_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fed
         "link": {"epochs": 3},
         "links": [{"arch": "test_resnet"}, {"arch": "test_efficientnet"}, {"arch": "test_efficientnet"}],
     })
-    # the same federation runs as a service: a second chain and a baseline (each site alone) are submitted while
-    # the first job runs, one architecture and every site evaluating every link (tests/e2e/test_service.py)
+    # the same federation runs as a service: a second chain and two baselines (each site alone, FedAvg of two
+    # rounds) are submitted while the first job runs, one architecture and every site evaluating every link
+    # (tests/e2e/test_service.py)
     same_arch = {"links": [], "link": {"epochs": 1}, "federation": {"evaluate": "all"}}
     yield run_service(tmp_path_factory.mktemp("weights-hetero"), chain, {"evaluate": "next"},
                       ("--set", "link.epochs=2"), [("second-chain", "chain", same_arch),
-                                                   ("sites-alone", "local", same_arch)])
+                                                   ("sites-alone", "local", same_arch),
+                                                   ("fedavg", "fedavg", {**same_arch, "link": {"epochs": 2}})])
