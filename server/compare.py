@@ -3,8 +3,8 @@
 Each argument is a job id of the coordinator named with ``-c`` (its outputs are in
 ``<output_dir>/<job id>/``), an output folder, or a ``results.json``. For every run: the accuracy each
 site gets on its own validation split, pooled over the sites (sample-weighted), the compute it took
-(site-epochs, training seconds) and the bytes the coordinator relayed. For the chain and cyclic weight
-transfer a site's figure is the delivered model's; for ``local`` (each site alone) it is the site's own
+(site-epochs, training seconds) and the bytes the coordinator relayed. For the chain, cyclic weight
+transfer and FedAvg a site's figure is the delivered model's; for ``local`` (each site alone) it is the site's own
 model, the one it would have without the federation.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run_row(data: dict[str, Any], label: str) -> dict[str, Any]:
     else:
         index = int(data.get("delivered", {}).get("link", len(links))) - 1
         scores = {site: _site_score(links[index], site) for site in sites}
-        model = f"link {index + 1}"
+        model = f"{'round' if kind == 'fedavg' else 'link'} {index + 1}"
     known = [v for v in scores.values() if v is not None]
     n = sum(k for _, k in known)
     return {

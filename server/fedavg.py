@@ -142,7 +142,7 @@ class FedAvgRun:
     def _round(self, r: int) -> None:
         start = time.monotonic()
         self.on_event({"event": Event.LINK_START, "link": r + 1, "links": self.rounds, "site": ROUND_SITE,
-                       "sites": self.sites()})
+                       "sites": self.sites(), "epochs": 1})
         replies = self._train(r)
         updates = {site: self._open(r, site, rep) for site, rep in replies.items()}
         arch, mean = average(updates)

@@ -276,7 +276,8 @@ class ChainRun:
     def _train(self, k: int, site: str, schedule: list[str]) -> Reply | None:
         """Site ``site``'s reply for link k, None when it failed and the policy skips it."""
         s = self.fed.settings
-        self.on_event({"event": Event.LINK_START, "link": k + 1, "links": len(schedule), "site": site})
+        self.on_event({"event": Event.LINK_START, "link": k + 1, "links": len(schedule), "site": site,
+                       "epochs": self.fed.chain.link_settings(k).epochs})
         content = self._train_content(k, schedule)
         teacher = _blob_sha(self.state.relay, self.fed.chain.chain.mode, site) if self.state.relay else ""
         failure: SiteFailure | None = None
@@ -393,6 +394,9 @@ def link_event_extras(record: LinkRecord) -> dict[str, Any]:
     last = {key: float(m[f"epoch-{key}"][-1]) for key in ("loss", "ce", "kd") if len(m.get(f"epoch-{key}", []))}
     extras = {**last, "bytes_to_site": record.bytes_to_site, "bytes_from_site": record.bytes_from_site,
               "train_seconds": float(m.get("seconds", 0.0))}
+    epoch_times = [float(t) for t in m.get("epoch-seconds", [])]
+    if epoch_times:  # what `weckd status` estimates the running link's epoch from
+        extras["epoch_seconds"] = sum(epoch_times) / len(epoch_times)
     if "privacy-epsilon" in m:
         extras["epsilon"] = float(m["privacy-epsilon"])
     return extras

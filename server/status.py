@@ -73,10 +73,14 @@ def chain_status_at(state: Path, output: Path, default_links: int, running: bool
         if kind == Event.SITE_ONLINE and e.get("site") not in online:
             online.append(str(e.get("site")))
         elif kind == Event.LINK_START:
-            current = {"link": e.get("link"), "links": e.get("links"), "site": e.get("site"), "since": e.get("t")}
+            current = {"link": e.get("link"), "links": e.get("links"), "site": e.get("site"), "since": e.get("t"),
+                       "epochs": e.get("epochs")}
         elif kind == Event.LINK_DONE:
-            done.append({k: e.get(k) for k in ("link", "site", "val_accuracy", "seconds", "evaluations")})
+            done.append({k: e.get(k) for k in ("link", "site", "val_accuracy", "seconds", "evaluations",
+                                               "epoch_seconds")})
             current = None
+    if current is not None and status == "running":
+        current["epoch"] = epoch_estimate(current, done, now)
     out: dict[str, Any] = {
         "state": status, "coordinator_running": running,
         "run_id": next((e["run_id"] for e in events if "run_id" in e), None),
@@ -96,12 +100,40 @@ def chain_status_at(state: Path, output: Path, default_links: int, running: bool
     return out
 
 
+def epoch_estimate(current: dict[str, Any], done: list[dict[str, Any]], now: float) -> dict[str, Any] | None:
+    """Which epoch the training site is most likely in: the time since the link was sent over the mean epoch
+    time of that site's earlier links (else of any earlier link). The coordinator hears from a site only when
+    its link is done, so this is an estimate; the site's own ``weckd-client --status`` shows the epoch."""
+    epochs, since = current.get("epochs"), current.get("since")
+    if not isinstance(epochs, int) or not isinstance(since, (int, float)):
+        return None
+    times = [float(d["epoch_seconds"]) for d in done if isinstance(d.get("epoch_seconds"), (int, float))
+             and d["epoch_seconds"] > 0]
+    own = [float(d["epoch_seconds"]) for d in done if d.get("site") == current.get("site")
+           and isinstance(d.get("epoch_seconds"), (int, float)) and d["epoch_seconds"] > 0]
+    basis = own or times
+    if not basis:
+        return {"epoch": None, "epochs": epochs, "estimated": True}
+    per_epoch = sum(basis) / len(basis)
+    return {"epoch": max(1, min(epochs, int((now - float(since)) // per_epoch) + 1)), "epochs": epochs,
+            "estimated": True, "epoch_seconds": per_epoch}
+
+
+def _epoch_text(cur: dict[str, Any]) -> str:
+    ep = cur.get("epoch")
+    if not ep:
+        return ""
+    if ep["epoch"] is None:
+        return f", {ep['epochs']} epoch(s) (which one is known once a link has finished)"
+    return f", epoch ~{ep['epoch']}/{ep['epochs']} (estimated from earlier epoch times)"
+
+
 def format_status(s: dict[str, Any]) -> str:
     lines = [f"chain {s['run_id'] or '-'}: {s['state']} ({len(s['links_done'])}/{s['links']} links done)"
              + (", coordinator running" if s["coordinator_running"] else "")]
     cur = s["current"]
     if cur:
-        lines.append(f"  now: link {cur['link']}/{cur['links']} at site {cur['site']}; ETA "
+        lines.append(f"  now: link {cur['link']}/{cur['links']} at site {cur['site']}{_epoch_text(cur)}; ETA "
                      f"{format_seconds(s['eta_seconds'])}")
     lines.append(f"  sites online: {', '.join(s['sites_online']) or '-'}"
                  + (f"; skipped: {', '.join(map(str, s['skipped']))}" if s["skipped"] else ""))

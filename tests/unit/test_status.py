@@ -51,6 +51,31 @@ def test_a_running_chain_shows_its_link_site_and_eta(tmp_path: Path) -> None:
     assert "link 2/3 at site B" in text and "ETA 0m30s" in text and "link 1  site A  val acc 0.700" in text
 
 
+def _running_status(tmp_path: Path, events: list[dict], now: float) -> dict:
+    fed = _fed(tmp_path)
+    state = Path(fed.settings.state_dir)
+    _write(state, events)
+    with (state / "weckd-server.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return chain_status(fed, now=now)
+
+
+def test_the_running_links_epoch_is_estimated_from_earlier_epoch_times(tmp_path: Path) -> None:
+    events = [*RUNNING[:3], {**RUNNING[3], "epochs": 4}, {**RUNNING[4], "epoch_seconds": 5.0},
+              {**RUNNING[5], "epochs": 4}]
+    s = _running_status(tmp_path, events, now=T0 + 24 + 12)  # 12 s into link 2 at 5 s an epoch: its 3rd epoch
+    assert s["current"]["epoch"] == {"epoch": 3, "epochs": 4, "estimated": True, "epoch_seconds": 5.0}
+    assert "link 2/3 at site B, epoch ~3/4 (estimated" in format_status(s)
+    late = _running_status(tmp_path, events, now=T0 + 24 + 500)  # slower than before: never past the last epoch
+    assert late["current"]["epoch"]["epoch"] == 4
+
+
+def test_the_first_links_epoch_is_unknown_until_a_link_has_finished(tmp_path: Path) -> None:
+    s = _running_status(tmp_path, [*RUNNING[:3], {**RUNNING[3], "epochs": 4}], now=T0 + 30)
+    assert s["current"]["epoch"] == {"epoch": None, "epochs": 4, "estimated": True}
+    assert "4 epoch(s) (which one is known once a link has finished)" in format_status(s)
+
+
 def test_a_chain_whose_coordinator_died_is_stopped_not_running(tmp_path: Path) -> None:
     fed = _fed(tmp_path)
     _write(Path(fed.settings.state_dir), RUNNING)
