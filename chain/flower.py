@@ -12,6 +12,8 @@ three, each only in the process that needs it:
   the site config) so that a site that dies is noticed in seconds, not Flower's minute;
 * :func:`cap_supernode_sleep` (the site's SuperNode process) replaces the ``time`` name seen by
   ``flwr.supernode.start_client_internal`` with a shim whose ``sleep`` is capped;
+* :func:`signal_new_tasks` (the site's SuperNode process) touches a file when a message arrives, which the
+  site's executor watches instead of polling the SuperNode's HTTP API (an idle site stays quiet);
 * :func:`fast_pull` (the SuperNode, the site's executor and the ServerApp: the processes that pull
   message objects) lowers the keyword defaults of the object-pull backoff in
   ``flwr.supercore.inflatable.inflatable_utils``;
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time as _time
+from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -49,15 +53,18 @@ class IdlePoll:
     ``slow`` then keeps the processes that wait quiet, and its first message after a long idle costs at
     most ``slow`` seconds more."""
 
-    def __init__(self, fast: float, slow: float, idle_after: float) -> None:
+    def __init__(self, fast: float, slow: float, idle_after: float, slowest: float = 0.0,
+                 slowest_after: float = float("inf")) -> None:
         self.fast, self.slow, self.idle_after = fast, max(fast, slow), idle_after
+        self.slowest, self.slowest_after = max(self.slow, slowest), slowest_after
         self.last_work = _time.monotonic()
 
     def worked(self) -> None:
         self.last_work = _time.monotonic()
 
     def wait(self) -> float:
-        return self.fast if _time.monotonic() - self.last_work < self.idle_after else self.slow
+        idle = _time.monotonic() - self.last_work
+        return self.fast if idle < self.idle_after else self.slow if idle < self.slowest_after else self.slowest
 
 
 class _CappedTime:
@@ -100,6 +107,10 @@ def check_internals() -> None:
     if "time.sleep(3)" not in inspect.getsource(sci) or getattr(sci, "time", None) is None:
         raise ConfigError("flwr.supernode.start_client_internal no longer polls with time.sleep(3); "
                           "update weckd.chain.flower for this Flower release")
+    if "run_id = _pull_and_store_message(" not in inspect.getsource(sci.start_client_internal) or \
+            not callable(getattr(sci, "_pull_and_store_message", None)):
+        raise ConfigError("flwr.supernode.start_client_internal no longer stores messages through "
+                          "_pull_and_store_message; update weckd.chain.flower (signal_new_tasks)")
     for fn in (utils.pull_objects, utils.pull_and_inflate_object_from_tree):
         missing = [k for k in PULL_KWARGS if k not in (fn.__kwdefaults__ or {})]
         if missing:
@@ -123,15 +134,47 @@ def check_internals() -> None:
                           "update weckd.chain.flower") from None
 
 
-def cap_supernode_sleep(cap: float = 0.2, idle: float = 1.0, idle_after: float = 10.0) -> None:
+def cap_supernode_sleep(cap: float = 0.2, idle: float = 1.0, idle_after: float = 10.0, long_idle: float = 3.0,
+                        long_idle_after: float = 60.0) -> None:
     """Poll the Fleet API every ``cap`` seconds (Flower: 3 s) while the site had a message within ``idle_after``
-    seconds, every ``idle`` seconds after that; waits for a reply are capped at ``cap`` too. A site waits
-    idle for whole links while the others train: each poll is a signed TLS request that the SuperLink answers
-    from its database, so polling once a second there costs half the CPU of twice, for at most one second
-    more before the site sees its next task."""
+    seconds, every ``idle`` seconds after that and every ``long_idle`` seconds once nothing came for
+    ``long_idle_after`` seconds; waits for a reply are capped at ``cap`` too. A site waits idle for whole
+    links while the others train (and a service federation between jobs): each poll is a signed TLS request
+    that the SuperLink answers from its database, so the rate of polls is the SuperLink's idle CPU. A site
+    hears from the coordinator at least once a link (evaluate: all), so the long-idle pace only slows the
+    first message after a long link or a long pause, by at most ``long_idle`` seconds."""
     import flwr.supernode.start_client_internal as sci
 
-    sci.time = _CappedTime(IdlePoll(cap, idle, idle_after))  # type: ignore[assignment]
+    sci.time = _CappedTime(IdlePoll(cap, idle, idle_after, long_idle, long_idle_after))  # type: ignore[assignment]
+
+
+TASK_SIGNAL_ENV = "WECKD_TASK_SIGNAL"  # weckd-client gives the SuperNode and the executor the same path
+
+
+def signal_new_tasks(path: Path) -> None:
+    """Touch ``path`` each time the SuperNode has stored a message from the coordinator (a task for the site's
+    executor). The executor watches the file's mtime (a ``stat`` every 50 ms) instead of asking the SuperNode's
+    HTTP API for a task five times a second: an idle site then costs almost no CPU, and a task starts sooner."""
+    import flwr.supernode.start_client_internal as sci
+
+    pull = sci._pull_and_store_message
+
+    def pull_and_signal(*args: Any, **kwargs: Any) -> Any:
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            path.touch()
+            os.utime(path)
+        return run_id
+
+    sci._pull_and_store_message = pull_and_signal  # type: ignore[attr-defined]
+
+
+def task_signal_mtime(path: Path | None) -> int | None:
+    """The signal file's mtime in ns (None: not there yet)."""
+    try:
+        return path.stat().st_mtime_ns if path is not None else None
+    except OSError:
+        return None
 
 
 def set_node_heartbeat(interval: float) -> None:

@@ -29,7 +29,7 @@ from typing import Sequence
 from weckd.chain.cli import ERROR_PREFIX, run_command, setup_logging
 from weckd.chain.errors import ConfigError, ReportedError, WeckdError
 from weckd.chain.files import atomic_write, atomic_write_text, file_sha256, private_dir, process_lock
-from weckd.chain.flower import check_internals
+from weckd.chain.flower import TASK_SIGNAL_ENV, check_internals
 from weckd.chain.peers import load_party
 from weckd.chain.procs import Group, flower_env, raise_on_sigterm, wait_port
 
@@ -137,6 +137,11 @@ def supernode_cmd(cfg: SiteConfig, secret: Path) -> list[str]:
             "--superexec-auth-secret-file", str(secret), "--max-wait-time", str(cfg.max_wait or 86_400)]
 
 
+def task_signal(state: Path) -> Path:
+    """The file the SuperNode touches when a task arrives and the executor watches (chain.flower.signal_new_tasks)."""
+    return state / "flwr-supernode" / "task-signal"
+
+
 def executor_cmd(cfg: SiteConfig, secret: Path) -> list[str]:
     return [sys.executable, "-m", "weckd.client.executor", "--clientappio", f"127.0.0.1:{cfg.clientappio_port}",
             "--superexec-auth-secret-file", str(secret), "--site-config", str(Path(cfg.source).resolve())]
@@ -163,7 +168,8 @@ def _start(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
     """The executor first: it reads the data, so bad data fails before the site connects; then the SuperNode."""
     log_file = group.log_dir / f"executor-{cfg.site}.log"
     offset = log_file.stat().st_size if log_file.is_file() else 0  # the log is appended across restarts
-    executor = group.start(f"executor-{cfg.site}", executor_cmd(cfg, secret), flower_env(state / "flwr-supernode"))
+    executor = group.start(f"executor-{cfg.site}", executor_cmd(cfg, secret),
+                           flower_env(state / "flwr-supernode", {TASK_SIGNAL_ENV: str(task_signal(state))}))
     status = status_path(cfg.state_dir)
     while "counts" not in read_status(status):
         if executor.poll() is not None:
@@ -181,7 +187,8 @@ def _start(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
 
 def _start_supernode(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
     node = group.start(f"supernode-{cfg.site}", supernode_cmd(cfg, secret),
-                       flower_env(state / "flwr-supernode", {HEARTBEAT_ENV: str(cfg.heartbeat)}))
+                       flower_env(state / "flwr-supernode", {HEARTBEAT_ENV: str(cfg.heartbeat),
+                                                             TASK_SIGNAL_ENV: str(task_signal(state))}))
     wait_port("127.0.0.1", cfg.clientappio_port, 60.0, node, f"SuperNode of site {cfg.site}")
 
 

@@ -23,20 +23,32 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from weckd.chain.appbundle import check_bundle
 from weckd.chain.cli import ERROR_PREFIX
 from weckd.chain.errors import WeckdError
-from weckd.chain.flower import IdlePoll, acquire_task_request, fast_pull, runtime, runtime_client, task_heartbeat
+from weckd.chain.flower import (
+    TASK_SIGNAL_ENV,
+    IdlePoll,
+    acquire_task_request,
+    fast_pull,
+    runtime,
+    runtime_client,
+    task_heartbeat,
+    task_signal_mtime,
+)
 from weckd.chain.protocol import Reason, Refused, error_text, reason_of
 
 log = logging.getLogger(__name__)
 
-POLL_S = 0.05  # while the site works (a task within IDLE_AFTER_S)
+POLL_S = 0.05  # without a task signal: ask every 50 ms while the site works (a task within IDLE_AFTER_S)
 IDLE_POLL_S = 0.2  # after that: the SuperNode itself polls the coordinator no faster while idle
 IDLE_AFTER_S = 5.0
 RETRY_S = 0.5
+SIGNAL_POLL_S = 0.05  # with the SuperNode's task signal: how often its mtime is read (a stat, no request)
+SAFETY_POLL_S = 5.0  # and how often the SuperNode is asked anyway
 
 
 def run_task(address: str, token: str) -> None:
@@ -85,12 +97,15 @@ def run_task(address: str, token: str) -> None:
             client.close()
 
 
-def serve(address: str, secret: bytes) -> None:
-    """Poll for ClientApp tasks forever (until SIGTERM)."""
+def serve(address: str, secret: bytes, signal_file: Path | None = None) -> None:
+    """Run ClientApp tasks forever (until SIGTERM). With ``signal_file`` (the SuperNode touches it when a message
+    arrives) the SuperNode is asked for a task when the file changes, and every ``SAFETY_POLL_S`` anyway;
+    without it, it is asked every ``POLL_S``/``IDLE_POLL_S``."""
     client = runtime_client(address, None, secret)
     request = acquire_task_request()
     poll = IdlePoll(POLL_S, IDLE_POLL_S, IDLE_AFTER_S)
     while True:
+        seen = task_signal_mtime(signal_file)  # read before asking: a message stored after this is noticed below
         try:
             res = client.AcquireTask(request)
         except Exception as ex:  # the SuperNode is starting or restarting: retry
@@ -101,7 +116,12 @@ def serve(address: str, secret: bytes) -> None:
             run_task(address, res.token)
             poll.worked()
             continue
-        time.sleep(poll.wait())
+        if signal_file is None:
+            time.sleep(poll.wait())
+            continue
+        asked = time.monotonic()
+        while task_signal_mtime(signal_file) == seen and time.monotonic() - asked < SAFETY_POLL_S:
+            time.sleep(SIGNAL_POLL_S)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -139,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     secret = runtime().load_secret(args.superexec_auth_secret_file)
     assert secret is not None  # the flag is required
     fast_pull()
-    serve(args.clientappio, secret)
+    signal_file = os.environ.get(TASK_SIGNAL_ENV)
+    serve(args.clientappio, secret, Path(signal_file) if signal_file else None)
     return 0
 
 

@@ -6,8 +6,16 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
-from weckd.chain.flower import cap_supernode_sleep, check_internals, fast_pull, set_node_heartbeat
+from weckd.chain.flower import (
+    TASK_SIGNAL_ENV,
+    cap_supernode_sleep,
+    check_internals,
+    fast_pull,
+    set_node_heartbeat,
+    signal_new_tasks,
+)
 
 POLL_ENV = "WECKD_FLEET_POLL_S"
 HEARTBEAT_ENV = "WECKD_HEARTBEAT_S"  # the site config's heartbeat (weckd-client sets it)
@@ -17,6 +25,8 @@ def main() -> int:
     check_internals()
     cap_supernode_sleep(float(os.environ.get(POLL_ENV, "0.2")))
     fast_pull()
+    if os.environ.get(TASK_SIGNAL_ENV):
+        signal_new_tasks(Path(os.environ[TASK_SIGNAL_ENV]))
     if os.environ.get(HEARTBEAT_ENV):
         set_node_heartbeat(float(os.environ[HEARTBEAT_ENV]))
     from flwr.supernode.cli.flower_supernode import flower_supernode
