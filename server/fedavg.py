@@ -232,6 +232,10 @@ class FedAvgRun:
         except (PayloadError, SecurityError) as err:
             self._audit("fedavg-train", "refused", r, getattr(err, "reason", "malformed-payload"), site=site)
             raise LinkError(f"{where}: the update is refused: {err}; the run stops", Failure.SITE_REFUSED) from None
+        declared = self.infos.get(site, {}).get("counts", {}).get("train")
+        if metrics.samples.get("train") != declared:  # its weight in the average: what it declared at discovery
+            raise LinkError(f"{where}: the update claims {metrics.samples.get('train')} training images, the site "
+                            f"declared {declared} at discovery; the run stops", Failure.SITE_ERROR)
         self._audit("fedavg-train", "accepted", r, site=site, update_sha256=sha256_hex(blob),
                     n=int(metrics.samples.get("train", 0)))
         return Update(arch, arrays, metrics, rep)

@@ -207,6 +207,14 @@ def test_updates_of_different_models_are_not_averaged(tmp_path: Path) -> None:
         run.run()
 
 
+def test_an_update_claiming_other_training_images_than_declared_stops_the_run(tmp_path: Path) -> None:
+    sites = FakeRounds({"A": 1.0, "B": 3.0}, {"A": 10, "B": 30})
+    run, _ = _run(tmp_path, sites)
+    run.infos["B"]["counts"]["train"] = 3  # B declared 3 at discovery and now weighs in with 30
+    with pytest.raises(LinkError, match="site B: the update claims 30 training images, the site declared 3"):
+        run.run()
+
+
 def test_the_average_is_flowers_weighted_mean() -> None:
     def up(w: float, n: int) -> Any:
         metrics = LinkMetrics(0.5, 1, (1.0,), (1,), (), (), (), (), 0.0, 0.0, {"train": n})
