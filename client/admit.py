@@ -63,6 +63,15 @@ def link_settings(values: Mapping[str, Any], where: str) -> LinkSettings:
         raise Refused(Reason.BAD_REQUEST, f"{where}: link settings do not validate: {str(err)[:300]}") from None
 
 
+def site_link_settings(cfg: SiteConfig, link_config: Mapping[str, Any], where: str) -> LinkSettings:
+    """The link's settings from the wire, with starting weights named by SHA-256 resolved to this site's own
+    file (checked against the hash)."""
+    settings = link_settings(link_config, where)
+    if settings.pretrained is not None:
+        settings = dataclasses.replace(settings, weights=pretrained_file(cfg, settings.pretrained, where))
+    return settings
+
+
 def admit_train(cfg: SiteConfig, data: LocalData, party: Party | None, runs: RunState, config: Mapping[str, Any],
                 link_config: Mapping[str, Any], has_payload: bool) -> AdmittedTrain:
     where = f"site {cfg.site} train"
@@ -70,11 +79,9 @@ def admit_train(cfg: SiteConfig, data: LocalData, party: Party | None, runs: Run
     where = f"site {cfg.site} link {req.link + 1} of run {req.run_id[:64]!r}"
     if req.schedule[req.link] != cfg.site:
         raise Refused(Reason.BAD_REQUEST, f"{where}: the schedule gives this link to {req.schedule[req.link]!r}")
-    settings = link_settings(link_config, where)
+    settings = site_link_settings(cfg, link_config, where)
     if cfg.policy.require_do_no_harm and not settings.do_no_harm:  # the site's own rule, not the coordinator's
         settings = dataclasses.replace(settings, do_no_harm=True)
-    if settings.pretrained is not None:  # named by SHA-256: this site's own file, checked against it
-        settings = dataclasses.replace(settings, weights=pretrained_file(cfg, settings.pretrained, where))
     check_schedule(cfg.policy, cfg.site, req.schedule, pinned_sites(party), where)
     check_train(cfg.policy, req, settings, len(data.site.train), where)
     check_recipients(cfg.policy, req, cfg.site, where)
@@ -106,9 +113,7 @@ def admit_round(cfg: SiteConfig, data: LocalData, party: Party | None, runs: Run
     req = RoundRequest.from_config(config, where)
     where = f"site {cfg.site} fedavg round {req.round + 1} of run {req.run_id[:64]!r}"
     check_round(cfg.policy, cfg.site, req, pinned_sites(party), where)
-    settings = link_settings(link_config, where)
-    if settings.pretrained is not None:
-        settings = dataclasses.replace(settings, weights=pretrained_file(cfg, settings.pretrained, where))
+    settings = site_link_settings(cfg, link_config, where)
     check_settings(cfg.policy, "weights", settings, len(data.site.train), where)
     if req.round > 0 and not has_payload:
         raise Refused(Reason.MISSING_TEACHER, f"{where}: no averaged model from the coordinator")

@@ -57,6 +57,7 @@ def test_a_job_lays_its_settings_over_the_coordinators(coordinator: Path, tmp_pa
     ("chain", {"alpha": 0.9, "init": "predecessor", "do_no_harm": True}),
     ("cwt", {"alpha": 1.0, "init": "predecessor", "do_no_harm": True}),
     ("local", {"alpha": 1.0, "init": "scratch", "do_no_harm": False, "lr_schedule": "link"}),
+    ("fedavg", {"alpha": 1.0, "do_no_harm": False}),
 ])
 def test_each_kind_sets_every_link(coordinator: Path, tmp_path: Path, kind: str, expected: dict) -> None:
     _clear(coordinator)
@@ -85,6 +86,32 @@ def test_a_bad_job_is_one_line_and_nothing_is_queued(coordinator: Path, tmp_path
         submit(coordinator, _job_file(tmp_path, body))
     assert "\n" not in str(err.value) and str(tmp_path / "job.yaml") in str(err.value)
     assert _queue(coordinator).queued() == []
+
+
+@pytest.mark.parametrize(("kind", "algorithm"), [("chain", "chain"), ("cwt", "chain"), ("local", "chain"),
+                                               ("fedavg", "fedavg")])
+def test_the_kind_picks_the_algorithm_whatever_the_job_says(coordinator: Path, tmp_path: Path, kind: str,
+                                                             algorithm: str) -> None:
+    _clear(coordinator)
+    job = submit(coordinator, _job_file(tmp_path, {"link": {"epochs": 2}}), kind=kind)
+    assert job_federation(load_federation(coordinator), job).settings.algorithm == algorithm
+    with pytest.raises(ConfigError, match="federation.algorithm: belongs to the coordinator"):
+        submit(coordinator, _job_file(tmp_path, {"federation": {"algorithm": "fedavg"}}), kind=kind)
+
+
+def test_a_fedavg_job_of_several_architectures_is_refused(coordinator: Path, tmp_path: Path) -> None:
+    _clear(coordinator)
+    body = {"links": [{"arch": "test_resnet"}, {"arch": "test_efficientnet"}, {"arch": "test_resnet"}]}
+    with pytest.raises(ConfigError, match="fedavg trains one model at every site; the links name test_efficientnet"):
+        submit(coordinator, _job_file(tmp_path, body), kind="fedavg")
+    assert _queue(coordinator).queued() == []
+
+
+def test_fedavg_in_a_sealed_federation_needs_the_coordinators_keys(tmp_path: Path) -> None:
+    from .fake_grid import federation
+
+    with pytest.raises(ConfigError, match="must list 'coordinator' in federation.sealing.deliver_to"):
+        federation(tmp_path, ["A", "B"], algorithm="fedavg", sealing={"deliver_to": ["A"]})
 
 
 def test_a_job_on_fewer_sites_runs_only_those(coordinator: Path, tmp_path: Path) -> None:
@@ -227,7 +254,7 @@ def test_a_new_job_starts_the_per_chain_gauges_over() -> None:
     assert m.registry.get_sample_value("weckd_relay_bytes_total", {"site": "A", "direction": "from_site"}) == 20.0
 
 
-@pytest.mark.parametrize("kind", ["chain", "cwt", "local"])
+@pytest.mark.parametrize("kind", ["chain", "cwt", "local", "fedavg"])
 def test_the_shipped_job_example_is_a_valid_job(kind: str) -> None:
     repo = Path(__file__).resolve().parents[2]
     fed = load_federation(repo / "configs" / "federation.yaml")
