@@ -350,6 +350,24 @@ def test_a_run_the_site_left_is_refused_for_fedavg_too(tmp_path: Path) -> None:
     _refused(Reason.STALE_RUN, _admit, tmp_path)
 
 
+def test_evaluations_beyond_the_policy_are_refused_for_fedavg_too(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, max_evaluations_per_run=1)
+    runs = RunState(cfg.state_dir, cfg.policy)
+    ask = RoundEvaluateRequest(RUN, 0, 4, ("A", "B"), False).to_config()
+    req, record = admit_round_evaluate(cfg, SEALED, runs, ask)
+    runs.commit_round(RUN, record, 0, req.sites, evaluated=True)
+    _refused(Reason.EVALUATIONS_OVER_LIMIT, admit_round_evaluate, cfg, SEALED, RunState(cfg.state_dir, cfg.policy),
+             ask)
+
+
+def test_a_chain_run_is_not_evaluated_as_a_fedavg_run(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    runs = RunState(cfg.state_dir, cfg.policy)
+    runs.commit(RUN, runs.admit_train(RUN, 0, ("B", "C"), None, "test"), 0, ("B", "C"), trained=True)
+    ask = RoundEvaluateRequest(RUN, 0, 1, ("B", "C"), True).to_config()  # would keep a model as this run's own
+    _refused(Reason.BAD_REQUEST, admit_round_evaluate, cfg, SEALED, RunState(cfg.state_dir, cfg.policy), ask)
+
+
 def test_only_the_last_rounds_average_is_delivered(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path)
     bad = RoundEvaluateRequest(RUN, 1, 4, ("A", "B"), False).to_config() | {"deliver": True}
