@@ -21,6 +21,8 @@ from weckd.chain.procs import flower_env, free_port
 from weckd.server.demo import LocalFederation
 from weckd.server.scaffold import Scaffold, chain_settings, make_scaffold, write_site_config
 from weckd.server.service import submit
+from weckd.server.settings import load_federation
+from weckd.server.status import service_status
 
 from . import prometheus
 from .httpwait import wait_http_ok
@@ -107,15 +109,19 @@ def _submit(scaffold: Scaffold, name: str, job: dict[str, Any], kind: str = "cha
     return str(json.loads(r.stdout)["id"])
 
 
+def _peek(scaffold: Scaffold) -> dict[str, Any]:
+    """What ``weckd status --json`` prints, computed here: polling with a new interpreter each time would take
+    CPU from the federation under test."""
+    return service_status(load_federation(scaffold.federation))
+
+
 def _wait_running(fed: LocalFederation, scaffold: Scaffold, job: str) -> dict[str, Any]:
     """``weckd status --json`` once the service runs ``job``."""
     deadline = time.monotonic() + RUN_TIMEOUT
-    while True:
-        status = _status(scaffold)
-        if (status.get("running") or {}).get("id") == job:
-            return status
+    while (_peek(scaffold).get("running") or {}).get("id") != job:
         assert fed.server.poll() is None and time.monotonic() < deadline, f"job {job} never ran"
         time.sleep(0.5)
+    return _status(scaffold)
 
 
 def run_service(root: Path, chain: dict[str, Any], federation: dict[str, Any], server_args: tuple[str, ...],
@@ -151,7 +157,7 @@ def run_service(root: Path, chain: dict[str, Any], federation: dict[str, Any], s
         wait_http_ok(f"http://127.0.0.1:{port}/health", mlflow, 120, "mlflow server")
         during = _wait_running(fed, scaffold, jobs[1])  # the second job runs, the third waits, the first is done
         deadline = time.monotonic() + RUN_TIMEOUT * 2
-        while len(_status(scaffold)["recent"]) < len(jobs):  # then it waits, idle, for more
+        while len(_peek(scaffold)["recent"]) < len(jobs):  # then it waits, idle, for more
             assert fed.server.poll() is None and time.monotonic() < deadline, "the jobs did not all finish"
             time.sleep(1.0)
         fed.server.send_signal(signal.SIGTERM)  # stopped while idle: exit 0
