@@ -2,7 +2,9 @@
 
 Flower's own executor starts a new ``flwr-clientapp`` process for every message, which imports
 torch and re-reads the site's data each time (~3 s a link). This process imports torch and the
-weckd ClientApp once, polls the SuperNode's ClientAppIo API for tasks and runs each one in-process
+weckd ClientApp once, asks the SuperNode's ClientAppIo API for a task when the SuperNode signals one
+(``weckd.chain.flower.signal_new_tasks``: a file it touches, read with a ``stat``; and every few seconds
+anyway), and runs each one in-process
 with the same helpers as ``flwr/supernode/runtime/run_clientapp.py`` (minus its per-process exit, and
 minus installing the run's app bundle: the site checks the bundle and runs its own ClientApp).
 The decoded site data stays cached between tasks (see ``weckd.client.app``).
