@@ -68,6 +68,7 @@ class Update:
     arrays: dict[str, np.ndarray]
     metrics: LinkMetrics
     reply: Reply
+    init: str = ""  # how the site started its model (round 1: from the seed, as its link settings say)
 
 
 def average(updates: dict[str, Update]) -> tuple[str, dict[str, np.ndarray]]:
@@ -150,7 +151,7 @@ class FedAvgRun:
         relay = self._seal(r, arch, mean, final)
         self._audit("fedavg-average", "info", r, sites=sorted(updates), model_sha256=sha256_hex(relay.blobs["weights"]))
         metrics = merged_metrics([u.metrics for u in updates.values()])
-        record = LinkRecord(r, ROUND_SITE, arch, "average" if r else self.settings.init, metrics,
+        record = LinkRecord(r, ROUND_SITE, arch, "average" if r else next(iter(updates.values())).init, metrics,
                             time.monotonic() - start, sum(u.reply.bytes_out for u in updates.values()),
                             sum(u.reply.bytes_in for u in updates.values()))
         record.evaluations = self._evaluate(r, relay, final)
@@ -221,7 +222,7 @@ class FedAvgRun:
         where = f"fedavg round {r + 1}: site {site}"
         content = rep.message.content
         metrics = LinkMetrics.from_record(content.metric_records.get(KEY_METRICS, {}), where)
-        LinkInfo.from_record(content.config_records.get(KEY_INFO, {}), where)
+        info = LinkInfo.from_record(content.config_records.get(KEY_INFO, {}), where)
         relay = relay_from_reply(content, r, site, self.party is not None)
         blob = relay.blob("weights", COORDINATOR)
         try:
@@ -238,7 +239,7 @@ class FedAvgRun:
                             f"declared {declared} at discovery; the run stops", Failure.SITE_ERROR)
         self._audit("fedavg-train", "accepted", r, site=site, update_sha256=sha256_hex(blob),
                     n=int(metrics.samples.get("train", 0)))
-        return Update(arch, arrays, metrics, rep)
+        return Update(arch, arrays, metrics, rep, info.init)
 
     def _seal(self, r: int, arch: str, mean: dict[str, np.ndarray], final: bool) -> Relay:
         """The average as a weights payload (the wire dtype; float32 for the final model), sealed once for

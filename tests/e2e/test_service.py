@@ -62,6 +62,7 @@ def test_each_job_runs_its_own_config_and_kind(hetero_weights_run: FederatedRun)
     fedavg = runs["fedavg"]  # 2 epochs a link → 2 rounds of one epoch at all 3 sites: the chain's 6 site-epochs
     assert fedavg["algorithm"] == {"name": "fedavg", "rounds": 2, "epochs_per_round": 1}
     assert [(link["site"], len(link["epochs"])) for link in fedavg["links"]] == [("all", 3), ("all", 3)]
+    assert [link["init"] for link in fedavg["links"]] == ["scratch", "average"]  # round 2 from the average
     assert all(sorted(link["evaluations"]) == ["A", "B", "C"] for link in fedavg["links"])
     # a completed job keeps no relay blobs in the coordinator's state (its model is in its output folder)
     jobs = hetero_weights_run.scaffold.root / "state" / "server" / "jobs"

@@ -116,8 +116,9 @@ class FakeRounds(Transport):
         data = payload_bytes(encode_state(self.update(site, req.round, w), "test_resnet", req.round, req.wire_dtype))
         metrics = LinkMetrics(0.6, 10, (0.5, 0.5), (3, 2, 2, 3), (1.0,), (1.0,), (0.0,), (0.1,), 0.1, 100.0,
                               {"train": self.n_train[site]})
+        init = "given" if req.round else "scratch"
         records: dict[str, Any] = {KEY_METRICS: MetricRecord(metrics.to_record()),
-                                   KEY_INFO: ConfigRecord(LinkInfo(site, "test_resnet", "given").to_record())}
+                                   KEY_INFO: ConfigRecord(LinkInfo(site, "test_resnet", init).to_record())}
         if site in self.parties:
             blob = self.parties[site].seal_for([r for _, r in req.seal_for], data, run_id=req.run_id, link=req.round,
                                                kind="weights")
@@ -147,6 +148,7 @@ def test_each_round_starts_every_site_from_the_average_weighted_by_training_imag
     final = decode_state(*_plain(outcome.final), link=1)[1]
     assert float(final["w"][0]) == 5.0 and final["w"].dtype == torch.float32 and int(final["steps"]) == 5
     assert [(r.index, r.site, len(r.metrics["epoch-loss"])) for r in outcome.links] == [(0, "all", 2), (1, "all", 2)]
+    assert [r.init for r in outcome.links] == ["scratch", "average"]  # round 1 as the sites started it
     assert [e["link"] for e in events if e["event"] == "link-done"] == [1, 2]
 
 
