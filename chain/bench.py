@@ -29,6 +29,7 @@ from .link import evaluate, model_from_state, predict_logits, score, train_link
 from .models import pick_device
 from .prepare import Prepared, prepare
 from .privacy import student_arch
+from .rounds import fedavg_rounds
 from .runner import ChainRun, link_seed, pooled_rows, run_chain
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def compute(cfg: ChainConfig, method: str) -> int:
     first = cfg.link_settings(0).epochs * cycles
     last = cfg.link_settings(cfg.n_links - 1).epochs * cycles
     return {"link1": first, "site_alone_mean": first, "pooled": last * sites, "pooled_adamw": last * sites,
-            "fedavg": cfg.link.epochs * cycles * sites}.get(method, epochs)
+            "fedavg": fedavg_rounds(cfg.link.epochs, cycles) * sites}.get(method, epochs)
 
 
 def _one_seed(cfg: ChainConfig, data: Prepared, methods: tuple[str, ...]) -> dict[str, float]:
@@ -152,7 +153,7 @@ def fedavg(cfg: ChainConfig, data: Prepared) -> float:
     """FedAvg with the chain's total site-epochs: ``epochs × cycles`` rounds of one local epoch each."""
     device = pick_device(cfg.runtime.device)
     settings: LinkSettings = dataclasses.replace(cfg.link_settings(0), epochs=1, init="scratch")
-    rounds = cfg.link.epochs * cfg.chain.cycles
+    rounds = fedavg_rounds(cfg.link.epochs, cfg.chain.cycles)
     torch.manual_seed(link_seed(cfg.seed, 0))
     global_state: dict[str, torch.Tensor] | None = None
     for r in range(rounds):

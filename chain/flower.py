@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import os
 import time as _time
 from pathlib import Path
 from types import SimpleNamespace
@@ -162,8 +161,7 @@ def signal_new_tasks(path: Path) -> None:
     def pull_and_signal(*args: Any, **kwargs: Any) -> Any:
         run_id = pull(*args, **kwargs)
         if run_id is not None:
-            path.touch()
-            os.utime(path)
+            path.touch()  # creates it, or sets its mtime to now
         return run_id
 
     sci._pull_and_store_message = pull_and_signal  # type: ignore[attr-defined]

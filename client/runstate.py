@@ -121,10 +121,8 @@ class RunState:
 
     def commit_round(self, run_id: str, rec: RunRecord, rnd: int, sites: tuple[str, ...], *, trained: bool = False,
                      evaluated: bool = False) -> None:
-        """Record an accepted FedAvg request (before the work starts)."""
-        self.commit(run_id, rec, rnd, (), trained=trained, evaluated=evaluated)
-        rec.routed = list(sites)
-        self._save()
+        """Record an accepted FedAvg request (before the work starts): ``routed`` holds its participants."""
+        self.commit(run_id, rec, rnd, (), trained=trained, evaluated=evaluated, routed=list(sites))
 
     def admit_deliver(self, run_id: str, link: int, schedule: tuple[str, ...], where: str) -> RunRecord:
         """A hand-over of link ``link`` as the final model: only of this site's current run, only a link it
@@ -149,9 +147,9 @@ class RunState:
             self._save()
 
     def commit(self, run_id: str, rec: RunRecord, link: int, schedule: tuple[str, ...], *, trained: bool = False,
-               evaluated: bool = False) -> None:
+               evaluated: bool = False, routed: list[str] | None = None) -> None:
         """Record an accepted request (before the work starts, so a crash cannot undo a count)."""
-        rec.routed = list(schedule[:link + 1])
+        rec.routed = list(schedule[:link + 1]) if routed is None else routed
         rec.last_link = max(rec.last_link, link)
         if trained and link not in rec.links:
             rec.links.append(link)

@@ -173,13 +173,13 @@ class FedAvgRun:
         (``on_site_failure: skip``) or fail the run."""
         s, replies = self.fed.settings, {}
         pending = self.sites()
+        model = sha256_hex(self.state.relay.blobs["weights"]) if self.state.relay else ""
         for attempt in range(1, s.retries + 2):
-            for site in pending:
-                self._audit("fedavg-train", "sent", r, to=site, attempt=attempt,
-                            model_sha256=sha256_hex(self.state.relay.blobs["weights"]) if self.state.relay else "")
             online = wait_for_sites(self.transport.grid, pending, s.retry_wait if attempt > 1 else 0.0, s.poll_interval)
             self.transport.nodes.update(online)
             contents = {site: self._content(r, site) for site in pending if site in online}
+            for site in contents:
+                self._audit("fedavg-train", "sent", r, to=site, attempt=attempt, model_sha256=model)
             done = self.transport.exchange_all(MSG_ROUND, contents, f"round-{r + 1}") if contents else None
             failures = dict(done.failures) if done else {}
             failures.update({site: SiteFailure(site, "offline", "offline", f"site {site} is not online")

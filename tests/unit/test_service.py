@@ -19,6 +19,8 @@ from weckd.server.service import Job, Queue, job_federation, new_job_id, read_jo
 from weckd.server.settings import load_federation
 from weckd.server.status import format_service_status, service_status
 
+from .fake_grid import federation
+
 
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -108,8 +110,6 @@ def test_a_fedavg_job_of_several_architectures_is_refused(coordinator: Path, tmp
 
 
 def test_fedavg_in_a_sealed_federation_needs_the_coordinators_keys(tmp_path: Path) -> None:
-    from .fake_grid import federation
-
     with pytest.raises(ConfigError, match="must list 'coordinator' in federation.sealing.deliver_to"):
         federation(tmp_path, ["A", "B"], algorithm="fedavg", sealing={"deliver_to": ["A"]})
 
