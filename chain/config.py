@@ -1,8 +1,14 @@
 """The typed chain configuration: YAML in, frozen dataclasses out.
 
 Unknown keys, wrong types and out-of-range values are rejected as one line naming the file and
-the key. Relative data paths are resolved against the config file's folder. The same dataclasses
-are rebuilt from the run config a federation sends to its sites (:func:`link_from_mapping`).
+the key. Relative paths are resolved against the config file's folder (one function,
+:func:`chain.schema.resolve_path`). The same dataclasses are rebuilt from the run config a federation sends
+to its sites (:func:`link_from_mapping`).
+
+Each role has its own typed view: :class:`ChainConfig` for ``weckd chain`` (every site's data in one
+process), :class:`FederatedChain` for the chain part of a coordinator's ``federation.yaml`` (what travels and
+what the sites share; ``weckd.server.settings``) and ``weckd.client.site.SiteConfig`` for a site. A key that
+does nothing in a role is refused there with one line saying where it belongs.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
@@ -112,10 +118,22 @@ class DataSettings:
     dataset: str | None = field(default=None, metadata=_m(path=True))
     test: str | None = field(default=None, metadata=_m(path=True))
     test_fraction: float = field(default=0.2, metadata=_m(gt=0.0, lt=0.9))
-    sites: dict[str, str] = field(default_factory=dict)
-    unlabelled: dict[str, str] = field(default_factory=dict)
+    sites: dict[str, str] = field(default_factory=dict, metadata=_m(path=True))
+    unlabelled: dict[str, str] = field(default_factory=dict, metadata=_m(path=True))
     proxy: str | None = field(default=None, metadata=_m(path=True))
     synthetic: SyntheticSettings = field(default_factory=SyntheticSettings)
+
+
+@dataclass(frozen=True)
+class SharedData:
+    """The data settings a federation's sites share: the coordinator checks each site's classes and image
+    format at discovery, and sends ``augment`` with every link. Where the images are is each site's own
+    business (its ``data:`` section, a :class:`DataSettings`)."""
+
+    classes: tuple[str, ...] = DataSettings.classes
+    image_size: int = field(default=DataSettings.image_size, metadata=_m(min=8, max=4096))
+    channels: int = field(default=DataSettings.channels, metadata=_m(choices=(1, 3)))
+    augment: bool = True
 
 
 @dataclass(frozen=True)
@@ -135,18 +153,12 @@ class BaselineSettings:
     pooled: bool = True
 
 
-@dataclass(frozen=True)
-class ChainConfig:
-    """A whole in-process chain experiment."""
+class _ChainPlan:
+    """The links of a chain (shared by the in-process and the federated view)."""
 
-    seed: int = 0
-    chain: ChainSettings = field(default_factory=ChainSettings)
-    link: LinkSettings = field(default_factory=LinkSettings)
-    links: tuple[LinkSettings, ...] = ()
-    data: DataSettings = field(default_factory=DataSettings)
-    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
-    baselines: BaselineSettings = field(default_factory=BaselineSettings)
-    source: str = field(default="<defaults>", compare=False, metadata=_m(internal=True))
+    chain: ChainSettings
+    link: LinkSettings
+    links: tuple[LinkSettings, ...]
 
     @property
     def n_links(self) -> int:
@@ -165,6 +177,34 @@ class ChainConfig:
 
     def site_of(self, index: int) -> str:
         return self.chain.order[index % len(self.chain.order)]
+
+
+@dataclass(frozen=True)
+class ChainConfig(_ChainPlan):
+    """A whole in-process chain experiment (``weckd chain``): every site's data in one process."""
+
+    seed: int = 0
+    chain: ChainSettings = field(default_factory=ChainSettings)
+    link: LinkSettings = field(default_factory=LinkSettings)
+    links: tuple[LinkSettings, ...] = ()
+    data: DataSettings = field(default_factory=DataSettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
+    baselines: BaselineSettings = field(default_factory=BaselineSettings)
+    source: str = field(default="<defaults>", compare=False, metadata=_m(internal=True))
+
+
+@dataclass(frozen=True)
+class FederatedChain(_ChainPlan):
+    """The chain a coordinator runs across its sites (the chain part of ``federation.yaml``): what travels to
+    the sites and what they must share. No data paths, runtime or baselines: each site reads its own images
+    on its own hardware, and baselines are jobs (``weckd submit --kind``)."""
+
+    seed: int = 0
+    chain: ChainSettings = field(default_factory=ChainSettings)
+    link: LinkSettings = field(default_factory=LinkSettings)
+    links: tuple[LinkSettings, ...] = ()
+    data: SharedData = field(default_factory=SharedData)
+    source: str = field(default="<defaults>", compare=False, metadata=_m(internal=True))
 
 
 MAX_CONFIG_BYTES = 1 << 18  # 256 KiB: a config is a few KB (and PyYAML parses ~15 KB/s of lists)
@@ -274,22 +314,95 @@ def _with_optimizer_defaults(link: Any, optimizer: Any) -> Any:
     return {**OPTIMIZER_DEFAULTS[optimizer], **link}
 
 
-def config_from_mapping(raw: dict[str, Any], origin: Origin, data_paths: bool = True) -> ChainConfig:
-    """Validate a raw mapping into a :class:`ChainConfig`. With ``data_paths`` false (the coordinator's
-    config: it reads no images) the data section needs only the settings every site must share."""
+def config_from_mapping(raw: dict[str, Any], origin: Origin) -> ChainConfig:
+    """Validate a raw mapping into the in-process :class:`ChainConfig` (paths resolve against
+    ``origin.base_dir``)."""
+    cfg = _build_chain(ChainConfig, raw, origin)
+    src, data = origin.source, cfg.data
+    _check_data_paths(cfg, src)
+    for site in list(data.unlabelled):
+        if site not in cfg.chain.order:
+            raise ConfigError(f"{src}: data.unlabelled.{site}: not a site of chain.order {list(cfg.chain.order)}")
+    if cfg.chain.mode == "logits" and data.proxy is None:
+        raise ConfigError(f"{src}: data.proxy: logits mode needs a proxy set of unlabelled images")
+    _check_weights(cfg, src)
+    return cfg
+
+
+# Keys of a chain config that do nothing at the coordinator, and where they belong instead.
+NOT_AT_COORDINATOR = {
+    "runtime": "the coordinator trains nothing; set device and threads in each site's config (runtime:)",
+    "baselines": "baselines across the sites are jobs of their own (weckd submit --kind cwt|local|fedavg)",
+    **{f"data.{key}": f"the coordinator reads no images; each site names its own data in its config (data.{key})"
+       for key in ("dataset", "val_fraction", "labelled_fraction", "test", "test_fraction", "sites", "unlabelled",
+                   "proxy", "synthetic")},
+    "link.weights": "it names a file on the coordinator, which trains nothing; name the starting weights by "
+                    "their SHA-256 in link.pretrained, and map it to a local file in each site's config "
+                    "(pretrained:)",
+}
+
+
+def federated_chain_from_mapping(raw: dict[str, Any], origin: Origin) -> FederatedChain:
+    """Validate the chain part of ``federation.yaml`` (or of a job) into a :class:`FederatedChain`; a key that
+    does nothing at the coordinator is refused with one line saying where it belongs."""
+    refuse_keys(raw, NOT_AT_COORDINATOR, origin, "at the coordinator")
+    for i, entry in enumerate(raw.get("links") or []):
+        if isinstance(entry, dict) and "weights" in entry:
+            raise ConfigError(f"{origin.source}: links[{i}].weights: does nothing at the coordinator: "
+                              f"{NOT_AT_COORDINATOR['link.weights']}")
+    cfg = _build_chain(FederatedChain, raw, origin)
+    for k in range(cfg.n_links):
+        check_pretrained(cfg.link_settings(k).pretrained, f"{origin.source}: link")
+    return cfg
+
+
+def federated_part(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A ``weckd chain`` config mapping without the keys that do nothing at a coordinator: the chain part of a
+    ``federation.yaml`` made from it (the sites' data settings go to their own configs)."""
+    out = copy.deepcopy(dict(raw))
+    for dotted in NOT_AT_COORDINATOR:
+        *parents, last = dotted.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    for entry in out.get("links") or []:
+        if isinstance(entry, dict):
+            entry.pop("weights", None)
+    return out
+
+
+def refuse_keys(raw: Mapping[str, Any], keys: Mapping[str, str], origin: Origin, role: str) -> None:
+    """One ConfigError line for the first dotted ``keys`` entry present in ``raw``: it does nothing in ``role``."""
+    for dotted, why in keys.items():
+        node: Any = raw
+        for part in dotted.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, dict) else _ABSENT
+        if node is not _ABSENT:
+            raise ConfigError(f"{origin.source}: {dotted}: does nothing {role}: {why}")
+
+
+_ABSENT = object()
+_Chain = TypeVar("_Chain", ChainConfig, FederatedChain)
+
+
+def _build_chain(cls: type[_Chain], raw: dict[str, Any], origin: Origin) -> _Chain:
+    """The checks every view of a chain shares: keys and types, per-link settings, order, classes, privacy and
+    delivery."""
     raw = dict(raw)
     link_raw = raw.get("link", {}) if raw.get("link") is not None else {}
     raw["link"] = _with_optimizer_defaults(link_raw, link_raw.get("optimizer", LinkSettings.optimizer)
                                            if isinstance(link_raw, dict) else None)
     links_raw = raw.pop("links", None)
-    base = build(ChainConfig, raw, "", origin)
+    base = build(cls, raw, "", origin)
     links = _resolve_links(base, links_raw, origin)
     cfg = dataclasses.replace(base, links=links, source=origin.source)
-    _check_consistency(cfg, origin, data_paths)
-    return resolve_site_paths(cfg, origin.base_dir)
+    _check_consistency(cfg, origin)
+    return cfg
 
 
-def _resolve_links(base: ChainConfig, links_raw: Any, origin: Origin) -> tuple[LinkSettings, ...]:
+def _resolve_links(base: _ChainPlan, links_raw: Any, origin: Origin) -> tuple[LinkSettings, ...]:
     if links_raw is None:
         return ()
     if not isinstance(links_raw, list):
@@ -314,7 +427,7 @@ def _resolve_links(base: ChainConfig, links_raw: Any, origin: Origin) -> tuple[L
     return tuple(resolved)
 
 
-def _check_consistency(cfg: ChainConfig, origin: Origin, data_paths: bool = True) -> None:
+def _check_consistency(cfg: ChainConfig | FederatedChain, origin: Origin) -> None:
     src = origin.source
     order = cfg.chain.order
     if not order:
@@ -323,21 +436,8 @@ def _check_consistency(cfg: ChainConfig, origin: Origin, data_paths: bool = True
         raise ConfigError(f"{src}: chain.order: site names must be unique, got {list(order)}")
     if len(cfg.data.classes) < 2 or len(set(cfg.data.classes)) != len(cfg.data.classes):
         raise ConfigError(f"{src}: data.classes: list at least two distinct class names")
-    data = cfg.data
-    if data_paths:
-        _check_data_paths(cfg, src)
-    for site in list(data.unlabelled):
-        if site not in order:
-            raise ConfigError(f"{src}: data.unlabelled.{site}: not a site of chain.order {list(order)}")
-    if cfg.chain.mode == "logits" and data.proxy is None and data_paths:
-        raise ConfigError(f"{src}: data.proxy: logits mode needs a proxy set of unlabelled images")
     _check_privacy(cfg, src)
     _check_delivery(cfg, src)
-    if data_paths:  # the coordinator's config names no local files (server.settings refuses link.weights)
-        _check_weights(cfg, src)
-    else:
-        for k in range(cfg.n_links):
-            check_pretrained(cfg.link_settings(k).pretrained, f"{src}: link")
 
 
 def _check_data_paths(cfg: ChainConfig, src: str) -> None:
@@ -383,13 +483,13 @@ def _check_weights(cfg: ChainConfig, src: str) -> None:
                               f"{settings.pretrained}")
 
 
-def _check_delivery(cfg: ChainConfig, src: str) -> None:
+def _check_delivery(cfg: ChainConfig | FederatedChain, src: str) -> None:
     if cfg.chain.deliver == "best" and cfg.chain.mode != "weights":
         raise ConfigError(f"{src}: chain.deliver: best needs chain.mode: weights (every site scores every link's "
                           "model); use chain.deliver: last in logits mode")
 
 
-def _check_privacy(cfg: ChainConfig, src: str) -> None:
+def _check_privacy(cfg: ChainConfig | FederatedChain, src: str) -> None:
     """DP links need weights mode past link 1 and cannot warm-start across BatchNorm/GroupNorm."""
     for k in range(1, cfg.n_links):
         settings, before = cfg.link_settings(k), cfg.link_settings(k - 1)
@@ -403,21 +503,6 @@ def _check_privacy(cfg: ChainConfig, src: str) -> None:
             mismatch = warm_start_mismatch(student_arch(settings), student_arch(before))
             if mismatch:
                 raise ConfigError(f"{src}: {where}.init: link {k + 1} {mismatch}")
-
-
-def resolve_site_paths(cfg: ChainConfig, base_dir: Path) -> ChainConfig:
-    """Resolve relative per-site paths (mappings are not resolved by the schema)."""
-
-    def fix(p: str) -> str:
-        q = Path(p).expanduser()
-        return p if p == "synthetic" or q.is_absolute() else str(base_dir / q)
-
-    data = dataclasses.replace(
-        cfg.data,
-        sites={k: fix(v) for k, v in cfg.data.sites.items()},
-        unlabelled={k: fix(v) for k, v in cfg.data.unlabelled.items()},
-    )
-    return dataclasses.replace(cfg, data=data)
 
 
 def link_to_mapping(settings: LinkSettings) -> dict[str, Any]:
@@ -451,7 +536,7 @@ def link_from_mapping(values: Mapping[str, Any], source: str = "run config") -> 
     return build(LinkSettings, raw, "link", Origin(source, Path.cwd()))
 
 
-def config_to_mapping(cfg: ChainConfig) -> dict[str, Any]:
+def config_to_mapping(cfg: ChainConfig | FederatedChain) -> dict[str, Any]:
     """The effective config as plain data, to write next to a run's outputs."""
     out = dataclasses.asdict(cfg)
     out.pop("source")

@@ -17,6 +17,8 @@ three, each only in the process that needs it:
 * :func:`fast_pull` (the SuperNode, the site's executor and the ServerApp: the processes that pull
   message objects) lowers the keyword defaults of the object-pull backoff in
   ``flwr.supercore.inflatable.inflatable_utils``;
+* :func:`register_node` (the coordinator's one-off ``flwr`` process) registers a site's key through the
+  Control API and returns Flower's own error code, so an already-registered key is told apart by its code;
 * ``weckd.client.executor`` keeps one warm ClientApp executor per site (``--isolation process``),
   built on the SuperNode's Runtime API through :func:`runtime_client`, :func:`acquire_task_request`,
   :func:`task_heartbeat` and :data:`RUNTIME` (Flower's own ``run_clientapp`` helpers).
@@ -128,9 +130,13 @@ def check_internals() -> None:
         raise ConfigError("flwr's HTTP retry invoker has no wait_gen_factory any more; update weckd.chain.flower")
     try:
         runtime()
+        codes = control_api().codes
     except (ImportError, AttributeError) as err:
-        raise ConfigError(f"flwr {version}: a Runtime API helper the site executor uses moved ({err}); "
+        raise ConfigError(f"flwr {version}: a Runtime or Control API helper weckd uses moved ({err}); "
                           "update weckd.chain.flower") from None
+    if getattr(codes, "PUBLIC_KEY_ALREADY_IN_USE", None) != KEY_ALREADY_REGISTERED:
+        raise ConfigError(f"flwr {version}: the Control API's already-registered key code is no longer "
+                          f"{KEY_ALREADY_REGISTERED}; update weckd.chain.flower")
 
 
 def cap_supernode_sleep(cap: float = 0.2, idle: float = 1.0, idle_after: float = 10.0, long_idle: float = 3.0,
@@ -210,6 +216,51 @@ def runtime() -> SimpleNamespace:
 
     return SimpleNamespace(pull_task_input=pull_task_input, push_message=push_message,
                            push_task_output=push_task_output, load_secret=load_superexec_auth_secret)
+
+
+# Flower's Control API error code for a SuperNode key that is already registered
+# (``flwr.supercore.error.base.ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE``; checked by check_internals)
+KEY_ALREADY_REGISTERED = 23
+
+
+def control_api() -> SimpleNamespace:
+    """Flower's Control API client pieces the ``flwr supernode register`` command uses, imported on first use
+    (only the coordinator's one-off ``flwr`` process needs them)."""
+    from flwr.cli.flower_config import read_superlink_connection
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.cli.utils import init_http_client_from_connection
+    from flwr.proto.control_pb2 import RegisterNodeRequest  # pylint: disable=E0611
+    from flwr.supercore.error.base import ApiErrorCode, FlowerError
+
+    return SimpleNamespace(connection=read_superlink_connection, client=init_http_client_from_connection,
+                           public_key=try_load_public_key, request=RegisterNodeRequest, error=FlowerError,
+                           codes=ApiErrorCode)
+
+
+def register_node(connection: str, public_key: str, name: str) -> dict[str, Any]:
+    """Register a SuperNode key under ``name`` through the Control API, as ``flwr supernode register`` does, but
+    with the answer typed: ``{"success": True, "node-id": …}``, or ``{"success": False, "error-code": N,
+    "error-message": …}`` with Flower's own error code (:data:`KEY_ALREADY_REGISTERED`: the key is known)."""
+    import httpx
+
+    api = control_api()
+    try:
+        key = api.public_key(Path(public_key).expanduser())
+    except SystemExit:  # Flower's loader exits on a key that is not a NIST EC public key
+        return {"success": False, "error-code": None, "error-message": f"{public_key}: not an EC P-384 public key"}
+    client = api.client(api.connection(connection))
+    try:
+        reply = client.RegisterNode(request=api.request(public_key=key, name=name))
+    except httpx.HTTPStatusError as err:
+        flower = api.error.from_json(err.response.text)
+        return {"success": False, "error-code": flower.code if flower is not None else None,
+                "error-message": (flower.message if flower is not None else err.response.text)[:300]}
+    except httpx.HTTPError as err:
+        return {"success": False, "error-code": None, "error-message": f"{type(err).__name__}: {err}"[:300]}
+    finally:
+        client.close()
+    return {"success": True, "node-id": int(reply.node_id)} if reply.node_id else \
+        {"success": False, "error-code": None, "error-message": "the SuperLink registered no node"}
 
 
 def runtime_client(address: str, token: str | None, secret: bytes | None = None) -> Any:

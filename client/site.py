@@ -16,12 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from weckd.chain.config import SHA256_HEX, DataSettings, check_pretrained, read_yaml
+from weckd.chain.config import SHA256_HEX, DataSettings, check_pretrained, read_yaml, refuse_keys
 from weckd.chain.errors import ConfigError
 from weckd.chain.files import file_sha256
 from weckd.chain.peers import SealingSettings
 from weckd.chain.protocol import Reason, Refused
-from weckd.chain.schema import Origin, build
+from weckd.chain.schema import Origin, build, resolve_path
 
 from .policy import SitePolicy
 
@@ -92,14 +92,23 @@ class LocalData:
 def load_site_config(path: str | Path, site: str | None = None) -> SiteConfig:
     """Load ``site-A.yaml``; ``site`` (from ``--site``) must match the file's ``site:``."""
     raw, origin = read_yaml(path)
+    refuse_keys(raw, NOT_AT_SITE, origin, "at a site")
     cfg = build(SiteConfig, raw, "", origin)
     cfg = SiteConfig(**{**cfg.__dict__, "source": origin.source,
-                        "data": resolve_site_paths_data(cfg.data, origin),
                         "pretrained": _pretrained_files(cfg.pretrained, origin)})
     if site is not None and site != cfg.site:
         raise ConfigError(f"{origin.source}: site: the file is for site {cfg.site!r}, but --site is {site!r}")
+    for key in ("sites", "unlabelled"):
+        other = sorted(set(getattr(cfg.data, key)) - {cfg.site})
+        if other:
+            raise ConfigError(f"{origin.source}: data.{key}.{other[0]}: does nothing at a site: site {cfg.site} "
+                              f"reads only its own data (data.{key}.{cfg.site})")
     _check_data(cfg, origin)
     return cfg
+
+
+# Keys of the data section that do nothing in a site's config, and where they belong instead.
+NOT_AT_SITE = {"data.augment": "the coordinator sends it with every link (data.augment in federation.yaml)"}
 
 
 def _pretrained_files(files: dict[str, str], origin: Origin) -> dict[str, str]:
@@ -107,10 +116,9 @@ def _pretrained_files(files: dict[str, str], origin: Origin) -> dict[str, str]:
     out = {}
     for sha, path in files.items():
         check_pretrained(str(sha), f"{origin.source}: pretrained")
-        if not isinstance(path, str) or not path:
+        if not isinstance(path, str) or not path or path == "synthetic":
             raise ConfigError(f"{origin.source}: pretrained.{sha}: expected the path of a weights file")
-        q = Path(path).expanduser()
-        out[str(sha)] = str(q if q.is_absolute() else origin.base_dir / q)
+        out[str(sha)] = resolve_path(path, origin)
     return out
 
 
@@ -130,15 +138,6 @@ def pretrained_file(cfg: SiteConfig, sha: str, where: str) -> str:
         raise Refused(Reason.PRETRAINED_MISMATCH, f"{where}: pretrained file {path} has SHA-256 {actual[:16]}…, not "
                       f"the {sha[:16]}… the run names (the file changed, or the config maps the wrong file)")
     return path
-
-
-def resolve_site_paths_data(data: DataSettings, origin: Origin) -> DataSettings:
-    def fix(p: str) -> str:
-        q = Path(p).expanduser()
-        return p if p == "synthetic" or q.is_absolute() else str(origin.base_dir / q)
-
-    return DataSettings(**{**data.__dict__, "sites": {k: fix(v) for k, v in data.sites.items()},
-                           "unlabelled": {k: fix(v) for k, v in data.unlabelled.items()}})
 
 
 def _check_data(cfg: SiteConfig, origin: Origin) -> None:

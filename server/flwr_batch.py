@@ -4,7 +4,8 @@ Each ``flwr`` process spends ~1.5 s of CPU importing Flower's CLI before it send
 start-up the coordinator needs one command per site (``supernode register``) and one ``run``. This
 runs them one after another in a single process: it reads a JSON list of argument lists on stdin
 (``--format json`` is added to each) and prints one JSON list with each command's JSON answer, in
-order (``{"success": false, "error-message": …}`` where a command printed none).
+order (``{"success": false, "error-message": …}`` where a command printed none). ``supernode register``
+answers carry Flower's own ``error-code`` (``weckd.chain.flower.register_node``).
 """
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ def run_one(app: Any, args: list[str]) -> dict[str, Any]:
     return out if isinstance(out, dict) else {"success": False, "error-message": str(out)[:500]}
 
 
+def register(args: list[str]) -> dict[str, Any]:
+    """``supernode register KEY CONNECTION --name NAME``, answered with Flower's typed error code
+    (``weckd.chain.flower.register_node``) instead of the CLI's words."""
+    from weckd.chain.flower import register_node
+
+    key, connection, flag, name = args[2:6]
+    assert flag == "--name" and len(args) == 6, args
+    return register_node(connection, key, name)
+
+
 def main() -> int:
     commands = json.loads(sys.stdin.read())
     if not isinstance(commands, list) or not all(isinstance(c, list) and all(isinstance(a, str) for a in c)
@@ -45,7 +56,7 @@ def main() -> int:
         return 2
     from flwr.cli.app import app
 
-    answers = [run_one(app, args) for args in commands]
+    answers = [register(args) if args[:2] == ["supernode", "register"] else run_one(app, args) for args in commands]
     sys.stdout.write(json.dumps(answers))
     sys.stdout.flush()
     return 0

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import yaml
 from weckd.chain.certs import make_ca, make_server_cert, make_site_key
-from weckd.chain.config import merge_mappings
+from weckd.chain.config import federated_part, merge_mappings
 from weckd.chain.files import atomic_write, atomic_write_text
 from weckd.chain.keys import generate_site_keys
 from weckd.chain.peers import COORDINATOR
@@ -83,7 +83,7 @@ def make_scaffold(root: Path, chain: dict[str, Any], federation: dict[str, Any] 
                           "peers": {s: "keys/public" for s in dict.fromkeys(order)}}
     fed.update(federation or {})
     path = root / "federation.yaml"
-    atomic_write_text(path, yaml.safe_dump({**chain, "federation": fed}, sort_keys=False), 0o644)
+    atomic_write_text(path, yaml.safe_dump({**federated_part(chain), "federation": fed}, sort_keys=False), 0o644)
     # each site agrees to the chain order, and seals the final model for the coordinator only where the
     # federation asks for it
     policy: dict[str, Any] = {"order": list(dict.fromkeys(order))}

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from weckd.chain.cli import run_command, setup_logging
-from weckd.chain.config import merge_mappings, read_yaml
+from weckd.chain.config import NOT_AT_COORDINATOR, merge_mappings, read_yaml, refuse_keys
 from weckd.chain.errors import ConfigError, WeckdError
 from weckd.chain.files import atomic_write_text, private_dir, refuse_symlink
 from weckd.chain.schema import Origin
@@ -144,11 +144,8 @@ def job_federation(service: Federation, job: Job) -> Federation:
 
 def read_job_file(path: str | Path) -> dict[str, Any]:
     """A job file's mapping; keys that would do nothing in a federated job are refused here."""
-    raw, _ = read_yaml(path)
-    for key in ("runtime", "baselines"):
-        if key in raw:
-            raise ConfigError(f"{path}: {key}: does nothing in a federated job (each site runs its own runtime; a "
-                              "baseline is a job of its own: weckd submit --kind cwt, local or fedavg)")
+    raw, origin = read_yaml(path)
+    refuse_keys(raw, NOT_AT_COORDINATOR, origin, "in a federated job")
     return raw
 
 

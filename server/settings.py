@@ -1,9 +1,11 @@
 """The coordinator's config: a chain config plus a ``federation:`` section.
 
-``federation.yaml`` holds everything ``weckd chain`` reads (seed, chain, link, links, data) and the
-federation's own settings: where the Fleet API listens, the TLS files, each site's registered auth
-public key, timeouts and TTLs. Relative paths resolve against the YAML's folder. Only the chain
-settings travel to the sites; paths and keys stay with the coordinator.
+``federation.yaml`` holds the chain the sites run (seed, chain, link, links, and the data settings every
+site shares: a :class:`weckd.chain.config.FederatedChain`; a key that does nothing here, such as ``runtime``
+or ``data.dataset``, is refused with one line) and the federation's own settings: where the Fleet API
+listens, the TLS files, each site's registered auth public key, timeouts and TTLs. Relative paths resolve
+against the YAML's folder. Only the chain settings travel to the sites; paths and keys stay with the
+coordinator.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from weckd.chain.config import ChainConfig, apply_override, config_from_mapping, read_yaml
+from weckd.chain.config import FederatedChain, apply_override, federated_chain_from_mapping, read_yaml
 from weckd.chain.errors import ConfigError
 from weckd.chain.files import atomic_write_text
 from weckd.chain.peers import COORDINATOR, SealingSettings
@@ -93,7 +95,7 @@ class FederationSettings:
 class Federation:
     """The whole coordinator config: the chain, the federation settings and the admitted sites."""
 
-    chain: ChainConfig
+    chain: FederatedChain
     settings: FederationSettings
     sites: dict[str, SiteAuth]
     source: str
@@ -125,15 +127,11 @@ def federation_from_mapping(raw: dict[str, Any], origin: Origin) -> Federation:
     fed_raw = dict(fed_raw)
     sites_raw = fed_raw.pop("sites", None)
     settings = build(FederationSettings, fed_raw, "federation", origin)
-    chain = config_from_mapping(raw, origin, data_paths=False)  # the coordinator reads no images
+    chain = federated_chain_from_mapping(raw, origin)  # the coordinator reads no images and trains nothing
     sites = _sites(sites_raw, chain, origin)
     _check_address(settings.fleet_address, origin)
     _check_mlflow(settings.mlflow, origin)
     _check_sealing(settings.sealing, chain, origin)
-    if any(chain.link_settings(k).weights for k in range(chain.n_links)):
-        raise ConfigError(f"{origin.source}: link.weights names a file on the coordinator, which trains nothing; "
-                          "name the starting weights by their SHA-256 in link.pretrained, and map it to a local file "
-                          "in each site's config (pretrained:)")
     if settings.algorithm == "fedavg":
         _check_fedavg(settings, chain, origin)
     elif chain.chain.deliver == "best" and settings.evaluate != "all":
@@ -171,7 +169,7 @@ def _check_mlflow(mlflow: MlflowSettings | None, origin: Origin) -> None:
                           "(pip install 'weckd[mlflow]') or remove the section")
 
 
-def _check_fedavg(settings: FederationSettings, chain: ChainConfig, origin: Origin) -> None:
+def _check_fedavg(settings: FederationSettings, chain: FederatedChain, origin: Origin) -> None:
     """FedAvg averages one architecture's weights, and in a sealed federation the coordinator opens every
     update and signs every average: it needs its own keys and the sites' public keys."""
     where = f"{origin.source}: federation.algorithm: fedavg"
@@ -186,7 +184,7 @@ def _check_fedavg(settings: FederationSettings, chain: ChainConfig, origin: Orig
                           f"federation must list {COORDINATOR!r} in federation.sealing.deliver_to (with its keys)")
 
 
-def _check_sealing(sealing: FederationSealing | None, chain: ChainConfig, origin: Origin) -> None:
+def _check_sealing(sealing: FederationSealing | None, chain: FederatedChain, origin: Origin) -> None:
     if sealing is None:
         return
     allowed = [*dict.fromkeys(chain.chain.order), COORDINATOR]
@@ -212,7 +210,7 @@ def coordinator_sealing(fed: Federation) -> SealingSettings | None:
     return SealingSettings(keys=s.keys, peers=dict(s.peers))
 
 
-def _sites(raw: Any, chain: ChainConfig, origin: Origin) -> dict[str, SiteAuth]:
+def _sites(raw: Any, chain: FederatedChain, origin: Origin) -> dict[str, SiteAuth]:
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{origin.source}: federation.sites: list every site of chain.order with its auth_key, "
                           "e.g. sites: {{A: {{auth_key: keys/site-A.pub}}}}")

@@ -15,6 +15,7 @@ import tomli_w
 from weckd.chain.appbundle import app_pyproject
 from weckd.chain.errors import WeckdError
 from weckd.chain.files import atomic_write_text, private_dir, process_lock
+from weckd.chain.flower import KEY_ALREADY_REGISTERED
 from weckd.chain.procs import Group, flower_env, kill_leftovers, wait_port
 
 from .settings import Federation
@@ -153,7 +154,7 @@ def check_registered(fed: Federation, answers: list[dict[str, Any]]) -> None:
             log.info("site %s registered (node id %s)", name, out.get("node-id"))
             continue
         message = str(out.get("error-message", out))
-        if "already" in message.lower() or "code: 23" in message:
+        if out.get("error-code") == KEY_ALREADY_REGISTERED:
             log.info("site %s already registered", name)
             continue
         raise WeckdError(f"registering site {name} ({site.auth_key}) failed: {message}")

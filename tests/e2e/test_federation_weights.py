@@ -3,7 +3,6 @@ is delivered, impostors are refused, and the federation reproduces the in-proces
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -13,8 +12,10 @@ import torch
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric import x25519
 from weckd.chain.artifacts import image_spec_of_card, load_model_files
+from weckd.chain.config import config_from_mapping, merge_mappings
 from weckd.chain.link import model_from_state
 from weckd.chain.runner import run_chain
+from weckd.chain.schema import Origin
 from weckd.server.settings import load_federation
 
 from .conftest import FederatedRun
@@ -53,8 +54,13 @@ def test_impostor_supernode_is_refused_while_the_run_completes(weights_run: Fede
 
 def test_federation_matches_the_in_process_chain(weights_run: FederatedRun) -> None:
     fed = load_federation(weights_run.scaffold.federation)
-    cfg = dataclasses.replace(fed.chain, runtime=dataclasses.replace(fed.chain.runtime, threads=1, device="cpu"),
-                              baselines=dataclasses.replace(fed.chain.baselines, sites=False, pooled=False))
+    # the in-process view of the same chain: the scaffold's config, whose chain part is federation.yaml's
+    scaffold = weights_run.scaffold
+    cfg = config_from_mapping(merge_mappings(scaffold.chain, {"runtime": {"threads": 1, "device": "cpu"},
+                                                              "baselines": {"sites": False, "pooled": False}}),
+                              Origin(str(scaffold.federation), scaffold.root))
+    assert (cfg.seed, cfg.chain, cfg.link, cfg.links) == (fed.chain.seed, fed.chain.chain, fed.chain.link,
+                                                          fed.chain.links)
     local = run_chain(cfg)
     assert (cfg.link.lr_schedule, cfg.link.do_no_harm, cfg.chain.deliver) == ("chain", True, "best")
     for row, remote in zip(local.links, weights_run.results["links"], strict=True):

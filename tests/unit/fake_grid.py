@@ -41,7 +41,7 @@ def federation(tmp_path: Path, order: list[str], cycles: int = 1, deliver: str =
            "poll_interval": 0.01, "retry_wait": 0.0, **settings}
     cfg = {"seed": 1, "chain": {"order": order, "cycles": cycles, "deliver": deliver},
            "link": link or {"arch": "test_resnet"},
-           "data": {"dataset": "synthetic", "classes": ["a", "b"], "image_size": 32}, "federation": fed}
+           "data": {"classes": ["a", "b"], "image_size": 32}, "federation": fed}
     return load_federation(write_yaml(tmp_path / "federation.yaml", cfg))
 
 

@@ -34,3 +34,56 @@ def test_polls_slow_down_in_steps_the_longer_a_site_idles(monkeypatch: pytest.Mo
     assert waits == [0.2, 0.2, 1.0, 1.0, 3.0, 3.0]
     poll.worked()
     assert poll.wait() == 0.2
+
+
+def _control_api(monkeypatch: pytest.MonkeyPatch, reply: object) -> list[tuple[bytes, str]]:
+    """Flower's real Control API pieces, with a client whose RegisterNode answers ``reply`` (or raises it)."""
+    import types
+
+    real, calls = flower.control_api(), []
+
+    class Client:
+        def RegisterNode(self, request: object) -> object:  # noqa: N802 - Flower's method name
+            calls.append((request.public_key, request.name))  # type: ignore[attr-defined]
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+
+        def close(self) -> None:
+            calls.append((b"", "closed"))
+
+    fake = types.SimpleNamespace(**{**vars(real), "connection": lambda name: name, "client": lambda conn: Client(),
+                                    "public_key": lambda path: b"key:" + path.name.encode()})
+    monkeypatch.setattr(flower, "control_api", lambda: fake)
+    return calls
+
+
+def _http_error(status: int, body: dict) -> Exception:
+    import json
+
+    import httpx
+
+    request = httpx.Request("POST", "http://127.0.0.1/RegisterNode")
+    return httpx.HTTPStatusError("refused", request=request,
+                                 response=httpx.Response(status, text=json.dumps(body), request=request))
+
+
+def test_registration_answers_carry_flowers_error_code_not_its_words(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from weckd.server.superlink import check_registered
+
+    calls = _control_api(monkeypatch, types.SimpleNamespace(node_id=42))
+    assert flower.register_node("local", "keys/site-A.pub", "A") == {"success": True, "node-id": 42}
+    assert calls == [(b"key:site-A.pub", "A"), (b"", "closed")]
+    _control_api(monkeypatch, _http_error(409, {"code": flower.KEY_ALREADY_REGISTERED, "detail": "Key in use"}))
+    known = flower.register_node("local", "keys/site-B.pub", "B")
+    assert known == {"success": False, "error-code": flower.KEY_ALREADY_REGISTERED, "error-message": "Key in use"}
+    # another code is a failure whatever its words say
+    _control_api(monkeypatch, _http_error(400, {"code": 7, "detail": "already registered (code: 23)"}))
+    other = flower.register_node("local", "keys/site-C.pub", "C")
+    assert other["error-code"] == 7
+    fed = types.SimpleNamespace(sites={s: types.SimpleNamespace(auth_key=f"keys/site-{s}.pub") for s in "ABC"})
+    check_registered(fed, [{"success": True, "node-id": 42}, known, known])  # type: ignore[arg-type]
+    with pytest.raises(Exception, match=r"registering site C \(keys/site-C.pub\) failed: already registered"):
+        check_registered(fed, [{"success": True, "node-id": 42}, known, other])  # type: ignore[arg-type]

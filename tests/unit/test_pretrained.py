@@ -100,7 +100,8 @@ def test_a_train_request_naming_pretrained_weights_trains_from_the_sites_file(tm
 def test_the_coordinator_names_weights_by_sha256_never_by_a_local_path(tmp_path: Path) -> None:
     from .fake_grid import federation
 
-    with pytest.raises(ConfigError, match="link.weights names a file on the coordinator"):
+    with pytest.raises(ConfigError, match="link.weights: does nothing at the coordinator: it names a file on the "
+                                          "coordinator"):
         federation(tmp_path, ["A", "B"], link={"arch": "test_resnet", "weights": "w.safetensors"})
 
 
