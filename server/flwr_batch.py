@@ -45,7 +45,12 @@ def register(args: list[str]) -> dict[str, Any]:
 
     key, connection, flag, name = args[2:6]
     assert flag == "--name" and len(args) == 6, args
-    return register_node(connection, key, name)
+    buf, real = io.StringIO(), (sys.stdout, sys.__stdout__)
+    sys.stdout = sys.__stdout__ = buf  # type: ignore[misc]  # Flower prints which SuperLink it uses
+    try:
+        return register_node(connection, key, name)
+    finally:
+        sys.stdout, sys.__stdout__ = real  # type: ignore[misc]
 
 
 def main() -> int:
