@@ -29,7 +29,7 @@ from typing import Sequence
 from weckd.chain.cli import ERROR_PREFIX, run_command, setup_logging
 from weckd.chain.errors import ConfigError, ReportedError, WeckdError
 from weckd.chain.files import atomic_write, atomic_write_text, file_sha256, private_dir, process_lock
-from weckd.chain.flower import TASK_SIGNAL_ENV, check_internals
+from weckd.chain.flower import TASK_SIGNAL_ENV, check_flower_version
 from weckd.chain.peers import load_party
 from weckd.chain.procs import Group, flower_env, raise_on_sigterm, wait_port
 
@@ -86,7 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
         counts = check_data(cfg)
         log.info("site %s: config and data OK (%s)", cfg.site, ", ".join(f"{n} {k}" for k, n in counts.items()))
         return 0
-    check_internals()
+    check_flower_version()  # the internals are checked where they are patched: the SuperNode's own process
     state = Path(cfg.state_dir).resolve()
     private_dir(state)
     lock = process_lock(state / LOCK_FILE, "weckd-client")  # one supervisor per state dir; --status reads it
@@ -186,10 +186,23 @@ def _start(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
 
 
 def _start_supernode(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
-    node = group.start(f"supernode-{cfg.site}", supernode_cmd(cfg, secret),
+    name = f"supernode-{cfg.site}"
+    log_file = group.log_dir / f"{name}.log"
+    offset = log_file.stat().st_size if log_file.is_file() else 0  # the log is appended across restarts
+    node = group.start(name, supernode_cmd(cfg, secret),
                        flower_env(state / "flwr-supernode", {HEARTBEAT_ENV: str(cfg.heartbeat),
                                                              TASK_SIGNAL_ENV: str(task_signal(state))}))
-    wait_port("127.0.0.1", cfg.clientappio_port, 60.0, node, f"SuperNode of site {cfg.site}")
+    try:
+        wait_port("127.0.0.1", cfg.clientappio_port, 60.0, node, f"SuperNode of site {cfg.site}")
+    except WeckdError:
+        if node.poll() is None:
+            raise
+        with log_file.open("rb") as fh:  # its one line, e.g. a Flower internal weckd patches has moved
+            fh.seek(offset)
+            reported = _reported(fh.read().decode("utf-8", errors="replace"))
+        if not reported:
+            raise
+        raise ReportedError(reported, node.returncode) from None
 
 
 class Reach(str, Enum):

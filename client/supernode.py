@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from weckd.chain.cli import ERROR_PREFIX
+from weckd.chain.errors import ConfigError
 from weckd.chain.flower import (
     TASK_SIGNAL_ENV,
     cap_supernode_sleep,
@@ -22,7 +24,11 @@ HEARTBEAT_ENV = "WECKD_HEARTBEAT_S"  # the site config's heartbeat (weckd-client
 
 
 def main() -> int:
-    check_internals()
+    try:
+        check_internals()
+    except ConfigError as err:  # one line, which weckd-client shows
+        print(f"{ERROR_PREFIX}{err}", file=sys.stderr, flush=True)
+        return 2
     cap_supernode_sleep(float(os.environ.get(POLL_ENV, "0.2")))
     fast_pull()
     if os.environ.get(TASK_SIGNAL_ENV):

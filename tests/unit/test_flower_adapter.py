@@ -87,3 +87,32 @@ def test_registration_answers_carry_flowers_error_code_not_its_words(monkeypatch
     check_registered(fed, [{"success": True, "node-id": 42}, known, known])  # type: ignore[arg-type]
     with pytest.raises(Exception, match=r"registering site C \(keys/site-C.pub\) failed: already registered"):
         check_registered(fed, [{"success": True, "node-id": 42}, known, other])  # type: ignore[arg-type]
+
+
+def test_a_moved_flower_internal_is_the_supernodes_one_line_shown_by_weckd_client(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The supervisor imports no Flower internals: the SuperNode process checks them where it patches them,
+    and its one line is what weckd-client reports."""
+    import sys
+
+    from weckd.chain.errors import ConfigError, ReportedError
+    from weckd.chain.procs import Group
+    from weckd.client import cli, supernode
+    from weckd.client.site import SiteConfig
+
+    def moved() -> None:
+        raise ConfigError("flwr.supernode.start_client_internal no longer polls with time.sleep(3)")
+
+    monkeypatch.setattr(supernode, "check_internals", moved)
+    assert supernode.main() == 2
+    line = capsys.readouterr().err.strip()
+    assert line == "weckd: error: flwr.supernode.start_client_internal no longer polls with time.sleep(3)"
+    child = f"import sys; print('some Flower banner'); print({line!r}, file=sys.stderr); sys.exit(2)"
+    monkeypatch.setattr(cli, "supernode_cmd", lambda cfg, secret: [sys.executable, "-c", child])
+    group = Group(tmp_path / "logs", 5.0)
+    try:
+        with pytest.raises(ReportedError, match=r"^flwr.supernode.start_client_internal no longer polls") as err:
+            cli._start_supernode(SiteConfig(site="A", clientappio_port=1), group, tmp_path, tmp_path / "secret")
+    finally:
+        group.stop_all()
+    assert err.value.exit_code == 2
