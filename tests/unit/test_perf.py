@@ -126,3 +126,21 @@ def test_coordinator_part_counts_everything_but_the_training_executor_while_a_li
     total, by_role = coordinator_peak_mb(ticks, roles)
     assert total == 440.0  # the peak of the sum (230 + 160 + 40 at t=11 is 430; 220 + 180 + 40 at t=12)
     assert by_role == {"weckd-server": 40.0, "superlink": 230.0, "superexec": 0.0, "serverapp": 180.0}
+
+
+def test_the_large_part_measures_state_apart_from_the_models_a_site_received(tmp_path: Path) -> None:
+    from weckd.server.perf_large import _sizes, checks
+
+    (tmp_path / "state" / "server" / "chain").mkdir(parents=True)
+    (tmp_path / "state" / "server" / "chain" / "relay-0.bin").write_bytes(b"x" * 2**20)
+    (tmp_path / "state" / "site-A" / "delivered" / "run1").mkdir(parents=True)
+    (tmp_path / "state" / "site-A" / "delivered" / "run1" / "model.safetensors").write_bytes(b"x" * 3 * 2**20)
+    (tmp_path / "state" / "site-A" / "runs.json").write_bytes(b"x" * 2**20)
+    first = _sizes(tmp_path)
+    assert first == {"server": 1.0, "site-A": 1.0, "site-A/delivered": 3.0}
+    later = {**first, "site-A/delivered": 400.0}  # two more models received: outputs, not state
+    ok = checks({"arch": "a", "chains": [{"state_mb": first}, {"state_mb": first}, {"state_mb": later}]})
+    assert [c.met for c in ok] == [True, True, True]
+    grown = checks({"arch": "a", "chains": [{"state_mb": first}, {"state_mb": first},
+                                            {"state_mb": {**first, "server": 336.0}}]})
+    assert [c.met for c in grown] == [True, False, True] and grown[1].measured == "+335.0 MB"
