@@ -11,7 +11,7 @@ import logging
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from . import __version__
 from .errors import ConfigError, WeckdError
@@ -139,6 +139,23 @@ def _commands() -> dict:
 def _print_help(commands: dict) -> None:
     print(f"usage: weckd COMMAND [ARGS...]   (weckd {__version__})\n\ncommands:")
     for name in sorted(commands):
-        doc = (commands[name].load().__doc__ or "").strip().splitlines()
+        doc = _summary(commands[name]).strip().splitlines()
         print(f"  {name:<10} {doc[0] if doc else ''}")
     print("\nRun 'weckd COMMAND --help' for a command's options.")
+
+
+def _summary(ep: Any) -> str:
+    """A command's docstring, read from its module's source: listing the commands imports none of them (some
+    load torch, seconds each)."""
+    import ast
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(ep.module)
+        tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8")) if spec and spec.origin else None
+    except (ImportError, OSError, SyntaxError, ValueError):
+        tree = None
+    for node in tree.body if tree is not None else ():
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == ep.attr:
+            return ast.get_docstring(node) or ""
+    return ep.load().__doc__ or ""

@@ -67,7 +67,8 @@ def _start_mlflow_server(fed: LocalFederation, root: Path, port: int) -> subproc
            "--backend-store-uri", f"sqlite:///{root / 'mlflow' / 'mlflow.db'}", "--artifacts-destination",
            str(root / "mlflow" / "artifacts"), "--workers", "1"]
     (root / "mlflow").mkdir()
-    return fed.group.start("mlflow-server", cmd, dict(os.environ))
+    # no job runner: MLflow 3's server otherwise starts eight more processes for its GenAI jobs, none used here
+    return fed.group.start("mlflow-server", cmd, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
 
 
 def _tracked(uri: str, experiment: str) -> list[dict[str, Any]]:

@@ -76,3 +76,14 @@ def test_the_site_executor_does_import_torch() -> None:
     code = "import sys, weckd.client.app; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "True"
+
+
+def test_listing_the_commands_imports_none_of_them() -> None:
+    """``weckd --help`` shows every command's summary from its source: no command module (predict and bench load
+    torch) is imported to list them."""
+    code = ("import json, sys; from weckd.chain.cli import main, _commands; main(['--help']);"
+            "print(json.dumps([sorted(n for n, ep in _commands().items() if ep.module in sys.modules),"
+            "'torch' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert json.loads(out.stdout.splitlines()[-1]) == [["chain"], False]  # chain's module is the CLI itself
+    assert "predict    Predict the class of images with a model saved by 'weckd chain'." in out.stdout
