@@ -97,7 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
     metrics.serve(cfg.metrics_address, cfg.metrics_port if cfg.metrics else 0)
     try:
         node_log = group.log_dir / f"supernode-{cfg.site}.log"
-        offset = node_log.stat().st_size if node_log.is_file() else 0  # the log is appended across restarts
+        offset = _log_end(node_log)
         secret = write_superexec_secret(state / "flwr-supernode")
         _start(cfg, group, state, secret)
         return _supervise(group, cfg, metrics, offset, secret)
@@ -164,19 +164,28 @@ def _reported(text: str) -> str:
     return lines[-1][len(ERROR_PREFIX):] if lines else ""
 
 
+def _log_end(log_file: Path) -> int:
+    """Where a child's next output starts in its log (the log is appended across restarts)."""
+    return log_file.stat().st_size if log_file.is_file() else 0
+
+
+def _reported_since(log_file: Path, offset: int) -> str:
+    """The child's one-line error (``_reported``) among what it wrote to its log after ``offset``."""
+    with log_file.open("rb") as fh:
+        fh.seek(offset)
+        return _reported(fh.read().decode("utf-8", errors="replace"))
+
+
 def _start(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
     """The executor first: it reads the data, so bad data fails before the site connects; then the SuperNode."""
     log_file = group.log_dir / f"executor-{cfg.site}.log"
-    offset = log_file.stat().st_size if log_file.is_file() else 0  # the log is appended across restarts
+    offset = _log_end(log_file)
     executor = group.start(f"executor-{cfg.site}", executor_cmd(cfg, secret),
                            flower_env(state / "flwr-supernode", {TASK_SIGNAL_ENV: str(task_signal(state))}))
     status = status_path(cfg.state_dir)
     while "counts" not in read_status(status):
         if executor.poll() is not None:
-            with log_file.open("rb") as fh:
-                fh.seek(offset)
-                text = fh.read().decode("utf-8", errors="replace")
-            raise ReportedError(_reported(text) or f"site {cfg.site}: the executor exited with code "
+            raise ReportedError(_reported_since(log_file, offset) or f"site {cfg.site}: the executor exited with code "
                                 f"{executor.returncode} while reading the data; see {log_file}", executor.returncode)
         time.sleep(0.1)
     Joining(cfg).wait_until_up()  # any start order: a site started before its coordinator waits here
@@ -188,19 +197,15 @@ def _start(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
 def _start_supernode(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
     name = f"supernode-{cfg.site}"
     log_file = group.log_dir / f"{name}.log"
-    offset = log_file.stat().st_size if log_file.is_file() else 0  # the log is appended across restarts
+    offset = _log_end(log_file)
     node = group.start(name, supernode_cmd(cfg, secret),
                        flower_env(state / "flwr-supernode", {HEARTBEAT_ENV: str(cfg.heartbeat),
                                                              TASK_SIGNAL_ENV: str(task_signal(state))}))
     try:
         wait_port("127.0.0.1", cfg.clientappio_port, 60.0, node, f"SuperNode of site {cfg.site}")
     except WeckdError:
-        if node.poll() is None:
-            raise
-        with log_file.open("rb") as fh:  # its one line, e.g. a Flower internal weckd patches has moved
-            fh.seek(offset)
-            reported = _reported(fh.read().decode("utf-8", errors="replace"))
-        if not reported:
+        reported = _reported_since(log_file, offset) if node.poll() is not None else ""
+        if not reported:  # else its one line, e.g. a Flower internal weckd patches has moved
             raise
         raise ReportedError(reported, node.returncode) from None
 
