@@ -1,7 +1,7 @@
 """The one adapter over Flower 1.39 that both roles share; nothing else in weckd touches Flower's internals.
 
-*Records*: payloads in and out of Flower records (``payload_records_from_bytes``, ``read_payload``,
-``config_dict``); ``weckd.chain.payload`` itself stays Flower-free.
+*Records*: payload bytes in and out of Flower records (``payload_record``, ``read_payloads``) and
+``config_dict``; ``weckd.chain.payload`` itself stays Flower-free.
 
 *Tighter polling*, without editing Flower. Stock Flower 1.39 costs ~6 s per chain link on loopback: the
 SuperNode sleeps a hard-coded 3 s between Fleet polls, an object pull that races the upload backs off
@@ -36,10 +36,10 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ConfigError, PayloadError
-from .protocol import KEY_ARRAYS, KEY_HEADER
+from .protocol import KEY_PLAIN, KEY_SEALED, PAYLOAD_ENTRY
 
 if TYPE_CHECKING:
-    import numpy as np
+    from flwr.app import ArrayRecord
 
 
 log = logging.getLogger(__name__)
@@ -313,29 +313,40 @@ def task_heartbeat(client: Any) -> Any:
     return sender
 
 
-def payload_records_from_bytes(data: bytes, header_key: str = KEY_HEADER, arrays_key: str = KEY_ARRAYS
-                               ) -> dict[str, Any]:
-    """A payload (``chain.payload.payload_bytes``) as a ConfigRecord (header) and an ArrayRecord (arrays)."""
+def payload_record(blobs: Mapping[str, bytes]) -> ArrayRecord:
+    """Payload bytes (plain ``chain.payload`` bytes or sealed blobs) as one ArrayRecord: a uint8 array per
+    name, so each payload crosses a hop as one object whatever its tensor count."""
     import numpy as np
-    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from flwr.app import Array, ArrayRecord
 
-    from .payload import payload_from_bytes
-
-    header, buffers = payload_from_bytes(data)
-    arrays = ArrayRecord({name: Array(np.ascontiguousarray(a)) for name, a in buffers.items()})
-    return {header_key: ConfigRecord(header), arrays_key: arrays}
+    return ArrayRecord({name: Array(np.frombuffer(data, dtype=np.uint8)) for name, data in blobs.items()})
 
 
-def read_payload(content: Any, where: str, header_key: str = KEY_HEADER,
-                 arrays_key: str = KEY_ARRAYS) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
-    """(header, arrays) of a received payload (a RecordDict), or None when the message carries none."""
-    if header_key not in content.config_records:
+def payload_records(sealed: bool, blobs: Mapping[str, bytes]) -> dict[str, ArrayRecord]:
+    """The record a message's payloads travel in: ``KEY_SEALED`` or ``KEY_PLAIN``."""
+    return {KEY_SEALED if sealed else KEY_PLAIN: payload_record(blobs)}
+
+
+def request_payload(sealed: bool, data: bytes) -> dict[str, ArrayRecord]:
+    """The records that hand one payload to a site (a request holds exactly one, named PAYLOAD_ENTRY)."""
+    return payload_records(sealed, {PAYLOAD_ENTRY: data})
+
+
+def read_payloads(content: Any, where: str) -> tuple[bool, dict[str, bytes]] | None:
+    """(sealed?, payload bytes by name) of a message, or None when it carries none. Both records at once
+    is a malformed message."""
+    held = [key for key in (KEY_SEALED, KEY_PLAIN) if key in content.array_records]
+    if not held:
         return None
-    if arrays_key not in content.array_records:
-        raise PayloadError(f"{where}: payload header without arrays; upgrade weckd on both sides")
-    header = dict(content.config_records[header_key])
-    arrays = {name: arr.numpy() for name, arr in content.array_records[arrays_key].items()}
-    return header, arrays
+    if len(held) > 1:
+        raise PayloadError(f"{where}: message holds both sealed and plain payloads; upgrade weckd on both sides")
+    record = content.array_records[held[0]]
+    out = {}
+    for name, arr in record.items():
+        if arr.dtype != "uint8" or len(arr.shape) != 1:
+            raise PayloadError(f"{where}: payload {name[:40]!r} is not a byte array; upgrade weckd on both sides")
+        out[name] = arr.numpy().tobytes()
+    return held[0] == KEY_SEALED, out
 
 
 def config_dict(content: Any, key: str, where: str) -> Mapping[str, Any]:

@@ -1,12 +1,14 @@
-"""What travels between the coordinator and the sites: message keys, the payload format and its codec.
+"""What travels between the sites: the payload format and its codec.
 
-A payload is a header (format version, kind, model architecture, link index) plus named numpy
-arrays: a model's weights (weights mode) or its logits on the shared proxy set (logits mode). No
-pickle anywhere: the federation wraps these arrays into Flower ``ArrayRecord``s, and the decoder
-checks the header before any array is used. Floating tensors travel in the chain's wire dtype
-(``chain.wire_dtype``: float32 or float16, halving the bytes) and are decoded back to float32;
-integer tensors travel as int64, untouched. The in-process chain rounds its teacher through the same
-cast (:func:`round_state`), so both give the same links.
+A payload is a model's weights (weights mode) or its logits on the shared proxy set (logits mode), as
+one byte string in the safetensors format: a JSON header naming every tensor (dtype, shape, byte range)
+with the payload's identity in its ``__metadata__`` (format, version, kind, model architecture, link
+index, wire dtype), then the raw tensor bytes. No pickle anywhere. The same bytes are sealed
+(``chain.seal``), relayed as one uint8 array per hop, and checkpointed by the coordinator; the decoder
+checks every limit and the header before any array is made. Floating tensors travel in the chain's
+wire dtype (``chain.wire_dtype``: float32 or float16, halving the bytes) and are decoded back to
+float32; integer tensors travel as int64, untouched. The in-process chain rounds its teacher through the
+same cast (:func:`round_state`), so both give the same links.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ if TYPE_CHECKING:  # torch loads where tensors are made: the coordinator relays 
     import torch
 
 FORMAT = "weckd-payload"
-VERSION = 2  # v2: floating tensors in the header's wire dtype (float32 or float16)
+VERSION = 3  # v3: the safetensors layout (v2: a weckd-specific header + per-dtype buffers)
 KINDS = ("weights", "logits")
 WIRE_DTYPES = ("float32", "float16")
 DTYPES = (*WIRE_DTYPES, "int64")
@@ -38,11 +40,13 @@ MAX_HEADER_BYTES = 1 << 20  # 1 MiB, whatever the tensor count
 MAX_TENSORS = 10_000
 MAX_NAME_CHARS = 512
 MAX_NDIM = 8
-MAX_HEADER_DEPTH = 4  # JSON nesting: the header object > "buffers" > [dtype, bytes]
+MAX_HEADER_DEPTH = 3  # JSON nesting: the header object > a tensor's entry > its shape
 _HEADER_BASE = 4096
 _HEADER_PER_TENSOR = 1024
-BYTES_MAGIC = b"WKPB"
-_BYTES_PREFIX = struct.Struct(">4sI")  # magic, header length
+LEGACY_MAGIC = b"WKPB"  # how a v2 payload starts: named in the error a site of a newer weckd gives
+_LENGTH = struct.Struct("<Q")  # safetensors: the header's length, 8 bytes little-endian
+_DTYPE_OF = {"F32": "float32", "F16": "float16", "I64": "int64"}  # safetensors dtype names
+_DECIMAL = re.compile(r"[0-9]{1,9}")
 
 
 
@@ -60,20 +64,10 @@ class Payload:
     def nbytes(self) -> int:
         return int(sum(a.nbytes for a in self.arrays.values()))
 
-    def header(self) -> dict[str, Any]:
-        """The header as it travels: identity fields plus every tensor's name, dtype and shape."""
-        return {"format": FORMAT, "version": VERSION, "kind": self.kind, "arch": self.arch, "link": self.link,
-                "wire-dtype": self.wire_dtype, "names": list(self.arrays),
-                "dtypes": [str(a.dtype) for a in self.arrays.values()],
-                "ndims": [a.ndim for a in self.arrays.values()],
-                "dims": [int(d) for a in self.arrays.values() for d in a.shape]}
-
-    def pack(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """(header, one flat buffer per dtype): a model travels as 2 arrays instead of ~100, which
-        saves one relay round trip per tensor at every hop."""
-        buffers = {dt: np.concatenate([a.ravel() for a in self.arrays.values() if str(a.dtype) == dt])
-                   for dt in dict.fromkeys(str(a.dtype) for a in self.arrays.values())}
-        return self.header(), buffers
+    def metadata(self) -> dict[str, str]:
+        """The identity fields as they travel (safetensors metadata holds strings)."""
+        return {"format": FORMAT, "version": str(VERSION), "kind": self.kind, "arch": self.arch,
+                "link": str(self.link), "wire-dtype": self.wire_dtype}
 
 
 def _wire_tensor(tensor: torch.Tensor, wire_dtype: str) -> torch.Tensor:
@@ -180,7 +174,7 @@ def decode_arrays(
     if not arrays:
         raise PayloadError(f"{where}: weights payload carries no arrays")
     wire = check_wire_dtype(header.get("wire-dtype"), where)
-    named = unpack(header, arrays, where)
+    named = _known_dtypes(arrays, where)
     if any(a.dtype.kind == "f" and str(a.dtype) != wire for a in named.values()):
         raise PayloadError(f"{where}: floating tensors not in the declared wire dtype {wire}; the payload is damaged")
     check_finite(named, where)
@@ -198,7 +192,7 @@ def decode_logits(
 ) -> tuple[str, torch.Tensor]:
     """A logits payload back to (arch, N × classes tensor), checking its shape against the proxy set."""
     meta = check_header(header, kind="logits", link=link, where=where)
-    named = unpack(header, arrays, where)
+    named = _known_dtypes(arrays, where)
     if set(named) != {LOGITS_KEY}:
         raise PayloadError(f"{where}: logits payload must hold exactly one array {LOGITS_KEY!r}, got {sorted(named)}")
     logits = named[LOGITS_KEY]
@@ -213,6 +207,14 @@ def decode_logits(
     return meta.arch, torch.from_numpy(np.array(logits, copy=True))
 
 
+def _known_dtypes(arrays: Mapping[str, np.ndarray], where: str) -> dict[str, np.ndarray]:
+    bad = sorted(name for name, a in arrays.items() if not isinstance(a, np.ndarray) or str(a.dtype) not in DTYPES)
+    if bad:
+        raise PayloadError(f"{where}: tensor(s) {shown(bad[:4], 120)} not of a wire dtype ({', '.join(DTYPES)}); "
+                           "the payload is damaged")
+    return dict(arrays)
+
+
 def check_finite(arrays: Mapping[str, np.ndarray], where: str) -> None:
     """Refuse NaN or ±Inf in any floating tensor (a diverged or poisoned model must not be loaded)."""
     for name, a in arrays.items():
@@ -223,148 +225,150 @@ def check_finite(arrays: Mapping[str, np.ndarray], where: str) -> None:
 
 
 class TensorEntry(NamedTuple):
-    """One tensor of a header's index: its name, dtype and shape, checked."""
+    """One tensor of a payload's index: its name, dtype and shape, and where its bytes lie, checked."""
 
     name: str
-    dtype: str
+    dtype: str  # numpy name: float32, float16 or int64
     shape: tuple[int, ...]
     size: int  # values
+    begin: int  # byte offsets in the data section
+    end: int
 
 
-def tensor_index(header: Mapping[str, Any], where: str = "payload",
-                 max_bytes: int = MAX_PAYLOAD_BYTES) -> list[TensorEntry]:
-    """The header's tensor index, every field checked with exact types (a bool is not an int) and every
-    size multiplied out in Python ints, so numpy never sees a shape it cannot hold."""
-    fields = [header.get(k) for k in ("names", "dtypes", "ndims", "dims")]
-    if any(type(f) is not list for f in fields):
-        raise PayloadError(f"{where}: payload header lacks its tensor index (names, dtypes, ndims, dims lists); "
-                           "upgrade weckd on both sides")
-    names, dtypes, ndims, dims = fields
-    if len(names) > MAX_TENSORS:
-        raise PayloadSizeError(f"{where}: payload declares {len(names)} tensors, over the limit of {MAX_TENSORS}; "
-                               "refused before loading")
-    if (not (len(names) == len(dtypes) == len(ndims))
-            or any(type(n) is not str or not n or len(n) > MAX_NAME_CHARS for n in names)
-            or len(set(names)) != len(names)):
-        raise PayloadError(f"{where}: inconsistent tensor index in the payload header (names must be unique strings "
-                           f"of 1-{MAX_NAME_CHARS} characters); upgrade weckd on both sides")
-    unknown = sorted({shown(dt, 40) for dt in dtypes if type(dt) is not str or dt not in DTYPES})
-    if unknown:
-        raise PayloadError(f"{where}: payload declares dtype(s) [{', '.join(unknown[:4])}]; this weckd reads "
-                           f"{', '.join(DTYPES)}; upgrade weckd on both sides")
-    if (any(type(n) is not int or not 0 <= n <= MAX_NDIM for n in ndims)
-            or any(type(d) is not int or d < 0 for d in dims)):
-        raise PayloadError(f"{where}: payload header declares a negative or non-integer tensor dimension, "
-                           f"or more than {MAX_NDIM} dimensions; the payload is damaged")
-    if sum(ndims) != len(dims):
-        raise PayloadError(f"{where}: inconsistent tensor index in the payload header; upgrade weckd on both sides")
-    out: list[TensorEntry] = []
-    total, d = 0, 0
-    for name, dt, nd in zip(names, dtypes, ndims):
-        shape = tuple(dims[d:d + nd])
-        d += nd
-        size, extent, itemsize = 1, 1, _ITEMSIZE[dt]
-        for x in shape:  # extent: zeros count as 1, so (2**40, 2**40, 0) is refused, not handed to numpy
-            size *= x
-            extent *= max(x, 1)
-            if extent * itemsize > max_bytes:
-                raise PayloadSizeError(f"{where}: tensor {shown(name, 80)} declares dimensions {shown(shape, 80)}, "
-                                       f"over the limit of {max_bytes} bytes; refused before loading")
-        total += size * itemsize
-        out.append(TensorEntry(name, dt, shape, size))
-    if total > max_bytes:
-        raise PayloadSizeError(f"{where}: payload of {total} bytes is over the limit of {max_bytes} bytes; refused "
-                               "before loading (raise the limit on both sides if the model really is that large)")
-    return out
+class PayloadIndex(NamedTuple):
+    """What a payload's header says, checked: its identity fields (typed) and its tensors, in byte order."""
 
+    header: dict[str, Any]
+    tensors: list[TensorEntry]
+    data_start: int  # where the data section starts in the payload bytes
 
-def unpack(header: Mapping[str, Any], buffers: Mapping[str, np.ndarray],
-           where: str = "payload", max_bytes: int = MAX_PAYLOAD_BYTES) -> dict[str, np.ndarray]:
-    """Split the flat per-dtype buffers back into named arrays of the shapes the header declares."""
-    index = tensor_index(header, where, max_bytes)
-    held = sum(int(np.asarray(b).nbytes) for b in buffers.values())
-    if held > max_bytes:
-        raise PayloadSizeError(f"{where}: payload of {held} bytes is over the limit of {max_bytes} bytes; refused "
-                               "before loading (raise the limit on both sides if the model really is that large)")
-    if set(buffers) != {t.dtype for t in index}:
-        raise PayloadError(f"{where}: payload buffers {shown(sorted(buffers, key=str))} do not match the declared "
-                           f"dtypes {sorted({t.dtype for t in index})}")
-    offsets = dict.fromkeys(buffers, 0)
-    out: dict[str, np.ndarray] = {}
-    for t in index:
-        flat = np.asarray(buffers[t.dtype]).ravel()
-        start = offsets[t.dtype]
-        if flat.dtype != np.dtype(t.dtype) or start + t.size > flat.size:
-            raise PayloadError(f"{where}: buffer {t.dtype} too short or of dtype {flat.dtype} for tensor "
-                               f"{shown(t.name, 80)}")
-        out[t.name] = np.array(flat[start:start + t.size], copy=True).reshape(t.shape)
-        offsets[t.dtype] += t.size
-    sizes = {dt: int(np.asarray(b).size) for dt, b in buffers.items()}
-    left = {dt: sizes[dt] - n for dt, n in offsets.items() if sizes[dt] != n}
-    if left:
-        raise PayloadError(f"{where}: {left} values left over after the declared tensors; the payload is damaged")
-    return out
+    @property
+    def header_bytes(self) -> int:
+        return self.data_start
 
 
 def payload_bytes(payload: Payload) -> bytes:
-    """A payload as one byte string (what gets sealed and checkpointed), see :func:`pack_bytes`."""
-    return pack_bytes(*payload.pack())
+    """A payload as one byte string in the safetensors format (what gets sealed, relayed and checkpointed):
+    the identity fields in its ``__metadata__``, every tensor by name. Written by the safetensors library,
+    so any safetensors reader opens it."""
+    from safetensors.numpy import save
 
-
-def pack_bytes(header: Mapping[str, Any], buffers: Mapping[str, np.ndarray]) -> bytes:
-    """(header, per-dtype buffers) as ``WKPB`` | header length | canonical JSON header (with each
-    buffer's dtype and byte length) | the raw buffers."""
-    index = [[dt, int(b.nbytes)] for dt, b in buffers.items()]
-    head = json.dumps({**header, "buffers": index}, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    return b"".join([_BYTES_PREFIX.pack(BYTES_MAGIC, len(head)), head,
-                     *(np.ascontiguousarray(b).tobytes() for b in buffers.values())])
+    return save({name: np.require(a, requirements="C") for name, a in payload.arrays.items()},  # keeps 0-d arrays 0-d
+                metadata=payload.metadata())
 
 
 def payload_from_bytes(data: bytes, where: str = "payload", max_bytes: int = MAX_PAYLOAD_BYTES
                        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(header, per-dtype buffers) from :func:`payload_bytes` output, ready for :func:`decode_state`.
+    """(header, named arrays) from :func:`payload_bytes` output, ready for :func:`decode_state`.
 
-    The header is size-capped and depth-checked before it is parsed, and its values must be scalars or
-    flat lists (what a Flower ConfigRecord holds); the tensor index itself is checked by :func:`unpack`.
-    """
-    if len(data) > max_bytes + MAX_HEADER_BYTES:
+    Read by :func:`read_index`, which checks every limit before anything is allocated; each array is
+    then one copy of its byte range (writable, so torch can take it as it is)."""
+    index = read_index(data, where, max_bytes)
+    arrays = {t.name: np.frombuffer(data, dtype=t.dtype, count=t.size, offset=index.data_start + t.begin)
+              .reshape(t.shape).copy() for t in index.tensors}
+    return index.header, arrays
+
+
+def read_index(data: bytes, where: str = "payload", max_bytes: int = MAX_PAYLOAD_BYTES) -> PayloadIndex:
+    """A payload's header and tensor index, checked without reading any tensor: for the decoder and for
+    the coordinator's wire log (which lists an unsealed payload's tensors without decoding it).
+
+    The safetensors layout (8-byte little-endian header length, JSON header, data section), read with
+    this product's limits rather than the library's: the header is size-capped and depth-checked before
+    it is parsed; every field has its exact type (a bool is not an int); only the wire dtypes are
+    accepted; every size is multiplied out in Python ints, so numpy never sees a shape it cannot hold;
+    the tensors tile the data section exactly (no gap, overlap or trailing byte)."""
+    if len(data) > max_bytes + MAX_HEADER_BYTES + _LENGTH.size:
         raise PayloadSizeError(f"{where}: payload of {len(data)} bytes is over the limit of {max_bytes} bytes; "
                                "refused")
-    if len(data) < _BYTES_PREFIX.size or data[:4] != BYTES_MAGIC:
-        raise PayloadError(f"{where}: not a weckd payload (bad magic bytes); is the peer running weckd?")
-    _, head_len = _BYTES_PREFIX.unpack_from(data)
+    if data[:4] == LEGACY_MAGIC:
+        raise PayloadError(f"{where}: payload v2, expected v{VERSION}; upgrade weckd on both sides")
+    if len(data) < _LENGTH.size:
+        raise PayloadError(f"{where}: not a weckd payload ({len(data)} bytes); is the peer running weckd?")
+    (head_len,) = _LENGTH.unpack_from(data)
     if head_len > MAX_HEADER_BYTES:
         raise PayloadSizeError(f"{where}: payload header of {head_len} bytes is over the limit of "
                                f"{MAX_HEADER_BYTES} bytes; refused before parsing")
-    start = _BYTES_PREFIX.size + head_len
+    start = _LENGTH.size + head_len
     if start > len(data):
         raise PayloadError(f"{where}: payload header runs past its {len(data)} bytes; truncated or damaged")
-    raw = bytes(data[_BYTES_PREFIX.size:start])
+    raw = bytes(data[_LENGTH.size:start])
     _check_depth(raw, where)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        parsed = json.loads(raw.decode("utf-8"))
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an over-long integer literal
         raise PayloadError(f"{where}: payload header is not readable ({shown(str(err), 120)}); "
-                           "upgrade weckd on both sides") from None
-    if type(header) is not dict:
-        raise PayloadError(f"{where}: payload header is a JSON {type(header).__name__}, not an object; "
+                           "is the peer running weckd?") from None
+    if type(parsed) is not dict:
+        raise PayloadError(f"{where}: payload header is a JSON {type(parsed).__name__}, not an object; "
                            "is the peer running weckd?")
-    index = _buffer_index(header.pop("buffers", None), where)
-    _check_flat(header, where)
-    names = header.get("names")
-    n_tensors = len(names) if type(names) is list else 0
-    if head_len > _HEADER_BASE + _HEADER_PER_TENSOR * n_tensors:
-        raise PayloadSizeError(f"{where}: payload header of {head_len} bytes is too large for its {n_tensors} "
+    header = _metadata(parsed.pop("__metadata__", None), where)
+    if len(parsed) > MAX_TENSORS:
+        raise PayloadSizeError(f"{where}: payload declares {len(parsed)} tensors, over the limit of {MAX_TENSORS}; "
+                               "refused before loading")
+    if head_len > _HEADER_BASE + _HEADER_PER_TENSOR * len(parsed):
+        raise PayloadSizeError(f"{where}: payload header of {head_len} bytes is too large for its {len(parsed)} "
                                f"tensor(s) (at most {_HEADER_BASE} + {_HEADER_PER_TENSOR} per tensor); refused")
-    if start + sum(n for _, n in index) != len(data):
-        raise PayloadError(f"{where}: payload buffers do not add up to its {len(data)} bytes; truncated or damaged")
-    buffers, pos = {}, start
-    for dt, n in index:
-        if n % np.dtype(dt).itemsize:
-            raise PayloadError(f"{where}: buffer {dt} of {n} bytes is not a whole number of values")
-        buffers[dt] = np.frombuffer(data, dtype=dt, count=n // np.dtype(dt).itemsize, offset=pos).copy()
-        pos += n
-    return header, buffers
+    tensors = sorted((_entry(name, spec, where, max_bytes) for name, spec in parsed.items()), key=lambda t: t.begin)
+    total = sum(t.end - t.begin for t in tensors)
+    if total > max_bytes:
+        raise PayloadSizeError(f"{where}: payload of {total} bytes is over the limit of {max_bytes} bytes; refused "
+                               "before loading (raise the limit on both sides if the model really is that large)")
+    pos = 0
+    for t in tensors:
+        if t.begin != pos:
+            raise PayloadError(f"{where}: tensor {shown(t.name, 80)} does not start where the one before it ends; "
+                               "the payload is damaged")
+        pos = t.end
+    if start + pos != len(data):
+        raise PayloadError(f"{where}: payload tensors do not add up to its {len(data)} bytes; truncated or damaged")
+    return PayloadIndex(header, tensors, start)
+
+
+def _metadata(meta: Any, where: str) -> dict[str, Any]:
+    """The payload's identity fields from the safetensors ``__metadata__`` (strings only there), typed."""
+    if type(meta) is not dict or any(type(v) is not str or len(v) > MAX_NAME_CHARS for v in meta.values()):
+        raise PayloadError(f"{where}: payload header lacks its metadata (string fields); is the peer running weckd?")
+    if meta.get("format") != FORMAT:
+        raise PayloadError(f"{where}: not a weckd payload (format {shown(meta.get('format'))}); "
+                           "is the peer running weckd?")
+    header: dict[str, Any] = dict(meta)
+    for key in ("version", "link"):  # decimal numbers; anything else stays a string, which check_header refuses
+        value = meta.get(key)
+        if type(value) is str and _DECIMAL.fullmatch(value):
+            header[key] = int(value)
+    return header
+
+
+def _entry(name: Any, spec: Any, where: str, max_bytes: int) -> TensorEntry:
+    """One tensor's header entry ({"dtype", "shape", "data_offsets"}), checked."""
+    if type(name) is not str or not name or len(name) > MAX_NAME_CHARS:
+        raise PayloadError(f"{where}: payload tensor names must be strings of 1-{MAX_NAME_CHARS} characters; "
+                           "is the peer running weckd?")
+    if type(spec) is not dict or set(spec) != {"dtype", "shape", "data_offsets"}:
+        raise PayloadError(f"{where}: tensor {shown(name, 80)} lacks its dtype, shape or data offsets; "
+                           "is the peer running weckd?")
+    dtype = _DTYPE_OF.get(spec["dtype"]) if type(spec["dtype"]) is str else None
+    if dtype is None:
+        raise PayloadError(f"{where}: tensor {shown(name, 80)} declares dtype {shown(spec['dtype'], 40)}; this "
+                           f"weckd reads {', '.join(_DTYPE_OF)}; upgrade weckd on both sides")
+    shape, offsets = spec["shape"], spec["data_offsets"]
+    if (type(shape) is not list or len(shape) > MAX_NDIM or any(type(d) is not int or d < 0 for d in shape)
+            or type(offsets) is not list or len(offsets) != 2 or any(type(o) is not int or o < 0 for o in offsets)):
+        raise PayloadError(f"{where}: tensor {shown(name, 80)} declares a negative or non-integer dimension or "
+                           f"offset, or more than {MAX_NDIM} dimensions; the payload is damaged")
+    size, extent, itemsize = 1, 1, _ITEMSIZE[dtype]
+    for x in shape:  # extent: zeros count as 1, so (2**40, 2**40, 0) is refused, not handed to numpy
+        size *= x
+        extent *= max(x, 1)
+        if extent * itemsize > max_bytes:
+            raise PayloadSizeError(f"{where}: tensor {shown(name, 80)} declares dimensions {shown(tuple(shape), 80)}, "
+                                   f"over the limit of {max_bytes} bytes; refused before loading")
+    begin, end = offsets
+    if end - begin != size * itemsize:
+        raise PayloadError(f"{where}: tensor {shown(name, 80)} spans {end - begin} bytes, its shape {size * itemsize}; "
+                           "the payload is damaged")
+    return TensorEntry(name, dtype, tuple(shape), size, begin, end)
 
 
 _CHEAP_OPENERS = 64
@@ -392,31 +396,3 @@ def _check_depth(raw: bytes, where: str) -> None:
                                    "refused before parsing; is the peer running weckd?")
         else:
             depth -= 1
-
-
-_SCALARS = (str, int, float, bool)
-
-
-def _check_flat(header: dict[str, Any], where: str) -> None:
-    """Header values are scalars or flat lists of one scalar type (what a Flower ConfigRecord holds)."""
-    for key, value in header.items():
-        kind = type(value)
-        if kind is list and value:
-            kind = type(value[0])
-            flat = kind in _SCALARS and all(type(v) is kind for v in value)
-        else:
-            flat = kind is list or kind in _SCALARS
-        if not flat:
-            raise PayloadError(f"{where}: payload header field {shown(key, 60)} is not a scalar or a flat list; "
-                               "is the peer running weckd?")
-
-
-def _buffer_index(index: Any, where: str) -> list[tuple[str, int]]:
-    """The header's ``buffers`` entry: [[dtype, byte length], …], one per known dtype."""
-    if (type(index) is not list or len(index) > len(DTYPES)
-            or any(type(e) is not list or len(e) != 2 or type(e[0]) is not str or e[0] not in DTYPES
-                   or type(e[1]) is not int or e[1] < 0 for e in index)
-            or len({e[0] for e in index}) != len(index)):
-        raise PayloadError(f"{where}: payload header has no valid buffer index ([dtype, bytes] per dtype); "
-                           "upgrade weckd on both sides")
-    return [(e[0], e[1]) for e in index]

@@ -31,14 +31,13 @@ MSG_ROUND = "train.fedavg"  # one FedAvg round at a site (weckd.chain.rounds)
 MSG_ROUND_EVALUATE = "evaluate.fedavg"  # the coordinator's averaged model on a site's validation split
 KEY_CONFIG = "config"  # ConfigRecord: what the federation sends (link index, seed, mode, augment)
 KEY_LINK = "link-settings"  # ConfigRecord: the link's LinkSettings (chain.config.link_to_mapping)
-KEY_HEADER = "payload-header"  # ConfigRecord: the payload header
-KEY_ARRAYS = "payload-arrays"  # ArrayRecord: the payload's arrays
-KEY_MODEL_HEADER = "model-header"  # ConfigRecord: header of the final link's weights (logits mode)
-KEY_MODEL_ARRAYS = "model-arrays"  # ArrayRecord: the final link's weights (logits mode)
 KEY_INFO = "info"  # ConfigRecord: what a site says about itself (version, classes, proxy hash)
 KEY_METRICS = "metrics"  # MetricRecord: counts, accuracies, loss parts, seconds
-KEY_SEALED = "sealed"  # ArrayRecord: sealed payloads (uint8), one per kind in replies, one in requests:
-SEALED_ENTRY = "payload"  # the name of the one sealed blob in a request's KEY_SEALED record
+# Payloads (``chain.payload`` bytes) travel as uint8 arrays, sealed (``chain.seal``) or plain, in the same
+# layout: a reply holds one per kind (``weights``, ``logits``), a request exactly one, named PAYLOAD_ENTRY.
+KEY_SEALED = "sealed"  # ArrayRecord: sealed payloads (a sealed federation)
+KEY_PLAIN = "plain"  # ArrayRecord: plain payloads (an unsealed federation)
+PAYLOAD_ENTRY = "payload"  # the name of the one payload in a request's record
 
 
 class Reason(str, Enum):

@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from weckd.chain import __version__
 from weckd.chain.audit import AUDIT_FILE, AuditLog
 from weckd.chain.errors import LinkError, PayloadError, SecurityError
-from weckd.chain.flower import config_dict, payload_records_from_bytes
+from weckd.chain.flower import config_dict
 from weckd.chain.link import Teacher, evaluate, model_from_state, train_link
 from weckd.chain.payload import decode_logits, decode_state
 from weckd.chain.peers import load_party
@@ -38,7 +38,6 @@ from weckd.chain.protocol import (
     KEY_INFO,
     KEY_LINK,
     KEY_METRICS,
-    KEY_SEALED,
     EvalMetrics,
     Reason,
     Refused,
@@ -54,9 +53,8 @@ from .exchange import (
     has_payload,
     keep_delivered,
     link_output,
-    plain_records,
+    payload_reply,
     receive,
-    sealed_records,
     site_device,
 )
 from .linkstore import LinkOutput, LinkStore, link_key
@@ -195,10 +193,7 @@ def _train(site: Site, msg: Message, status: SiteStatus, audit: AuditLog) -> Mes
         if result.privacy is not None:
             runs.spend(ok.record, float(dict(result.privacy)["epsilon"]))
     records: dict[str, Any] = {KEY_METRICS: MetricRecord(out.metrics), KEY_INFO: ConfigRecord(out.info)}
-    if party is not None:
-        records[KEY_SEALED] = sealed_records(out, party, req.run_id, link, req.seal_for)
-    else:
-        records.update(plain_records(out, req.mode))
+    records.update(payload_reply(out, party, req.run_id, link, req.seal_for))
     audit.append("train-reply", run=req.run_id, link=link, decision="sent",
                  sent_to=[f"{k}:{r}" for k, r in req.seal_for] if party is not None else ["coordinator"],
                  payload_sha256={k: hashlib.sha256(v).hexdigest() for k, v in out.payloads.items()},
@@ -274,10 +269,7 @@ def _hand_over(site: Site, msg: Message, audit: AuditLog) -> Message:
                       "links of the current run are kept; logits-mode links keep none)")
     weights = LinkOutput({"weights": out.payloads["weights"]}, out.metrics, out.info)
     records: dict[str, Any] = {KEY_METRICS: MetricRecord(out.metrics), KEY_INFO: ConfigRecord(out.info)}
-    if party is not None:
-        records[KEY_SEALED] = sealed_records(weights, party, req.run_id, req.link, req.seal_for)
-    else:
-        records.update(payload_records_from_bytes(weights.payloads["weights"]))
+    records.update(payload_reply(weights, party, req.run_id, req.link, req.seal_for))
     audit.append("deliver", run=req.run_id, link=req.link, decision="sent",
                  sent_to=[r for _, r in req.seal_for] if party is not None else ["coordinator"],
                  payload_sha256=hashlib.sha256(weights.payloads["weights"]).hexdigest())

@@ -8,21 +8,19 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 from weckd.chain.artifacts import ModelCard, save_model
 from weckd.chain.errors import LinkError
 from weckd.chain.files import check_run_id, inside, private_dir
-from weckd.chain.flower import payload_records_from_bytes, read_payload
+from weckd.chain.flower import payload_records, read_payloads
 from weckd.chain.link import LinkResult
 from weckd.chain.models import pick_device
-from weckd.chain.payload import encode_logits, encode_state, pack_bytes, payload_bytes, payload_from_bytes
+from weckd.chain.payload import encode_logits, encode_state, payload_bytes, payload_from_bytes
 from weckd.chain.peers import Party
 from weckd.chain.protocol import (
-    KEY_HEADER,
-    KEY_MODEL_ARRAYS,
-    KEY_MODEL_HEADER,
+    KEY_PLAIN,
     KEY_SEALED,
-    SEALED_ENTRY,
+    PAYLOAD_ENTRY,
     LinkInfo,
     LinkMetrics,
     Reason,
@@ -57,31 +55,32 @@ def site_device(cfg: SiteConfig) -> torch.device:
 
 
 def has_payload(content: RecordDict) -> bool:
-    return KEY_SEALED in content.array_records or KEY_HEADER in content.config_records
+    return KEY_SEALED in content.array_records or KEY_PLAIN in content.array_records
 
 
 def receive(content: RecordDict, party: Party | None, kind: str, sender: str, run_id: str, link: int,
             where: str) -> Received | None:
     """The payload a message carries, opened and checked (sealed: by its pinned sender, for this run and
     link); None when it carries none. A sealed site refuses unsealed payloads and the reverse."""
-    if KEY_SEALED in content.array_records:
+    got = read_payloads(content, where)
+    if got is None:
+        return None
+    sealed, blobs = got
+    if list(blobs) != [PAYLOAD_ENTRY]:
+        raise SealError("malformed", f"{where}: the payload record must hold exactly one {PAYLOAD_ENTRY!r} entry")
+    blob = blobs[PAYLOAD_ENTRY]
+    if sealed:
         if party is None:
             raise Refused(Reason.BAD_REQUEST, f"{where}: a sealed payload arrived but this site has no sealing: "
                           "section; add its keys")
-        record = content.array_records[KEY_SEALED]
-        if list(record.keys()) != [SEALED_ENTRY]:
-            raise SealError("malformed", f"{where}: the sealed record must hold exactly one {SEALED_ENTRY!r} entry")
-        blob = record[SEALED_ENTRY].numpy().tobytes()
         opened = party.open_from(blob, sender=sender, run_id=run_id, link=link, kind=kind)
         header, arrays = payload_from_bytes(opened, where, party.max_bytes)
         return Received(header, arrays, blob)
-    plain = read_payload(content, where)
-    if plain is None:
-        return None
     if party is not None:
         raise SealError("unsealed", f"{where}: an unsealed payload arrived but this site accepts sealed payloads "
                         "only; the coordinator must set federation.sealing")
-    return Received(plain[0], plain[1], pack_bytes(*plain))
+    header, arrays = payload_from_bytes(blob, where)
+    return Received(header, arrays, blob)
 
 
 
@@ -99,27 +98,20 @@ def link_output(result: LinkResult, mode: str, link: int, deliver: bool, wire_dt
     return LinkOutput(payloads, link_metrics(result), LinkInfo(site, result.arch, result.init).to_record())
 
 
-def sealed_records(out: LinkOutput, party: Party, run_id: str, link: int, seal_for: tuple[tuple[str, str], ...]
-            ) -> ArrayRecord:
-    """One blob per kind, encrypted once for every recipient the coordinator asked for (checked against
-    the policy)."""
+def payload_reply(out: LinkOutput, party: Party | None, run_id: str, link: int,
+                  seal_for: tuple[tuple[str, str], ...]) -> dict[str, ArrayRecord]:
+    """The reply's payload record: each kind sealed once for every recipient the coordinator asked for
+    (checked against the policy), or plain where this site does not seal."""
+    if party is None:
+        return payload_records(False, out.payloads)
     recipients: dict[str, list[str]] = {}
     for kind, recipient in seal_for:
         if kind not in out.payloads:
             raise Refused(Reason.BAD_REQUEST, f"site {party.name} link {link + 1}: asked to seal a {kind!r} payload "
                           "it does not have")
         recipients.setdefault(kind, []).append(recipient)
-    return ArrayRecord({kind: Array(np.frombuffer(party.seal_for(names, out.payloads[kind], run_id=run_id, link=link,
-                                                                 kind=kind), dtype=np.uint8))
-                        for kind, names in recipients.items()})
-
-
-def plain_records(out: LinkOutput, mode: str) -> dict[str, Any]:
-    """Unsealed payload records: the relayed payload, plus the final weights in logits mode."""
-    records = payload_records_from_bytes(out.payloads[mode])
-    if mode == "logits" and "weights" in out.payloads:
-        records.update(payload_records_from_bytes(out.payloads["weights"], KEY_MODEL_HEADER, KEY_MODEL_ARRAYS))
-    return records
+    return payload_records(True, {kind: party.seal_for(names, out.payloads[kind], run_id=run_id, link=link, kind=kind)
+                                  for kind, names in recipients.items()})
 
 
 def link_metrics(result: LinkResult) -> dict[str, Any]:

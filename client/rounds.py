@@ -18,7 +18,7 @@ from weckd.chain.flower import config_dict
 from weckd.chain.link import evaluate, model_from_state, student_arch, train_link
 from weckd.chain.payload import decode_state
 from weckd.chain.peers import COORDINATOR
-from weckd.chain.protocol import KEY_CONFIG, KEY_INFO, KEY_LINK, KEY_METRICS, KEY_SEALED, EvalMetrics, Reason, Refused
+from weckd.chain.protocol import KEY_CONFIG, KEY_INFO, KEY_LINK, KEY_METRICS, EvalMetrics, Reason, Refused
 
 from .admit import admit_round, admit_round_evaluate, check_model_arch
 from .exchange import (
@@ -26,9 +26,8 @@ from .exchange import (
     has_payload,
     keep_delivered,
     link_output,
-    plain_records,
+    payload_reply,
     receive,
-    sealed_records,
     site_device,
 )
 from .linkstore import LinkStore, link_key
@@ -74,10 +73,7 @@ def train_round(site: Site, msg: Message, status: SiteStatus, audit: AuditLog) -
     else:
         log.info("%s: this round of run %s was trained here already; sending the stored update", where, req.run_id)
     records: dict[str, Any] = {KEY_METRICS: MetricRecord(out.metrics), KEY_INFO: ConfigRecord(out.info)}
-    if party is not None:
-        records[KEY_SEALED] = sealed_records(out, party, req.run_id, rnd, req.seal_for)
-    else:
-        records.update(plain_records(out, "weights"))
+    records.update(payload_reply(out, party, req.run_id, rnd, req.seal_for))
     audit.append("fedavg-train-reply", run=req.run_id, link=rnd, decision="sent", sent_to=[COORDINATOR],
                  payload_sha256={k: hashlib.sha256(v).hexdigest() for k, v in out.payloads.items()})
     return Message(RecordDict(records), reply_to=msg)

@@ -228,8 +228,8 @@ class FedAvgRun:
         try:
             data = self.party.open_from(blob, sender=site, run_id=self.state.run_id, link=r, kind="weights") \
                 if self.party is not None else blob
-            header, buffers = payload_from_bytes(data, where, *((self.party.max_bytes,) if self.party else ()))
-            arch, arrays = decode_arrays(header, buffers, link=r, where=where)
+            header, named = payload_from_bytes(data, where, *((self.party.max_bytes,) if self.party else ()))
+            arch, arrays = decode_arrays(header, named, link=r, where=where)
         except (PayloadError, SecurityError) as err:
             self._audit("fedavg-train", "refused", r, getattr(err, "reason", "malformed-payload"), site=site)
             raise LinkError(f"{where}: the update is refused: {err}; the run stops", Failure.SITE_REFUSED) from None

@@ -3,7 +3,7 @@ accuracy of each; and whether compressing the float16 payload pays.
 
 In one process (``weckd.chain.runner.run_chain``, whose teacher is rounded through the wire dtype
 exactly as the federation relays it): last-link test accuracy over seeds for each config and wire
-dtype, and the bytes of each link's payload from the real encoder (``encode_state(...).pack()``).
+dtype, and the bytes of each link's payload from the real encoder (``encode_state(...)``).
 Then one real federation per wire dtype (weckd-server + 3 weckd-client on loopback, sealed): the
 array bytes of each ``train`` message and reply as the coordinator relays them. Compression: the
 float16 payload with its bytes split into high and low planes, then zlib (level 6), against its
@@ -47,8 +47,7 @@ def _config(name: str, seed: int, wire: str) -> ChainConfig:
 
 
 def _payload_bytes(state: dict[str, torch.Tensor], arch: str, link: int, wire: str) -> int:
-    _, buffers = encode_state(state, arch, link, wire).pack()
-    return int(sum(b.nbytes for b in buffers.values()))
+    return encode_state(state, arch, link, wire).nbytes
 
 
 def _float_bytes(state: dict[str, torch.Tensor], wire: str) -> int:
@@ -68,8 +67,7 @@ def one_chain(name: str, seed: int, wire: str) -> dict[str, Any]:
 
 def compression(state: dict[str, torch.Tensor], arch: str) -> dict[str, float]:
     """Byte-plane split + zlib on the float16 payload: size ratio and seconds each way (median of 5)."""
-    _, buffers = encode_state(state, arch, 1, "float16").pack()
-    raw = b"".join(np.ascontiguousarray(b).tobytes() for b in buffers.values())
+    raw = b"".join(np.ascontiguousarray(a).tobytes() for a in encode_state(state, arch, 1, "float16").arrays.values())
     planes = np.frombuffer(raw[: len(raw) // 2 * 2], dtype=np.uint8).reshape(-1, 2)
     shuffled = planes[:, 1].tobytes() + planes[:, 0].tobytes() + raw[len(raw) // 2 * 2:]
     packs, unpacks = [], []
@@ -153,7 +151,7 @@ def report(data: dict[str, Any]) -> str:
              "## In one process: last-link test accuracy and payload bytes", "",
              "Chain of 3 links (A → B → C), weights mode, baselines off; the teacher handed to link k+1 is rounded "
              f"through the wire dtype as the federation relays it; {THREADS} torch threads, device cpu. Bytes: the "
-             "real encoder's buffers (`encode_state(...).pack()`) for one link's model.", "",
+             "real encoder's tensors (`encode_state(...)`) for one link's model.", "",
              "| config | arch | last-link test acc, fp32 | last-link test acc, fp16 | fp32 state_dict B | "
              "payload B, fp32 | payload B, fp16 | fp16 payload / fp32 state_dict | float tensors, fp16 / fp32 |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -1,12 +1,12 @@
 """A link's output as the coordinator holds it, and the part of it each message to a site carries.
 
-Sealed federations (``federation.sealing``): the producing site encrypts each output once for every
-recipient the coordinator names (``chain.seal``: one ciphertext, the key wrapped per recipient); the
-reply's ``sealed`` ArrayRecord holds one uint8 array per blob, keyed by its kind (``weights`` or
-``logits``). The coordinator stores and forwards the same blob to each recipient; it cannot open it.
-Unsealed federations: the payload itself, as bytes (``chain.payload.pack_bytes``),
-keyed by its kind. Either way a :class:`Relay` is plain bytes, so it checkpoints as files
-(``server.state``) and survives a coordinator restart.
+A reply holds one payload per kind (``weights`` or ``logits``), each a uint8 array in one record
+(``chain.flower.read_payloads``). Sealed federations (``federation.sealing``): the producing site
+encrypts each output once for every recipient the coordinator names (``chain.seal``: one ciphertext,
+the key wrapped per recipient); the coordinator stores and forwards the same blob to each recipient
+and cannot open it. Unsealed federations: the payload bytes themselves (``chain.payload``), in the same
+layout. Either way a :class:`Relay` is plain bytes, so it checkpoints as files (``server.state``) and
+survives a coordinator restart.
 """
 from __future__ import annotations
 
@@ -14,18 +14,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from weckd.chain.errors import LinkError, PayloadError
-from weckd.chain.flower import payload_records_from_bytes
+from weckd.chain.flower import read_payloads, request_payload
 
 if TYPE_CHECKING:  # Flower and numpy load with the first message (weckd-server reads checkpoints without them)
     from flwr.app import RecordDict
-from weckd.chain.protocol import (
-    KEY_ARRAYS,
-    KEY_HEADER,
-    KEY_MODEL_ARRAYS,
-    KEY_MODEL_HEADER,
-    KEY_SEALED,
-    SEALED_ENTRY,
-)
 
 
 @dataclass
@@ -60,29 +52,21 @@ class Relay:
 
     def records(self, kind: str, recipient: str) -> dict[str, Any]:
         """The records that hand this output to ``recipient`` (a teacher or a model to evaluate)."""
-        import numpy as np
-        from flwr.app import Array, ArrayRecord
-
-        data = self.blob(kind, recipient)
-        if self.sealed:
-            return {KEY_SEALED: ArrayRecord({SEALED_ENTRY: Array(np.frombuffer(data, dtype=np.uint8))})}
-        return payload_records_from_bytes(data)
+        return request_payload(self.sealed, self.blob(kind, recipient))
 
 
 def relay_from_reply(content: RecordDict, link: int, site: str, sealed: bool) -> Relay:
     """What a site's train reply carries, as bytes (no payload is opened or decoded here)."""
-    if sealed:
-        if KEY_SEALED not in content.array_records:
-            raise LinkError(f"link {link + 1}: site {site} replied without sealed payloads; the federation requires "
-                            "sealing: give that site a sealing: section")
-        blobs = {name: arr.numpy().tobytes() for name, arr in content.array_records[KEY_SEALED].items()}
-        return Relay(link, site, blobs, True)
-    plain: dict[str, bytes] = {}
-    for hkey, akey in ((KEY_HEADER, KEY_ARRAYS), (KEY_MODEL_HEADER, KEY_MODEL_ARRAYS)):
-        if hkey in content.config_records and akey in content.array_records:
-            header = dict(content.config_records[hkey])
-            buffers = {name: arr.numpy() for name, arr in content.array_records[akey].items()}
-            from weckd.chain.payload import pack_bytes
-
-            plain[str(header.get("kind"))] = pack_bytes(header, buffers)
-    return Relay(link, site, plain, False)
+    try:
+        got = read_payloads(content, f"link {link + 1} (site {site})")
+    except PayloadError as err:
+        raise LinkError(str(err)) from err
+    if got is not None and got[0] != sealed:
+        what = "plain" if sealed else "sealed"
+        fix = ("give that site a sealing: section" if sealed else
+               "the federation does not seal: remove that site's sealing: section or set federation.sealing")
+        raise LinkError(f"link {link + 1}: site {site} replied with {what} payloads; {fix}")
+    if got is None and sealed:
+        raise LinkError(f"link {link + 1}: site {site} replied without sealed payloads; the federation requires "
+                        "sealing: give that site a sealing: section")
+    return Relay(link, site, got[1] if got else {}, sealed)

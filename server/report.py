@@ -110,8 +110,8 @@ def final_model(fed: Federation, outcome: ChainOutcome, run_id: str) -> tuple[st
                                link=relay.link, kind="weights")
     else:
         data = relay.blob("weights", COORDINATOR)
-    header, buffers = payload_from_bytes(data, where)
-    return decode_arrays(header, buffers, link=relay.link, where=where)
+    header, arrays = payload_from_bytes(data, where)
+    return decode_arrays(header, arrays, link=relay.link, where=where)
 
 
 def write_outputs(out: Path, fed: Federation, outcome: ChainOutcome, seconds: float, run_id: str) -> None:

@@ -1,8 +1,9 @@
 """Message traffic as the coordinator sees it: relay byte counts and an optional wire log.
 
 The wire log (one JSON line per message sent or received: every record, every array's name, shape,
-dtype and size, every config/metric key) is how the tests prove that only weights, logits and
-aggregate metrics cross the coordinator. It is switched on by the ``wire-log`` run-config key.
+dtype and size, the tensors each plain payload declares, every config/metric key) is how the tests
+prove that only weights, logits and aggregate metrics cross the coordinator. It is switched on by the
+``wire-log`` run-config key.
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import Message, RecordDict
+from weckd.chain.errors import PayloadError
 from weckd.chain.files import append_text
+from weckd.chain.payload import read_index
+from weckd.chain.protocol import KEY_PLAIN
 
 
 def content_bytes(content: RecordDict) -> int:
@@ -26,21 +30,21 @@ def describe(content: RecordDict) -> dict[str, Any]:
     for key, rec in content.array_records.items():
         out["arrays"][key] = [{"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype),
                                "bytes": int(arr.numpy().nbytes)} for name, arr in rec.items()]
+    if KEY_PLAIN in content.array_records:  # plain payloads: the tensors each declares, and its header's bytes
+        for name, arr in content.array_records[KEY_PLAIN].items():
+            try:
+                index = read_index(arr.numpy().tobytes(), f"{KEY_PLAIN}/{name}")
+            except PayloadError as err:  # the relay refuses it with its reason; the log says what it saw
+                out.setdefault("unreadable", {})[f"{KEY_PLAIN}/{name}"] = getattr(err, "reason", "malformed-payload")
+                continue
+            out.setdefault("tensors", {})[f"{KEY_PLAIN}/{name}"] = [
+                {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in index.tensors]
+            out.setdefault("headers", {})[f"{KEY_PLAIN}/{name}"] = index.header_bytes
     for key, crec in content.config_records.items():
         out["configs"][key] = {k: _value_shape(v) for k, v in crec.items()}
-        if "names" in crec and "dims" in crec:  # a payload header: the tensors its flat buffers hold
-            out.setdefault("tensors", {})[key] = _declared(dict(crec))
     for key, mrec in content.metric_records.items():
         out["metrics"][key] = {k: _value_shape(v) for k, v in mrec.items()}
     return out
-
-
-def _declared(header: dict[str, Any]) -> list[dict[str, Any]]:
-    tensors, d = [], 0
-    for name, dtype, nd in zip(header["names"], header["dtypes"], header["ndims"]):
-        tensors.append({"name": name, "dtype": dtype, "shape": list(header["dims"][d:d + nd])})
-        d += nd
-    return tensors
 
 
 def _value_shape(value: Any) -> dict[str, Any]:

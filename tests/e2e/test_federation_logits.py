@@ -22,9 +22,9 @@ def test_heterogeneous_logits_chain_completes(logits_run: FederatedRun) -> None:
 def test_only_logits_travel_between_links(logits_run: FederatedRun) -> None:
     sent = [m for m in logits_run.wire if m["direction"] == "sent" and m["type"] == "train"]
     n_proxy = logits_run.results["sites"]["A"]["counts"]["proxy"]
-    declared = [m["tensors"]["payload-header"] for m in sent[1:]]
+    declared = [m["tensors"]["plain/payload"] for m in sent[1:]]
     assert declared and all(t == [{"name": "logits", "shape": [n_proxy, 4], "dtype": "float32"}] for t in declared)
-    sizes = [sum(a["bytes"] for a in m["arrays"]["payload-arrays"]) for m in sent[1:]]
+    sizes = [next(a["bytes"] for a in m["arrays"]["plain"]) - m["headers"]["plain/payload"] for m in sent[1:]]
     assert sizes == [n_proxy * 4 * 4] * len(sent[1:])
 
 

@@ -10,8 +10,8 @@ from typing import Any, Callable
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from weckd.chain import __version__
-from weckd.chain.flower import payload_records_from_bytes, read_payload
-from weckd.chain.payload import encode_state, payload_bytes
+from weckd.chain.flower import payload_records, read_payloads
+from weckd.chain.payload import encode_state, payload_bytes, read_index
 from weckd.chain.protocol import (
     KEY_CONFIG,
     KEY_INFO,
@@ -79,8 +79,8 @@ class FakeSites(Transport):
                 failures[site] = failure
                 continue
             if kind == MSG_TRAIN:
-                teacher = read_payload(content, "test")
-                self.teachers[link] = None if teacher is None else int(teacher[0]["link"])
+                teacher = read_payloads(content, "test")
+                self.teachers[link] = None if teacher is None else int(read_index(teacher[1]["payload"]).header["link"])
             content = _answer(kind, site, link, self.eval_accuracy(site, link))
             replies[site] = Reply(site, SimpleNamespace(content=content), 0.1, 10, 20)
         return Exchange(replies, failures)
@@ -96,5 +96,5 @@ def _answer(kind: str, site: str, link: int, accuracy: float = 0.5) -> RecordDic
     weights = payload_bytes(encode_state({"w": torch.full((2,), float(link))}, "test_resnet", link))
     metrics = LinkMetrics(0.5 + link / 10, 10, (0.5, 0.5), (3, 2, 3, 2), (1.0,), (0.7,), (0.3,), (0.1,), 0.1, 100.0,
                           {"train": 8})
-    return RecordDict({**payload_records_from_bytes(weights), KEY_METRICS: MetricRecord(metrics.to_record()),
+    return RecordDict({**payload_records(False, {"weights": weights}), KEY_METRICS: MetricRecord(metrics.to_record()),
                        KEY_INFO: ConfigRecord(LinkInfo(site, "test_resnet", "scratch").to_record())})

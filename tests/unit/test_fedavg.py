@@ -10,10 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from weckd.chain.audit import AuditLog
 from weckd.chain.errors import LinkError, PayloadError
-from weckd.chain.flower import payload_records_from_bytes
+from weckd.chain.flower import payload_records
 from weckd.chain.keys import generate_site_keys
 from weckd.chain.payload import Payload, decode_state, encode_state, payload_bytes
 from weckd.chain.peers import COORDINATOR, Party, SealingSettings, load_party
@@ -21,7 +21,6 @@ from weckd.chain.protocol import (
     KEY_CONFIG,
     KEY_INFO,
     KEY_METRICS,
-    KEY_SEALED,
     MSG_ROUND,
     MSG_ROUND_EVALUATE,
     EvalMetrics,
@@ -122,9 +121,9 @@ class FakeRounds(Transport):
         if site in self.parties:
             blob = self.parties[site].seal_for([r for _, r in req.seal_for], data, run_id=req.run_id, link=req.round,
                                                kind="weights")
-            records[KEY_SEALED] = ArrayRecord({"weights": Array(np.frombuffer(blob, dtype=np.uint8))})
+            records.update(payload_records(True, {"weights": blob}))
         else:
-            records.update(payload_records_from_bytes(data))
+            records.update(payload_records(False, {"weights": data}))
         return Reply(site, SimpleNamespace(content=RecordDict(records)), 0.1, 100, 200)
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from weckd.chain.errors import ConfigError, PayloadError
 from weckd.chain.models import create_model, state_of
-from weckd.chain.payload import decode_state, encode_state, round_state
+from weckd.chain.payload import decode_state, encode_state, payload_bytes, payload_from_bytes, round_state
 
+from .payload_forge import forged, split, wire
 from .test_config import _load
 
 
@@ -23,53 +24,59 @@ def state() -> dict[str, torch.Tensor]:
 
 
 def test_fp16_round_trip_is_within_fp16_tolerance(state: dict[str, torch.Tensor]) -> None:
-    header, buffers = encode_state(state, "test_resnet", 1, "float16").pack()
-    _, back = decode_state(header, buffers, link=1, arch="test_resnet")
+    header, arrays = wire(encode_state(state, "test_resnet", 1, "float16"))
+    _, back = decode_state(header, arrays, link=1, arch="test_resnet")
     for name, tensor in state.items():
         if tensor.is_floating_point():
             assert back[name].dtype == torch.float32
             torch.testing.assert_close(back[name], tensor, rtol=1e-3, atol=1e-4)
 
 
+def _bytes_of(arrays: dict[str, np.ndarray], kind: str) -> int:
+    return sum(a.nbytes for a in arrays.values() if a.dtype.kind == kind)
+
+
 def test_fp16_halves_the_float_bytes(state: dict[str, torch.Tensor]) -> None:
-    _, b32 = encode_state(state, "test_resnet", 0, "float32").pack()
-    _, b16 = encode_state(state, "test_resnet", 0, "float16").pack()
-    assert b16["float16"].nbytes * 2 == b32["float32"].nbytes
-    total = sum(b.nbytes for b in b16.values())
-    assert total <= 0.5 * sum(t.numel() * t.element_size() for t in state.values()) + b16["int64"].nbytes
+    a32 = encode_state(state, "test_resnet", 0, "float32").arrays
+    a16 = encode_state(state, "test_resnet", 0, "float16").arrays
+    assert _bytes_of(a16, "f") * 2 == _bytes_of(a32, "f")
+    data = payload_bytes(encode_state(state, "test_resnet", 0, "float16"))
+    head, body = split(data)
+    assert len(body) == _bytes_of(a16, "f") + _bytes_of(a16, "i")  # the header aside, nothing but the tensors
+    assert len(body) <= 0.5 * sum(t.numel() * t.element_size() for t in state.values()) + _bytes_of(a16, "i")
 
 
 def test_fp16_leaves_integer_buffers_exact(state: dict[str, torch.Tensor]) -> None:
-    header, buffers = encode_state(state, "test_resnet", 0, "float16").pack()
-    _, back = decode_state(header, buffers)
+    header, arrays = wire(encode_state(state, "test_resnet", 0, "float16"))
+    _, back = decode_state(header, arrays)
     ints = [k for k, t in state.items() if not t.is_floating_point()]
     assert ints and all(back[k].dtype == torch.int64 and torch.equal(back[k], state[k]) for k in ints)
-    assert np.array_equal(buffers["int64"], np.concatenate([state[k].reshape(-1).numpy() for k in ints]))
+    assert all(arrays[k].dtype == np.int64 for k in ints)
 
 
 def test_header_records_the_wire_dtype(state: dict[str, torch.Tensor]) -> None:
-    header, _ = encode_state(state, "test_resnet", 0, "float16").pack()
-    assert header["wire-dtype"] == "float16" and set(header["dtypes"]) == {"float16", "int64"}
+    header, arrays = wire(encode_state(state, "test_resnet", 0, "float16"))
+    assert header["wire-dtype"] == "float16" and {str(a.dtype) for a in arrays.values()} == {"float16", "int64"}
 
 
 def test_unknown_wire_dtype_in_the_header_is_refused(state: dict[str, torch.Tensor]) -> None:
-    header, buffers = encode_state(state, "test_resnet", 0, "float16").pack()
+    header, arrays = wire(encode_state(state, "test_resnet", 0, "float16"))
     with pytest.raises(PayloadError, match="wire dtype 'bfloat16' unknown"):
-        decode_state({**header, "wire-dtype": "bfloat16"}, buffers)
+        decode_state({**header, "wire-dtype": "bfloat16"}, arrays)
 
 
 def test_unknown_tensor_dtype_is_refused(state: dict[str, torch.Tensor]) -> None:
-    header, buffers = encode_state(state, "test_resnet", 0, "float16").pack()
-    dtypes = ["float64" if d == "float16" else d for d in header["dtypes"]]
-    with pytest.raises(PayloadError, match=r"declares dtype\(s\) \['float64'\]"):
-        decode_state({**header, "dtypes": dtypes}, {"float64": buffers["float16"].astype(np.float64),
-                                                    "int64": buffers["int64"]})
+    head, body = split(payload_bytes(encode_state(state, "test_resnet", 0, "float16")))
+    name = next(k for k, v in head.items() if k != "__metadata__" and v["dtype"] == "F16")
+    head[name]["dtype"] = "F64"
+    with pytest.raises(PayloadError, match=r"declares dtype 'F64'; this weckd reads F32, F16, I64"):
+        payload_from_bytes(forged(head, body))
 
 
 def test_float_buffer_not_in_the_declared_wire_dtype_is_refused(state: dict[str, torch.Tensor]) -> None:
-    header, buffers = encode_state(state, "test_resnet", 0, "float16").pack()
+    header, arrays = wire(encode_state(state, "test_resnet", 0, "float16"))
     with pytest.raises(PayloadError, match="not in the declared wire dtype float32"):
-        decode_state({**header, "wire-dtype": "float32"}, buffers)
+        decode_state({**header, "wire-dtype": "float32"}, arrays)
 
 
 def test_encoder_refuses_an_unknown_wire_dtype(state: dict[str, torch.Tensor]) -> None:
@@ -78,9 +85,9 @@ def test_encoder_refuses_an_unknown_wire_dtype(state: dict[str, torch.Tensor]) -
 
 
 def test_in_process_rounding_equals_the_decoded_wire_state(state: dict[str, torch.Tensor]) -> None:
-    _, wire = decode_state(*encode_state(state, "test_resnet", 0, "float16").pack())
+    _, decoded = decode_state(*wire(encode_state(state, "test_resnet", 0, "float16")))
     rounded = round_state(state, "float16")
-    assert all(rounded[k].dtype == wire[k].dtype and torch.equal(rounded[k], wire[k]) for k in state)
+    assert all(rounded[k].dtype == decoded[k].dtype and torch.equal(rounded[k], decoded[k]) for k in state)
 
 
 def test_wire_dtype_defaults_to_float16_and_accepts_float32(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 from typing import Any, Callable
 
 from flwr.app import ConfigRecord, RecordDict
-from weckd.chain.payload import BYTES_MAGIC, encode_state, payload_bytes
+from weckd.chain.payload import encode_state, payload_bytes
 from weckd.chain.peers import COORDINATOR, Party, SealingSettings, load_party
 from weckd.chain.protocol import KEY_CONFIG, KEY_LINK, MSG_DELIVER, MSG_EVALUATE, MSG_QUERY, MSG_TRAIN, DeliverRequest
 from weckd.server.relay import Relay
@@ -157,11 +157,11 @@ def with_link(content: RecordDict, drop_prefix: str = "", **changes: Any) -> Rec
 
 
 def _rewrite_head(payload: bytes, rewrite: Callable[[dict[str, Any]], bytes]) -> bytes:
-    """``payload`` (WKPB | header length | JSON header | buffers) with its JSON header replaced."""
-    (head_len,) = struct.unpack_from(">I", payload, len(BYTES_MAGIC))
-    start = len(BYTES_MAGIC) + 4
-    head = rewrite(json.loads(payload[start:start + head_len]))
-    return BYTES_MAGIC + struct.pack(">I", len(head)) + head + payload[start + head_len:]
+    """``payload`` (header length, 8 bytes little-endian | JSON header | tensor bytes) with its JSON header
+    replaced."""
+    (head_len,) = struct.unpack_from("<Q", payload)
+    head = rewrite(json.loads(payload[8:8 + head_len]))
+    return struct.pack("<Q", len(head)) + head + payload[8 + head_len:]
 
 
 def nested_header(payload: bytes, depth: int = 10_000) -> bytes:
@@ -175,7 +175,8 @@ def nested_header(payload: bytes, depth: int = 10_000) -> bytes:
 def huge_dims(payload: bytes) -> bytes:
     """A header whose first tensor declares a dimension of 10**30."""
     def rewrite(head: dict[str, Any]) -> bytes:
-        head["dims"] = [10**30, *head["dims"][1:]]
+        name = next(k for k in head if k != "__metadata__")
+        head[name]["shape"] = [10**30, *head[name]["shape"][1:]]
         return json.dumps(head, sort_keys=True, separators=(",", ":")).encode()
     return _rewrite_head(payload, rewrite)
 
