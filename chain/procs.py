@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Sequence
 
-from weckd.chain.errors import WeckdError
+from weckd.chain.errors import ConfigError, WeckdError
 from weckd.chain.files import open_append, private_dir
 
 if TYPE_CHECKING:
@@ -56,10 +56,30 @@ def flower_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str
     return env
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports on loopback: all held at once while they are picked, so none repeats (two
+    ``free_port()`` calls in a row may return the same port)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def check_distinct_ports(ports: dict[str, int], where: str) -> None:
+    """One line naming the two settings when two of ``ports`` (setting -> port; 0: off) are the same port."""
+    seen: dict[int, str] = {}
+    for key, port in ports.items():
+        if port and port in seen:
+            raise ConfigError(f"{where}: {key}: port {port} is also {seen[port]}; give each its own port")
+        seen.setdefault(port, key)
 
 
 def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None, what: str = "") -> None:

@@ -20,6 +20,7 @@ from weckd.chain.config import SHA256_HEX, DataSettings, check_pretrained, read_
 from weckd.chain.errors import ConfigError
 from weckd.chain.files import file_sha256
 from weckd.chain.peers import SealingSettings
+from weckd.chain.procs import check_distinct_ports
 from weckd.chain.protocol import Reason, Refused
 from weckd.chain.schema import Origin, build, resolve_path
 
@@ -104,6 +105,8 @@ def load_site_config(path: str | Path, site: str | None = None) -> SiteConfig:
             raise ConfigError(f"{origin.source}: data.{key}.{other[0]}: does nothing at a site: site {cfg.site} "
                               f"reads only its own data (data.{key}.{cfg.site})")
     _check_data(cfg, origin)
+    check_distinct_ports({"clientappio_port": cfg.clientappio_port,
+                          "metrics_port": cfg.metrics_port if cfg.metrics else 0}, origin.source)
     return cfg
 
 

@@ -16,7 +16,7 @@ from weckd.chain.config import federated_part, merge_mappings
 from weckd.chain.files import atomic_write, atomic_write_text
 from weckd.chain.keys import generate_site_keys
 from weckd.chain.peers import COORDINATOR
-from weckd.chain.procs import free_port
+from weckd.chain.procs import free_ports
 
 SYNTHETIC_CHAIN: dict[str, Any] = {
     # the settings of configs/chain-synthetic.yaml
@@ -72,11 +72,12 @@ def make_scaffold(root: Path, chain: dict[str, Any], federation: dict[str, Any] 
         make_site_key(site, keys)
     if sealed:
         make_sealing_keys(root, [*dict.fromkeys(order), COORDINATOR])
-    fleet = f"127.0.0.1:{free_port()}"
-    fed = {"fleet_address": fleet, "control_port": free_port(), "state_dir": "state/server",
+    fleet_port, control_port, metrics_port, *site_ports = free_ports(3 + 2 * len(dict.fromkeys(order)))
+    fleet = f"127.0.0.1:{fleet_port}"
+    fed = {"fleet_address": fleet, "control_port": control_port, "state_dir": "state/server",
            "output_dir": "out", "ca": "certs/ca.crt", "cert": "certs/server.pem", "key": "certs/server.key",
            "discovery_timeout": 60.0, "link_timeout": 600.0, "message_ttl": 900.0, "evaluate": "all",
-           "shutdown_timeout": 5.0, "metrics_address": "127.0.0.1", "metrics_port": free_port(),
+           "shutdown_timeout": 5.0, "metrics_address": "127.0.0.1", "metrics_port": metrics_port,
            "sites": {s: {"auth_key": f"keys/site-{s}.pub"} for s in order}}
     if sealed:
         fed["sealing"] = {"deliver_to": [COORDINATOR, order[0]], "keys": f"keys/sealing/{COORDINATOR}",
@@ -90,22 +91,26 @@ def make_scaffold(root: Path, chain: dict[str, Any], federation: dict[str, Any] 
     if COORDINATOR in fed.get("sealing", {}).get("deliver_to", []):
         policy["deliver_to"] = [COORDINATOR]
     sites = {s: write_site_config(root, s, chain, fleet, threads, sealing=site_sealing(s, order) if sealed else None,
-                                  policy=policy) for s in dict.fromkeys(order)}
+                                  policy=policy, ports=(site_ports[2 * i], site_ports[2 * i + 1]))
+             for i, s in enumerate(dict.fromkeys(order))}
     return Scaffold(root, path, sites, chain)
 
 
 def write_site_config(root: Path, site: str, chain: dict[str, Any], superlink: str, threads: int,
                       data_overrides: dict[str, Any] | None = None, name: str | None = None,
                       auth_key: str | None = None, ca: str = "certs/ca.crt",
-                      sealing: dict[str, Any] | None = None, policy: dict[str, Any] | None = None) -> Path:
-    """``site-X.yaml``: this site's fraction of the synthetic dataset, as ``weckd chain`` splits it."""
+                      sealing: dict[str, Any] | None = None, policy: dict[str, Any] | None = None,
+                      ports: tuple[int, int] | None = None) -> Path:
+    """``site-X.yaml``: this site's fraction of the synthetic dataset, as ``weckd chain`` splits it; ``ports``
+    (ClientAppIo, metrics) are picked here where not given."""
+    clientappio_port, metrics_port = ports or free_ports(2)
     data = {k: v for k, v in chain["data"].items() if k not in ("test",)}
     data = merge_mappings(data, data_overrides or {})
     order: Sequence[str] = chain["chain"]["order"]
     cfg = {"site": site, "superlink": superlink, "ca": ca, "auth_key": auth_key or f"keys/site-{site}",
            "data": data, "split": {"order": list(order), "part": site, "seed": chain.get("seed", 0)},
-           "runtime": {"device": "cpu", "threads": threads}, "clientappio_port": free_port(),
-           "metrics_address": "127.0.0.1", "metrics_port": free_port(),
+           "runtime": {"device": "cpu", "threads": threads}, "clientappio_port": clientappio_port,
+           "metrics_address": "127.0.0.1", "metrics_port": metrics_port,
            "state_dir": f"state/site-{name or site}", "max_wait": 60.0, "heartbeat": 10.0}
     if sealing is not None:
         cfg["sealing"] = sealing

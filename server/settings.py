@@ -23,6 +23,7 @@ from weckd.chain.config import FederatedChain, apply_override, federated_chain_f
 from weckd.chain.errors import ConfigError
 from weckd.chain.files import atomic_write_text
 from weckd.chain.peers import COORDINATOR, SealingSettings
+from weckd.chain.procs import check_distinct_ports
 from weckd.chain.schema import Origin, build
 
 
@@ -130,6 +131,11 @@ def federation_from_mapping(raw: dict[str, Any], origin: Origin) -> Federation:
     chain = federated_chain_from_mapping(raw, origin)  # the coordinator reads no images and trains nothing
     sites = _sites(sites_raw, chain, origin)
     _check_address(settings.fleet_address, origin)
+    fleet_host, _, fleet_port = settings.fleet_address.rpartition(":")
+    local = fleet_host in ("0.0.0.0", "127.0.0.1", "localhost", "[::]", "::")  # where control and metrics listen
+    check_distinct_ports({"federation.control_port": settings.control_port,
+                          "federation.metrics_port": settings.metrics_port if settings.metrics else 0,
+                          "federation.fleet_address": int(fleet_port) if local else 0}, origin.source)
     _check_mlflow(settings.mlflow, origin)
     _check_sealing(settings.sealing, chain, origin)
     if settings.algorithm == "fedavg":

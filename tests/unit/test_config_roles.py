@@ -122,3 +122,33 @@ def test_one_function_resolves_relative_paths() -> None:
                 if isinstance(node, ast.Attribute) and node.attr == "is_absolute":
                     found.append(f"{folder}/{path.name}:{node.lineno}")
     assert [f.split(":")[0] for f in found] == ["chain/schema.py"], found
+
+
+@pytest.mark.parametrize("extra, line", [
+    ({"control_port": 9464}, "federation.metrics_port: port 9464 is also federation.control_port"),
+    ({"control_port": 9092}, "federation.fleet_address: port 9092 is also federation.control_port"),
+    ({"metrics_port": 9092}, "federation.fleet_address: port 9092 is also federation.metrics_port"),
+])
+def test_two_coordinator_settings_on_one_port_are_one_line(tmp_path: Path, extra: dict, line: str) -> None:
+    path = _federation(tmp_path, {"federation": extra})
+    with pytest.raises(ConfigError, match=f"^{re.escape(f'{path}: {line}')}; give each its own port$"):
+        load_federation(path)
+
+
+def test_ports_apart_on_another_interface_or_with_metrics_off_are_accepted(tmp_path: Path) -> None:
+    assert load_federation(_federation(tmp_path, {"federation": {"control_port": 9464, "metrics": False}}))
+    assert load_federation(_federation(tmp_path, {"federation": {"fleet_address": "10.0.0.5:9093"}}))
+
+
+def test_a_site_with_its_clientappio_and_metrics_on_one_port_is_one_line(tmp_path: Path) -> None:
+    path = _site(tmp_path, {"clientappio_port": 9465})
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}: metrics_port: port 9465 is also clientappio_port"):
+        load_site_config(path)
+
+
+def test_ports_picked_for_a_local_federation_never_repeat() -> None:
+    from weckd.chain.procs import free_ports
+
+    for _ in range(20):
+        ports = free_ports(12)
+        assert len(set(ports)) == 12
