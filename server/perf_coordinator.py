@@ -188,7 +188,7 @@ def one_run(root: Path, chain: dict[str, Any]) -> dict[str, Any]:
     events = [e for p in sorted((root / "state" / "server").glob("progress-*.jsonl")) for e in read_events(p)]
     first = next(e["t"] for e in events if e.get("event") == "link-start")
     res = fed.results()
-    local = in_process_seconds(root / "federation.yaml")
+    local = in_process_seconds(root, chain)
     total, by_role = coordinator_peak_mb(watch.ticks, watch.roles)
     return {"first_link_s": first - started, "coordinator_mb": total, "coordinator_by_role_mb": by_role,
             "quiet": quiet_shares(watch.ticks, watch.roles),

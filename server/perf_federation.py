@@ -19,28 +19,37 @@ from typing import Any
 
 import torch
 from weckd.chain.artifacts import write_json
+from weckd.chain.config import config_from_mapping, merge_mappings
 from weckd.chain.errors import LinkError
 from weckd.chain.files import atomic_write_text, private_dir
-from weckd.chain.link import train_link
+from weckd.chain.link import evaluate, model_from_state, train_link
 from weckd.chain.models import pick_device
+from weckd.chain.payload import round_state
 from weckd.chain.perf import PerfOptions, TargetCheck, machine_line
 from weckd.chain.prepare import prepare
 from weckd.chain.runner import link_seed, next_teacher
+from weckd.chain.schema import Origin
 
 from .demo import LocalFederation
 from .scaffold import chain_settings, make_scaffold
-from .settings import load_federation
+from .status import read_events
 
 THREADS = 1
 EPOCHS = 1
 ARCH = "test_resnet"
 # a link that trains this long is the regime the federated/in-process wall-time target speaks of
 LONG_LINK_S = 120.0
+# the wide mode: more sites, every one of them scoring every link (federation.evaluate: all)
+WIDE = "sealed, 6 sites, evaluate all"
+WIDE_SITES = ("A", "B", "C", "D", "E", "F")
 
 
-def in_process_seconds(federation: Path) -> list[float]:
-    """Wall seconds of each link trained in this process, as ``weckd.chain.runner.run_chain`` does it."""
-    cfg = load_federation(federation).chain
+def in_process_seconds(root: Path, chain: dict[str, Any], evaluate_all: bool = False) -> list[float]:
+    """Wall seconds of each link of ``chain`` (the settings a scaffold under ``root`` was made from) trained in
+    this process, as ``weckd.chain.runner.run_chain`` does it; with ``evaluate_all``, each link's model is also
+    scored on every site's validation split, as the sites do it in a federation with ``evaluate: all``."""
+    cfg = config_from_mapping(merge_mappings(chain, {"runtime": {"threads": THREADS, "device": "cpu"}}),
+                              Origin(str(root / "federation.yaml"), root))
     torch.set_num_threads(THREADS)
     data = prepare(cfg.data, cfg.chain.order, cfg.seed, cfg.chain.mode == "logits")
     teacher, out = None, []
@@ -49,14 +58,21 @@ def in_process_seconds(federation: Path) -> list[float]:
         result = train_link(cfg.link_settings(k), data.sites[cfg.site_of(k)], data.spec, seed=link_seed(cfg.seed, k),
                             device=pick_device("cpu"), teacher=teacher, proxy=data.proxy,
                             augment_images=cfg.data.augment, label=f"link {k + 1}")
+        if evaluate_all:
+            model = model_from_state(result.arch, round_state(result.state, cfg.chain.wire_dtype), data.spec,
+                                     pick_device("cpu"))
+            for site in data.sites.values():
+                evaluate(model, site.val, len(data.spec.classes), pick_device("cpu"))
         out.append(time.perf_counter() - start)
         teacher = next_teacher(cfg, result)
     return out
 
 
-def federated_run(root: Path, chain: dict[str, Any], sealed: bool = True) -> dict[str, Any]:
-    """One real federation (weckd-server + one weckd-client per site on loopback); its results.json."""
-    scaffold = make_scaffold(root, chain, {"evaluate": "none"}, threads=THREADS, sealed=sealed)
+def federated_run(root: Path, chain: dict[str, Any], sealed: bool = True, evaluate: str = "none") -> dict[str, Any]:
+    """One real federation (weckd-server + one weckd-client per site on loopback); its results.json, with
+    ``link_seconds``: each link from its start to its end as the coordinator saw it (training, and the
+    evaluations where ``evaluate`` asks for them)."""
+    scaffold = make_scaffold(root, chain, {"evaluate": evaluate}, threads=THREADS, sealed=sealed)
     fed = LocalFederation(scaffold)
     start = time.monotonic()
     try:
@@ -70,6 +86,9 @@ def federated_run(root: Path, chain: dict[str, Any], sealed: bool = True) -> dic
         fed.stop()
     res = fed.results()
     res["wall_seconds"] = time.monotonic() - start
+    events = [e for p in sorted((root / "state" / "server").glob("progress-*.jsonl")) for e in read_events(p)]
+    starts = {e["link"]: e["t"] for e in events if e.get("event") == "link-start"}
+    res["link_seconds"] = [e["t"] - starts[e["link"]] for e in events if e.get("event") == "link-done"]
     return res
 
 
@@ -110,7 +129,11 @@ def report(reps: int, modes: dict[str, Samples]) -> str:
         f"per site, evaluation off, relayed weights in float16 (the default); {reps} federated runs × 3 links per "
         "mode, sealed and unsealed runs alternating, and the same links trained in this process after each run. "
         "Sealed: every payload sealed end to end for its recipient (X25519 + HKDF + AES-256-GCM, Ed25519-signed); "
-        "the last link seals the float32 final model for two recipients (the coordinator and site A).", "",
+        "the last link seals the float32 final model for two recipients (the coordinator and site A). "
+        f"{WIDE.capitalize()}: the same, sealed, with {len(WIDE_SITES)} sites (200 images each) and "
+        "`federation.evaluate: all`: every site scores every link's model on its validation split, so a link "
+        "there runs from its train message to its last evaluation reply (the coordinator's link-start to "
+        "link-done), against training plus the same evaluations in one process.", "",
         "Median (min–max) over every link:", "",
         "| quantity | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
         *(f"| {label} | " + " | ".join(_cell(getattr(modes[m], key), fmt) for m in names) + " |"
@@ -127,16 +150,23 @@ def report(reps: int, modes: dict[str, Samples]) -> str:
 def federation_part(opts: PerfOptions) -> list[TargetCheck]:
     """(b) Federated vs in-process link time and the fixed cost per link: federation.md, federation.json."""
     chain = chain_settings({"link": {"epochs": EPOCHS, "arch": ARCH}})
-    modes = {"sealed": Samples(), "unsealed": Samples()}
+    wide = chain_settings({"link": {"epochs": EPOCHS, "arch": ARCH}, "chain": {"order": list(WIDE_SITES)}})
+    modes = {"sealed": Samples(), "unsealed": Samples(), WIDE: Samples()}
     for _ in range(opts.reps):
         for name, m in modes.items():
             with tempfile.TemporaryDirectory(prefix="weckd-bench-") as tmp:
-                res = federated_run(Path(tmp), chain, sealed=name == "sealed")
-                secs = in_process_seconds(Path(tmp) / "federation.yaml")
-            for link, own in zip(res["links"], secs, strict=True):
-                m.trips.append(link["round_trip_seconds"])
+                if name == WIDE:  # a link: its training and every site's evaluation of it
+                    res = federated_run(Path(tmp), wide, evaluate="all")
+                    secs = in_process_seconds(Path(tmp), wide, evaluate_all=True)
+                    trips = res["link_seconds"]
+                else:
+                    res = federated_run(Path(tmp), chain, sealed=name == "sealed")
+                    secs = in_process_seconds(Path(tmp), chain)
+                    trips = [link["round_trip_seconds"] for link in res["links"]]
+            for link, trip, own in zip(res["links"], trips, secs, strict=True):
+                m.trips.append(trip)
                 m.local.append(own)
-                m.fixed.append(link["round_trip_seconds"] - own)
+                m.fixed.append(trip - own)
                 m.to_site.append(link["bytes_to_site"])
                 m.from_site.append(link["bytes_from_site"])
             m.walls.append(res["wall_seconds"])

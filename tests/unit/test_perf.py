@@ -144,3 +144,29 @@ def test_the_large_part_measures_state_apart_from_the_models_a_site_received(tmp
     grown = checks({"arch": "a", "chains": [{"state_mb": first}, {"state_mb": first},
                                             {"state_mb": {**first, "server": 336.0}}]})
     assert [c.met for c in grown] == [True, False, True] and grown[1].measured == "+335.0 MB"
+
+
+def test_federation_part_reports_the_wide_mode_against_the_same_target() -> None:
+    from weckd.server.perf_federation import WIDE, Samples, federation_checks, report
+
+    def samples(fixed: float) -> Samples:
+        return Samples(fixed=[fixed] * 3, local=[1.0] * 3, trips=[1.0 + fixed] * 3, to_site=[0, 10, 10],
+                       from_site=[10] * 3, walls=[60.0])
+
+    modes = {"sealed": samples(1.2), "unsealed": samples(1.4), WIDE: samples(2.0)}
+    checks = {c.what: c for c in federation_checks(modes)}
+    wide = checks[f"fixed cost per link, {WIDE}"]
+    assert wide.measured == "2.00 s" and not wide.met
+    assert checks["fixed cost per link, sealed"].met and checks["fixed cost per link, unsealed"].met
+    text = report(3, modes)
+    assert f"| quantity | sealed | unsealed | {WIDE} |" in text and "evaluate: all" in text
+
+
+def test_links_are_timed_in_process_from_the_chain_a_federation_was_made_from(tmp_path: Path) -> None:
+    from weckd.server.perf_federation import in_process_seconds
+    from weckd.server.scaffold import chain_settings
+
+    chain = chain_settings({"link": {"epochs": 1, "arch": "test_resnet"}, "data": {"synthetic": {"samples": 120}}})
+    plain = in_process_seconds(tmp_path, chain)
+    scored = in_process_seconds(tmp_path, chain, evaluate_all=True)
+    assert len(plain) == len(scored) == 3 and all(s > 0 for s in plain + scored)
