@@ -177,7 +177,10 @@ def _reported_since(log_file: Path, offset: int) -> str:
 
 
 def _start(cfg: SiteConfig, group: Group, state: Path, secret: Path) -> None:
-    """The executor first: it reads the data, so bad data fails before the site connects; then the SuperNode."""
+    """The executor first: it reads the data, so bad data fails before the site connects; then the SuperNode.
+    A coordinator that already answers with a certificate the pinned CA did not sign ends the start before
+    that: the data and torch need not load for a site that cannot join."""
+    Joining(cfg).refuse_wrong_ca()
     log_file = group.log_dir / f"executor-{cfg.site}.log"
     offset = _log_end(log_file)
     executor = group.start(f"executor-{cfg.site}", executor_cmd(cfg, secret),
@@ -262,6 +265,11 @@ class Joining:
             if reach is Reach.UP:
                 return
             time.sleep(self._backoff(reach, "no SuperNode started yet"))
+
+    def refuse_wrong_ca(self) -> None:
+        """Raise the definite wrong-ca reason if the coordinator answers with another CA's certificate (one probe;
+        a coordinator that does not answer yet is no reason)."""
+        self._probe()
 
     def next_wait(self, code: int) -> float:
         """Seconds to wait before the next SuperNode, or raise the definite reason."""

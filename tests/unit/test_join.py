@@ -110,6 +110,21 @@ def test_a_wrong_ca_is_definite_at_once(coordinator: int, tmp_path: Path) -> Non
         Joining(_site(coordinator, tmp_path / "other" / "ca.crt")).next_wait(1)
 
 
+def test_a_wrong_ca_ends_the_start_before_the_executor_loads_torch_and_the_data(
+        coordinator: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_ca(tmp_path / "other")
+    started: list[str] = []
+    monkeypatch.setattr(client_cli.Group, "start", lambda self, name, *a, **k: started.append(name))
+    group = client_cli.Group(tmp_path / "logs", 1.0)
+    with pytest.raises(WeckdError, match=r"\(wrong-ca\)"):
+        client_cli._start(_site(coordinator, tmp_path / "other" / "ca.crt"), group, tmp_path, tmp_path / "secret")
+    assert started == []
+
+
+def test_a_coordinator_not_up_yet_is_no_reason_to_refuse_the_start(federation_ca: Path) -> None:
+    Joining(_site(free_port(), federation_ca / "ca.crt")).refuse_wrong_ca()  # nothing answers: no error, no wait
+
+
 def test_a_coordinator_that_answers_but_never_admits_means_the_key_is_not_registered(
         coordinator: int, federation_ca: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [0.0]
