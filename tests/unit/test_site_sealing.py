@@ -6,13 +6,17 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from flwr.app import Array, ArrayRecord, RecordDict
+from weckd.chain.errors import PayloadError
+from weckd.chain.flower import payload_records
 from weckd.chain.keys import generate_site_keys
 from weckd.chain.payload import encode_state, payload_bytes, payload_from_bytes
 from weckd.chain.peers import Party, SealingSettings, load_party
+from weckd.chain.protocol import KEY_PLAIN, PAYLOAD_ENTRY, Reason, reason_of
 from weckd.chain.seal import SealError
 from weckd.client import cli as client_cli
 from weckd.client.app import receive
@@ -108,6 +112,31 @@ def test_an_unsealed_payload_at_a_sealing_site_is_refused(parties: dict[str, Par
     with pytest.raises(SealError, match="accepts sealed payloads only") as err:
         receive(plain, parties["B"], "weights", "A", RUN, 0, "site B link 2")
     assert err.value.reason == "unsealed"
+
+
+def test_a_message_with_sealed_and_plain_payloads_is_refused(parties: dict[str, Party]) -> None:
+    sealed = Relay(0, "A", {"weights": parties["A"].seal_for(["B"], _weights(0), run_id=RUN, link=0,
+                                                                kind="weights")}, True).records("weights", "B")
+    plain = Relay(0, "A", {"weights": _weights(0)}, False).records("weights", "B")
+    with pytest.raises(PayloadError, match="both sealed and plain payloads") as err:
+        receive(RecordDict({**sealed, **plain}), parties["B"], "weights", "A", RUN, 0, "site B link 2")
+    assert reason_of(err.value) is Reason.MALFORMED_PAYLOAD
+
+
+def test_a_payload_record_that_is_not_bytes_or_holds_two_payloads_is_refused(parties: dict[str, Party]) -> None:
+    floats = RecordDict({KEY_PLAIN: ArrayRecord({PAYLOAD_ENTRY: Array(np.zeros(8, dtype=np.float32))})})
+    with pytest.raises(PayloadError, match="is not a byte array"):
+        receive(floats, None, "weights", "A", RUN, 0, "site B link 2")
+    two = RecordDict(payload_records(False, {PAYLOAD_ENTRY: _weights(0), "extra": _weights(0)}))
+    with pytest.raises(SealError, match="exactly one 'payload' entry") as err:
+        receive(two, None, "weights", "A", RUN, 0, "site B link 2")
+    assert err.value.reason == "malformed"
+
+
+def test_a_plain_payload_reaches_an_unsealed_site_as_the_exact_bytes_sent() -> None:
+    data = _weights(0)
+    got = receive(RecordDict(payload_records(False, {PAYLOAD_ENTRY: data})), None, "weights", "A", RUN, 0, "site B")
+    assert got is not None and got.raw == data and got.header["link"] == 0
 
 
 def test_refusals_are_counted_by_reason_at_the_site(parties: dict[str, Party], tmp_path: Path) -> None:
