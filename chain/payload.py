@@ -240,11 +240,7 @@ class PayloadIndex(NamedTuple):
 
     header: dict[str, Any]
     tensors: list[TensorEntry]
-    data_start: int  # where the data section starts in the payload bytes
-
-    @property
-    def header_bytes(self) -> int:
-        return self.data_start
+    data_start: int  # where the data section starts in the payload bytes: the header's bytes, length included
 
 
 def payload_bytes(payload: Payload) -> bytes:

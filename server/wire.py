@@ -39,7 +39,7 @@ def describe(content: RecordDict) -> dict[str, Any]:
                 continue
             out.setdefault("tensors", {})[f"{KEY_PLAIN}/{name}"] = [
                 {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in index.tensors]
-            out.setdefault("headers", {})[f"{KEY_PLAIN}/{name}"] = index.header_bytes
+            out.setdefault("headers", {})[f"{KEY_PLAIN}/{name}"] = index.data_start
     for key, crec in content.config_records.items():
         out["configs"][key] = {k: _value_shape(v) for k, v in crec.items()}
     for key, mrec in content.metric_records.items():
