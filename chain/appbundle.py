@@ -25,7 +25,7 @@ PUBLISHER = "weckd"
 SERVERAPP = "weckd.server.app:app"
 CLIENTAPP = "weckd.client.app:app"
 RUN_CONFIG_KEYS = ("federation-config", "config-dir", "output-dir", "state-dir", "progress-file",
-                   "wire-log")
+                   "wire-log", "superlink-database")
 MAX_BUNDLE_BYTES = 64 * 1024
 FILES = {"pyproject.toml", ".info/CONTENT"}
 

@@ -126,6 +126,18 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+SECRET_FILE = "superexec.secret"  # Flower's SuperExec HMAC secret, shared by a Runtime API and its task runner
+
+
+def write_superexec_secret(folder: Path) -> Path:
+    """A fresh random secret in ``folder/superexec.secret`` (0600, folder 0700) for a Flower component's
+    ``--superexec-auth-secret-file`` and the process that takes its tasks (a site's SuperNode and executor, the
+    coordinator's SuperLink and SuperExec); a previous start's secret is replaced."""
+    path = private_dir(folder) / SECRET_FILE
+    atomic_write(path, secrets.token_bytes(32), 0o600)
+    return path
+
+
 def inside(base: Path, *parts: str) -> Path:
     """``base`` joined with ``parts``; SecurityError if the result, resolved, is not strictly under ``base``."""
     joined = Path(base).joinpath(*parts)

@@ -17,6 +17,10 @@ three, each only in the process that needs it:
 * :func:`fast_pull` (the SuperNode, the site's executor and the ServerApp: the processes that pull
   message objects) lowers the keyword defaults of the object-pull backoff in
   ``flwr.supercore.inflatable.inflatable_utils``;
+* :func:`superexec_waits_for` (the coordinator's SuperExec, ``weckd.server.superexec``) has its task poll wait
+  for a file weckd-server touches after submitting a run, instead of asking the SuperLink every second;
+* :func:`superlink_files` (the ServerApp) names the SuperLink's database files, so the ServerApp pulls
+  replies when the SuperLink has written something rather than on a timer;
 * :func:`register_node` (the coordinator's one-off ``flwr`` process) registers a site's key through the
   Control API and returns Flower's own error code, so an already-registered key is told apart by its code;
 * ``weckd.client.executor`` keeps one warm ClientApp executor per site (``--isolation process``),
@@ -33,7 +37,7 @@ import logging
 import time as _time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .errors import ConfigError, PayloadError
 from .protocol import KEY_PLAIN, KEY_SEALED, PAYLOAD_ENTRY
@@ -50,22 +54,48 @@ PULL_KWARGS = ("initial_backoff", "backoff_cap", "max_tries_per_object")
 
 class IdlePoll:
     """How long to wait before the next poll: ``fast`` while there was work within the last ``idle_after``
-    seconds, then ``slow``. A federation site idles for whole links while others train; polling it at
-    ``slow`` then keeps the processes that wait quiet, and its first message after a long idle costs at
-    most ``slow`` seconds more."""
+    seconds, then ``slow`` (``slowest`` after ``slowest_after``). A federation site idles for whole links while
+    others train; polling it at ``slow`` then keeps the processes that wait quiet, and its first message after a
+    long idle costs at most ``slow`` seconds more.
+
+    With ``quick_after`` (longer than ``idle_after``), the fast pace lasts that long after a message that came
+    soon (within ``quick_after``) after the one before it, and after the first: messages that come in quick
+    succession (short links, evaluations) are picked up at once, while a site whose messages come a long link
+    apart slows down ``idle_after`` seconds after each.
+
+    While a message is being handled, the SuperNode waits for its reply in steps of ``brisk`` seconds for the
+    first ``brisk_for`` seconds after it arrived (an evaluation's reply is ready in well under a second), then
+    of ``fast`` (a link that trains for minutes)."""
 
     def __init__(self, fast: float, slow: float, idle_after: float, slowest: float = 0.0,
-                 slowest_after: float = float("inf")) -> None:
+                 slowest_after: float = float("inf"), quick_after: float = 0.0, brisk: float = 0.0,
+                 brisk_for: float = 0.0) -> None:
         self.fast, self.slow, self.idle_after = fast, max(fast, slow), idle_after
         self.slowest, self.slowest_after = max(self.slow, slowest), slowest_after
+        self.quick_after = max(idle_after, quick_after)
+        self.hold = self.quick_after  # how long the fast pace lasts after work
+        self.brisk, self.brisk_for = min(fast, brisk) if brisk > 0 else fast, brisk_for
         self.last_work = _time.monotonic()
+        self.last_message: float | None = None
 
     def worked(self) -> None:
         self.last_work = _time.monotonic()
 
+    def message(self) -> None:
+        """A message arrived: work, and the pace after it set by how soon it followed the one before."""
+        now = _time.monotonic()
+        soon = self.last_message is None or now - self.last_message < self.quick_after
+        self.hold = self.quick_after if soon else self.idle_after
+        self.last_message = self.last_work = now
+
+    def reply_wait(self) -> float:
+        """The step while a message is being handled."""
+        recent = self.last_message is not None and _time.monotonic() - self.last_message < self.brisk_for
+        return self.brisk if recent else self.fast
+
     def wait(self) -> float:
         idle = _time.monotonic() - self.last_work
-        return self.fast if idle < self.idle_after else self.slow if idle < self.slowest_after else self.slowest
+        return self.fast if idle < self.hold else self.slow if idle < self.slowest_after else self.slowest
 
 
 class _CappedTime:
@@ -81,7 +111,7 @@ class _CappedTime:
     def sleep(self, seconds: float) -> None:
         if seconds < 3:  # not the empty-poll sleep: a message is being handled
             self._poll.worked()
-            _time.sleep(min(seconds, self._poll.fast))
+            _time.sleep(min(seconds, self._poll.reply_wait()))
         else:
             _time.sleep(self._poll.wait())
 
@@ -139,27 +169,75 @@ def check_internals() -> None:
                           f"{KEY_ALREADY_REGISTERED}; update weckd.chain.flower")
 
 
-def cap_supernode_sleep(cap: float = 0.2, idle: float = 1.0, idle_after: float = 10.0, long_idle: float = 3.0,
-                        long_idle_after: float = 60.0) -> None:
-    """Poll the Fleet API every ``cap`` seconds (Flower: 3 s) while the site had a message within ``idle_after``
-    seconds, every ``idle`` seconds after that and every ``long_idle`` seconds once nothing came for
-    ``long_idle_after`` seconds; waits for a reply are capped at ``cap`` too. A site waits idle for whole
-    links while the others train (and a service federation between jobs): each poll is a signed TLS request
-    that the SuperLink answers from its database, so the rate of polls is the SuperLink's idle CPU. A site
-    hears from the coordinator at least once a link (evaluate: all), so the long-idle pace only slows the
-    first message after a long link or a long pause, by at most ``long_idle`` seconds."""
+def cap_supernode_sleep(cap: float = 0.2, idle: float = 1.0, idle_after: float = 3.0, quick_after: float = 10.0,
+                        long_idle: float = 3.0, long_idle_after: float = 60.0, brisk: float = 0.05,
+                        brisk_for: float = 2.0) -> IdlePoll:
+    """Poll the Fleet API every ``cap`` seconds (Flower: 3 s) while the site had work within ``idle_after``
+    seconds (``quick_after`` after a message that followed the one before it soon, see :class:`IdlePoll`),
+    every ``idle`` seconds after that and every ``long_idle`` seconds once nothing came for ``long_idle_after``
+    seconds; waits for a reply are capped at ``cap`` too (at ``brisk`` for ``brisk_for`` seconds after the message
+    came). A site waits idle for whole links while the others
+    train (and a service federation between jobs): each poll is a signed TLS request that the SuperLink answers
+    from its database. ``idle_after`` covers the gap between a site's evaluation reply and its train message when
+    it trains next (the other sites' evaluations, seconds); after that a site whose messages come a long link apart
+    is idle for a whole link, and each fast poll would be a request for nothing. Returns the pace, for
+    :func:`signal_new_tasks` to tell it of each message."""
     import flwr.supernode.start_client_internal as sci
 
-    sci.time = _CappedTime(IdlePoll(cap, idle, idle_after, long_idle, long_idle_after))  # type: ignore[assignment]
+    poll = IdlePoll(cap, idle, idle_after, long_idle, long_idle_after, quick_after=quick_after, brisk=brisk,
+                    brisk_for=brisk_for)
+    sci.time = _CappedTime(poll)  # type: ignore[assignment]
+    return poll
+
+
+RUN_SIGNAL_ENV = "WECKD_RUN_SIGNAL"  # weckd-server touches this file after it submits a run; its SuperExec watches it
+
+
+class _SignalTime:
+    """The ``time`` module with ``sleep`` replaced by a wait for a signal file: the SuperExec's loop asks the
+    SuperLink for a run to launch once ``path`` was touched (weckd-server touches it after each submission)
+    and at least every ``longest`` seconds, instead of once a second through every link."""
+
+    def __init__(self, path: Path, longest: float) -> None:
+        from .watch import FileWatch
+
+        self.watch, self.longest = FileWatch([path]), longest
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_time, name)
+
+    def sleep(self, seconds: float) -> None:
+        self.watch.wait(self.longest)
+
+
+def superexec_waits_for(path: Path, longest: float = 30.0) -> None:
+    """The coordinator's SuperExec process (``weckd.server.superexec``): its task poll, a 1 s sleep in
+    ``flwr.supercore.superexec.run_superexec``, waits for ``path`` to be touched (at most ``longest`` s).
+    Each poll is an HTTP request the SuperLink answers from its database; a run submitted by weckd-server
+    starts as soon as it touched the file."""
+    import flwr.supercore.superexec.run_superexec as rs
+
+    if "time.sleep(task_poll_interval)" not in inspect.getsource(rs.run_superexec) or getattr(rs, "time", None) is None:
+        raise ConfigError("flwr.supercore.superexec.run_superexec no longer polls with time.sleep(task_poll_interval); "
+                          "update weckd.chain.flower (superexec_waits_for)")
+    rs.time = _SignalTime(path, longest)  # type: ignore[assignment]
+
+
+def superlink_files(database: Path) -> list[Path]:
+    """The files Flower 1.39's SuperLink commits every message, object and heartbeat to: its SQLite database
+    and write-ahead log. The ServerApp runs on the SuperLink's host (weckd's SuperExec starts it there) and
+    pulls replies when they changed (``weckd.server.transport.ChangeWait``)."""
+    return [database, database.with_name(database.name + "-wal")]
 
 
 TASK_SIGNAL_ENV = "WECKD_TASK_SIGNAL"  # weckd-client gives the SuperNode and the executor the same path
 
 
-def signal_new_tasks(path: Path) -> None:
+def signal_new_tasks(path: Path, on_message: Callable[[], None] | None = None) -> None:
     """Touch ``path`` each time the SuperNode has stored a message from the coordinator (a task for the site's
-    executor). The executor watches the file's mtime (a ``stat`` every 50 ms) instead of asking the SuperNode's
-    HTTP API for a task five times a second: an idle site then costs almost no CPU, and a task starts sooner."""
+    executor), and call ``on_message`` (the poll pace, :meth:`IdlePoll.message`). The executor waits for the
+    file (``weckd.chain.watch``) instead of polling the SuperNode's HTTP API five times a second: an idle site
+    then costs almost no CPU, and a task starts sooner."""
     import flwr.supernode.start_client_internal as sci
 
     pull = sci._pull_and_store_message
@@ -168,17 +246,11 @@ def signal_new_tasks(path: Path) -> None:
         run_id = pull(*args, **kwargs)
         if run_id is not None:
             path.touch()  # creates it, or sets its mtime to now
+            if on_message is not None:
+                on_message()
         return run_id
 
     sci._pull_and_store_message = pull_and_signal  # type: ignore[attr-defined]
-
-
-def task_signal_mtime(path: Path | None) -> int | None:
-    """The signal file's mtime in ns (None: not there yet)."""
-    try:
-        return path.stat().st_mtime_ns if path is not None else None
-    except OSError:
-        return None
 
 
 def set_node_heartbeat(interval: float) -> None:

@@ -285,6 +285,7 @@ class Event(str, Enum):
     """The coordinator's progress events (``progress-*.jsonl``: one JSON object per line, ``{"event": …}``),
     read by ``weckd-server`` (progress lines, exit status) and its metrics."""
 
+    STARTED = "started"  # the ServerApp began the run; ``pid``: its process, which weckd-server watches
     SITE_ONLINE = "site-online"
     SITES_ONLINE = "sites-online"
     DISCOVERED = "discovered"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import secrets
 import socket
 import ssl
 import subprocess
@@ -28,7 +27,7 @@ from typing import Sequence
 
 from weckd.chain.cli import ERROR_PREFIX, run_command, setup_logging
 from weckd.chain.errors import ConfigError, ReportedError, WeckdError
-from weckd.chain.files import atomic_write, atomic_write_text, file_sha256, private_dir, process_lock
+from weckd.chain.files import atomic_write_text, file_sha256, private_dir, process_lock, write_superexec_secret
 from weckd.chain.flower import TASK_SIGNAL_ENV, check_flower_version
 from weckd.chain.peers import load_party
 from weckd.chain.procs import Group, flower_env, raise_on_sigterm, wait_port
@@ -47,7 +46,6 @@ REJOIN_EVERY_S = 5.0
 JOIN_BACKOFF_S = (1.0, 4.0)
 KEY_GRACE_S = 30.0  # a coordinator that answers but does not admit the site: its key is not registered
 ADMITTED_FILE = "admitted"  # written once the coordinator admitted this site's SuperNode
-SECRET_FILE = "superexec.secret"  # HMAC secret shared by the SuperNode and the executor (see the docstring)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -116,14 +114,6 @@ def check_pretrained_files(cfg: SiteConfig) -> None:
         if actual != sha:
             raise ConfigError(f"{cfg.source}: pretrained: {path} has SHA-256 {actual}, not {sha}; copy the file the "
                               "coordinator names, or fix the mapping")
-
-
-def write_superexec_secret(folder: Path) -> Path:
-    """A fresh random secret in ``folder/superexec.secret`` (0600, folder 0700), for the SuperNode's
-    ``--superexec-auth-secret-file`` and the executor; a previous start's secret is replaced."""
-    path = private_dir(folder) / SECRET_FILE
-    atomic_write(path, secrets.token_bytes(32), 0o600)
-    return path
 
 
 def supernode_cmd(cfg: SiteConfig, secret: Path) -> list[str]:

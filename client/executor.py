@@ -3,8 +3,8 @@
 Flower's own executor starts a new ``flwr-clientapp`` process for every message, which imports
 torch and re-reads the site's data each time (~3 s a link). This process imports torch and the
 weckd ClientApp once, asks the SuperNode's ClientAppIo API for a task when the SuperNode signals one
-(``weckd.chain.flower.signal_new_tasks``: a file it touches, read with a ``stat``; and every few seconds
-anyway), and runs each one in-process
+(``weckd.chain.flower.signal_new_tasks``: a file it touches, waited for with ``weckd.chain.watch``; and every
+few seconds anyway), and runs each one in-process
 with the same helpers as ``flwr/supernode/runtime/run_clientapp.py`` (minus its per-process exit, and
 minus installing the run's app bundle: the site checks the bundle and runs its own ClientApp).
 The decoded site data stays cached between tasks (see ``weckd.client.app``).
@@ -39,9 +39,9 @@ from weckd.chain.flower import (
     runtime,
     runtime_client,
     task_heartbeat,
-    task_signal_mtime,
 )
 from weckd.chain.protocol import Reason, Refused, error_text, reason_of
+from weckd.chain.watch import FileWatch
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,7 @@ POLL_S = 0.05  # without a task signal: ask every 50 ms while the site works (a 
 IDLE_POLL_S = 0.2  # after that: the SuperNode itself polls the coordinator no faster while idle
 IDLE_AFTER_S = 5.0
 RETRY_S = 0.5
-SIGNAL_POLL_S = 0.05  # with the SuperNode's task signal: how often its mtime is read (a stat, no request)
-SAFETY_POLL_S = 5.0  # and how often the SuperNode is asked anyway
+SAFETY_POLL_S = 10.0  # with the SuperNode's task signal: how often the SuperNode is asked anyway
 
 
 def run_task(address: str, token: str) -> None:
@@ -106,8 +105,10 @@ def serve(address: str, secret: bytes, signal_file: Path | None = None) -> None:
     client = runtime_client(address, None, secret)
     request = acquire_task_request()
     poll = IdlePoll(POLL_S, IDLE_POLL_S, IDLE_AFTER_S)
+    watch = FileWatch([signal_file]) if signal_file is not None else None
     while True:
-        seen = task_signal_mtime(signal_file)  # read before asking: a message stored after this is noticed below
+        if watch is not None:
+            watch.mark()  # before asking: a message stored after this is noticed below
         try:
             res = client.AcquireTask(request)
         except Exception as ex:  # the SuperNode is starting or restarting: retry
@@ -118,12 +119,10 @@ def serve(address: str, secret: bytes, signal_file: Path | None = None) -> None:
             run_task(address, res.token)
             poll.worked()
             continue
-        if signal_file is None:
+        if watch is None:
             time.sleep(poll.wait())
-            continue
-        asked = time.monotonic()
-        while task_signal_mtime(signal_file) == seen and time.monotonic() - asked < SAFETY_POLL_S:
-            time.sleep(SIGNAL_POLL_S)
+        else:
+            watch.wait(SAFETY_POLL_S)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,10 +29,10 @@ def main() -> int:
     except ConfigError as err:  # one line, which weckd-client shows
         print(f"{ERROR_PREFIX}{err}", file=sys.stderr, flush=True)
         return 2
-    cap_supernode_sleep(float(os.environ.get(POLL_ENV, "0.2")))
+    poll = cap_supernode_sleep(float(os.environ.get(POLL_ENV, "0.2")))
     fast_pull()
     if os.environ.get(TASK_SIGNAL_ENV):
-        signal_new_tasks(Path(os.environ[TASK_SIGNAL_ENV]))
+        signal_new_tasks(Path(os.environ[TASK_SIGNAL_ENV]), poll.message)
     if os.environ.get(HEARTBEAT_ENV):
         set_node_heartbeat(float(os.environ[HEARTBEAT_ENV]))
     from flwr.supernode.cli.flower_supernode import flower_supernode

@@ -4,13 +4,16 @@ Run-config keys (set by ``weckd-server``): ``federation-config`` (the effective 
 wrote into its state dir after ``--set``, read here with the same validation), ``config-dir`` (the
 folder relative paths resolve against: the original file's), ``output-dir``, ``state-dir`` (the
 chain checkpoint: a run continues from it), ``progress-file`` (one JSON line per event, which
-``weckd-server`` follows) and ``wire-log`` (empty: off). Flower discards the ServerApp's context when
+``weckd-server`` follows), ``wire-log`` (empty: off) and ``superlink-database`` (the SuperLink's SQLite file on
+this host: replies are pulled when it changes; empty: on a timer). Flower discards the ServerApp's context when
 the run ends, so everything is written to files here.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,15 +23,16 @@ from flwr.serverapp import Grid, ServerApp
 from weckd.chain.audit import AUDIT_FILE, AuditLog
 from weckd.chain.errors import LinkError
 from weckd.chain.files import append_text
-from weckd.chain.flower import fast_pull
+from weckd.chain.flower import fast_pull, superlink_files
 from weckd.chain.protocol import Event, Failure
+from weckd.chain.watch import FileWatch
 
 from .fedavg import FedAvgRun
 from .report import write_outputs
 from .schedule import ChainRun, discover
 from .settings import Federation, load_federation
 from .state import ChainState, load_state, new_state, save_state
-from .transport import Timing, Transport, wait_for_sites
+from .transport import ChangeWait, Timing, Transport, wait_for_sites
 from .wire import WireLog
 
 log = logging.getLogger(__name__)
@@ -52,9 +56,11 @@ class ProgressFile:
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     fast_pull()
+    gc.freeze()  # the modules' objects, loaded once, out of every collection (its GC cost while it waits)
     start = time.monotonic()
     fed = load_federation(str(rc["federation-config"]), base_dir=str(rc["config-dir"]) or None)
     progress = ProgressFile(str(rc["progress-file"]))
+    progress({"event": Event.STARTED, "pid": os.getpid()})
     state_dir = Path(str(rc["state-dir"]))
     s = fed.settings
     try:
@@ -63,8 +69,10 @@ def main(grid: Grid, context: Context) -> None:
         nodes = wait_for_sites(grid, wanted, s.discovery_timeout, s.poll_interval,
                                lambda site: progress({"event": Event.SITE_ONLINE, "site": site}))
         _offline_at_discovery(fed, state, [site for site in wanted if site not in nodes], progress)
+        database = str(rc.get("superlink-database", ""))
         transport = Transport(grid, nodes, Timing(s.message_ttl, s.link_timeout, s.poll_interval),
-                              WireLog(str(rc["wire-log"])))
+                              WireLog(str(rc["wire-log"])),
+                              ChangeWait(FileWatch(superlink_files(Path(database)))) if database else None)
         progress({"event": Event.SITES_ONLINE, "sites": sorted(nodes)})
         infos = discover(transport, fed)
         progress({"event": Event.DISCOVERED, "run_id": state.run_id,

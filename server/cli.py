@@ -22,7 +22,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from weckd.chain.cli import run_command, setup_logging
 from weckd.chain.errors import ConfigError, LinkError, WeckdError
@@ -31,6 +31,7 @@ from weckd.chain.flower import check_flower_version
 from weckd.chain.peers import COORDINATOR, load_party
 from weckd.chain.procs import Group, raise_on_sigterm
 from weckd.chain.protocol import Event, Failure
+from weckd.chain.watch import FileWatch
 
 from .metrics import ServerMetrics, format_seconds
 from .service import KIND_TEXT, Job, Queue, check_job, record_results
@@ -38,6 +39,7 @@ from .settings import RESULTS_FILE, Federation, check_files, coordinator_sealing
 from .state import ChainState, StateError, discard_state, load_state
 from .status import read_events
 from .superlink import (
+    SUPERLINK_DB,
     Paths,
     hold_lock,
     register_and_submit,
@@ -53,8 +55,11 @@ from .tracking import STOP_WAIT_S, Tracking, local_uri
 
 log = logging.getLogger(__name__)
 
-FOLLOW_POLL_S = 0.25
-STATUS_EVERY_S = 60.0  # `flwr ls` costs ~1.5 s of CPU: the ServerApp reports its own end in the progress file
+FOLLOW_WAIT_S = 1.0  # at most between looks at the processes and the status line; progress shows when written
+FOLLOW_POLL_S = 0.25  # once the ServerApp reported its end, until Flower says the run finished
+STATUS_EVERY_S = 600.0  # `flwr ls` costs ~1 s of CPU: the ServerApp reports its own end, and its process is watched
+GONE_STATUS_S = 5.0  # once the ServerApp's process is gone without a word: how often Flower is asked for the run
+GONE_GRACE_S = 60.0  # and how long, before the run counts as failed
 HOLD_SLEEP_S = 3600.0  # a signal ends the sleep at once
 READY_FILE = "ready"
 SERVICE_POLL_S = 1.0  # an idle service looks at its queue once a second
@@ -276,7 +281,8 @@ def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, 
     effective, digest = write_effective(fed, state_dir)
     log.info("effective config (after --set) in %s, sha256 %s", effective, digest[:16])
     run_config = {"federation-config": str(effective), "config-dir": fed.base_dir, "output-dir": str(out),
-                  "state-dir": str(state_dir), "progress-file": str(progress), "wire-log": wire_log}
+                  "state-dir": str(state_dir), "progress-file": str(progress), "wire-log": wire_log,
+                  "superlink-database": str(paths.state / SUPERLINK_DB)}
     run_id = register_and_submit(fed, paths, run_config) if register else submit(paths, run_config)
     if register:
         atomic_write_text(paths.state / READY_FILE, f"{time.time()}\n")  # the sites' keys are registered
@@ -304,31 +310,53 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
             ) -> tuple[str, str]:
     """Show the run's progress lines until it finishes (bounded by a deadline).
 
-    Progress comes from the ServerApp's progress file; ``flwr ls`` (a ~1.5 s CLI process that would
-    compete with training for CPU) is asked only every ``STATUS_EVERY_S`` or once the app reports an end.
+    Progress comes from the ServerApp's progress file. ``flwr ls`` (a CLI process that would compete with
+    training for CPU) is asked once the app reports an end, or once its process (the ``started`` event's pid,
+    on this host) is gone without reporting one, and otherwise only every ``STATUS_EVERY_S``.
     """
     s = fed.settings
     deadline = time.monotonic() + s.discovery_timeout + s.link_timeout * (fed.chain.n_links + 2)
-    seen, next_status = 0, time.monotonic() + STATUS_EVERY_S
+    seen, next_status, gone_since = 0, time.monotonic() + STATUS_EVERY_S, None
     status, details = "pending", ""
-    while time.monotonic() < deadline:
-        seen = _show_progress(progress, seen, metrics)
-        _status_line(metrics)
-        died = group.exited()
-        if died is not None:
-            raise WeckdError(f"{died[0]} exited with code {died[1]}; see {paths.logs / (died[0] + '.log')}")
-        ended = any(e.get("event") in (Event.COMPLETED, Event.FAILED) for e in read_events(progress))
-        if ended or time.monotonic() >= next_status:
-            status, details = run_status(paths, run_id)
-            next_status = time.monotonic() + STATUS_EVERY_S
-            if status.startswith("finished"):
-                _show_progress(progress, seen, metrics)
-                return status, details
-        time.sleep(FOLLOW_POLL_S)
+    watch = FileWatch([progress])
+    try:
+        while time.monotonic() < deadline:
+            seen = _show_progress(progress, seen, metrics)
+            _status_line(metrics)
+            died = group.exited()
+            if died is not None:
+                raise WeckdError(f"{died[0]} exited with code {died[1]}; see {paths.logs / (died[0] + '.log')}")
+            events = read_events(progress)
+            ended = any(e.get("event") in (Event.COMPLETED, Event.FAILED) for e in events)
+            now = time.monotonic()
+            if not ended and gone_since is None and not _serverapp_alive(events):
+                gone_since, next_status = now, now
+            if ended or now >= next_status:
+                status, details = run_status(paths, run_id)
+                next_status = now + (GONE_STATUS_S if gone_since is not None else STATUS_EVERY_S)
+                if status.startswith("finished"):
+                    _show_progress(progress, seen, metrics)
+                    return status, details
+                if gone_since is not None and now - gone_since > GONE_GRACE_S:
+                    return "finished:failed", "the ServerApp exited without reporting the end of the run"
+            watch.wait(FOLLOW_POLL_S if ended else FOLLOW_WAIT_S)
+    finally:
+        watch.close()
     stop_run(paths, run_id)
     return "timed out", "run did not finish before the deadline (discovery_timeout + link_timeout × (links + 2))"
 
 
+def _serverapp_alive(events: list[dict[str, Any]]) -> bool:
+    """Whether the ServerApp that reported ``started`` last still runs (a zombie does not); True before it
+    started, and where there is no ``/proc`` to tell (its end is then learnt from Flower, later)."""
+    started = [e for e in events if e.get("event") == Event.STARTED and isinstance(e.get("pid"), int)]
+    if not started or not Path("/proc/self/stat").is_file():
+        return True
+    try:
+        state = Path(f"/proc/{started[-1]['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _status_line(metrics: ServerMetrics) -> None:

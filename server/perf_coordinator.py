@@ -9,7 +9,7 @@ targets of the lean coordinator:
 * **time to the first link**: the sites start first and wait for their coordinator; from
   ``weckd-server``'s start to link 1's ``link-start`` event (target ≤ 20 s);
 * **coordinator memory**: the peak of the summed resident memory (``VmRSS``) of ``weckd-server``,
-  ``flower-superlink``, ``flower-superexec`` and ``flwr-serverapp`` (target ≤ 400 MB);
+  ``flower-superlink``, its SuperExec (``weckd.server.superexec``) and ``flwr-serverapp`` (target ≤ 400 MB);
 * **quiet while a link trains**: from the moment the training site reports ``training`` until it
   stops, the CPU time of every federation process except the training executor, as % of one core
   (target ≤ 5 %);
@@ -36,17 +36,19 @@ from weckd.chain.perf import PerfOptions, TargetCheck, machine_line
 
 from .demo import LocalFederation
 from .perf_federation import in_process_seconds
-from .scaffold import chain_settings, make_scaffold
+from .scaffold import SITE_HEARTBEAT, chain_settings, make_scaffold
 from .status import read_events
 
 ARCH = "resnet18"
 SIZE = 64
-EPOCHS = 6
+EPOCHS = 24  # links of ~25-35 s on a 2-core CPU: the fixed cost of a link is a small part of it, as in use
 THREADS = 1
 # (command-line marker, role), most specific first
 ROLES = (("weckd.client.executor", "executor"), ("weckd.client.supernode", "supernode"),
-         ("weckd-client", "site-supervisor"), ("flwr-serverapp", "serverapp"), ("flower-superexec", "superexec"),
-         ("flower-superlink", "superlink"), ("weckd-server", "weckd-server"))
+         ("weckd-client", "site-supervisor"), ("flwr-serverapp", "serverapp"), ("weckd.server.superexec", "superexec"),
+         ("flower-superlink", "superlink"), ("weckd-server", "weckd-server"),
+         ("weckd.server.flwr_batch", "flwr-cli"), ("bin/flwr ", "flwr-cli"))
+UNROOTED = ("serverapp", "superexec", "flwr-cli")  # their command lines need not name the federation's folder
 COORDINATOR = ("weckd-server", "superlink", "superexec", "serverapp")
 TARGETS = {"first_link_s": 20.0, "coordinator_mb": 400.0, "quiet_pct": 5.0, "ratio": 1.1}
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
@@ -62,8 +64,8 @@ class Tick:
 
 @dataclass(eq=False)  # a Thread must stay hashable
 class Watch(threading.Thread):
-    """Samples the federation's processes (those whose command line names ``root``, and the ServerApp /
-    SuperExec the SuperLink starts) and the sites' status files."""
+    """Samples the federation's processes (those whose command line names ``root``, the ServerApp, and the
+    ``flwr`` CLI processes weckd-server runs) and the sites' status files."""
 
     root: Path
     sites: list[str]
@@ -90,7 +92,7 @@ class Watch(threading.Thread):
                 if pid not in self.roles:
                     cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                     role = next((r for marker, r in ROLES if marker in cmd), None)
-                    if role is None or (str(self.root) not in cmd and role not in ("serverapp", "superexec")):
+                    if role is None or (str(self.root) not in cmd and role not in UNROOTED):
                         continue
                     self.roles[pid] = role
                 fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
@@ -111,24 +113,32 @@ class Watch(threading.Thread):
         return ""
 
 
-def _windows(ticks: list[Tick]) -> list[tuple[Tick, Tick]]:
-    """(first, last) tick of each stretch in which one site reports training."""
+def _windows(ticks: list[Tick]) -> list[tuple[int, int]]:
+    """(first, last) tick index of each stretch in which one site reports training."""
     out, start = [], None
-    for prev, tick in zip(ticks, ticks[1:]):
+    for i in range(1, len(ticks)):
+        prev, tick = ticks[i - 1], ticks[i]
         if tick.training and not prev.training:
-            start = tick
+            start = i
         if start is not None and prev.training and not tick.training:
-            out.append((start, prev))
+            out.append((start, i - 1))
             start = None
-    return [(a, b) for a, b in out if b.t - a.t >= 2.0]
+    return [(a, b) for a, b in out if ticks[b].t - ticks[a].t >= 2.0]
 
 
 def quiet_shares(ticks: list[Tick], roles: dict[int, str]) -> list[dict[str, Any]]:
-    """Per training window: CPU % of one core of every process but the training executor, by role."""
+    """Per training window: CPU % of one core of every process but the training executor, by role. A process
+    that starts within the window (a ``flwr`` CLI call) counts from its start, one that ends in it up to its
+    last sample."""
     out = []
-    for a, b in _windows(ticks):
-        span = b.t - a.t
-        used = {pid: (b.cpu[pid] - a.cpu[pid]) / span * 100 for pid in b.cpu if pid in a.cpu}
+    for i, j in _windows(ticks):
+        span = ticks[j].t - ticks[i].t
+        first, last = dict(ticks[i].cpu), {}
+        for tick in ticks[i:j + 1]:
+            for pid, cpu in tick.cpu.items():
+                first.setdefault(pid, 0.0)
+                last[pid] = cpu
+        used = {pid: (last[pid] - first[pid]) / span * 100 for pid in last}
         executors = [pid for pid in used if roles.get(pid) == "executor"]
         busiest = max(executors, key=lambda pid: used[pid]) if executors else None
         by_role: dict[str, float] = {}
@@ -168,7 +178,7 @@ def _chain(real_data: str) -> tuple[dict[str, Any], str]:
 
 
 def one_run(root: Path, chain: dict[str, Any]) -> dict[str, Any]:
-    scaffold = make_scaffold(root, chain, {"evaluate": "all"}, threads=THREADS)
+    scaffold = make_scaffold(root, chain, {"evaluate": "all"}, threads=THREADS, heartbeat=SITE_HEARTBEAT)
     fed = LocalFederation(scaffold)
     watch = Watch(root, list(scaffold.sites))
     watch.start()
@@ -222,7 +232,8 @@ def report(runs: list[dict[str, Any]], data: str) -> str:
              f"Measured by `weckd bench perf --parts coordinator --reps {len(runs)}` on "
              f"{time.strftime('%Y-%m-%d', time.gmtime())}.", "", f"Machine: {machine_line()}.", "",
              f"Setup: weckd-server + 3 weckd-client processes on loopback (gRPC + TLS + SuperNode auth), sealed, "
-             f"evaluate: all; {ARCH} at {SIZE} px, {EPOCHS} epochs a link, {THREADS} torch thread per site; data: "
+             f"evaluate: all; {ARCH} at {SIZE} px, {EPOCHS} epochs a link, {THREADS} torch thread per site; the sites' "
+             f"SuperNode heartbeat {SITE_HEARTBEAT:.0f} s (the site config's default); data: "
              f"{data}. The sites start first and wait; then weckd-server starts. `/proc` sampled every 0.1 s.", "",
              "| quantity | per run | target |", "|---|---|---|",
              f"| weckd-server start → link 1 training (s) | {_each(runs, 'first_link_s', '.1f')} | "

@@ -59,8 +59,12 @@ def site_sealing(site: str, order: Sequence[str]) -> dict[str, Any]:
     return {"keys": f"keys/sealing/{site}", "peers": {p: "keys/public" for p in peers}}
 
 
+TEST_HEARTBEAT = 10.0  # the sites' SuperNode heartbeat (s): a killed site is noticed after ~20 s (Flower: >= 10)
+SITE_HEARTBEAT = 30.0  # the site config's own default (configs/site-A.yaml), for federations measured as shipped
+
+
 def make_scaffold(root: Path, chain: dict[str, Any], federation: dict[str, Any] | None = None,
-                  threads: int = 1, sealed: bool = True) -> Scaffold:
+                  threads: int = 1, sealed: bool = True, heartbeat: float = TEST_HEARTBEAT) -> Scaffold:
     """Write certs, keys, federation.yaml and site configs under ``root`` (ports picked free now); with
     ``sealed``, payloads are sealed end to end and the final model goes to the coordinator and site A."""
     root.mkdir(parents=True, exist_ok=True)
@@ -91,7 +95,8 @@ def make_scaffold(root: Path, chain: dict[str, Any], federation: dict[str, Any] 
     if COORDINATOR in fed.get("sealing", {}).get("deliver_to", []):
         policy["deliver_to"] = [COORDINATOR]
     sites = {s: write_site_config(root, s, chain, fleet, threads, sealing=site_sealing(s, order) if sealed else None,
-                                  policy=policy, ports=(site_ports[2 * i], site_ports[2 * i + 1]))
+                                  policy=policy, ports=(site_ports[2 * i], site_ports[2 * i + 1]),
+                                  heartbeat=heartbeat)
              for i, s in enumerate(dict.fromkeys(order))}
     return Scaffold(root, path, sites, chain)
 
@@ -100,7 +105,7 @@ def write_site_config(root: Path, site: str, chain: dict[str, Any], superlink: s
                       data_overrides: dict[str, Any] | None = None, name: str | None = None,
                       auth_key: str | None = None, ca: str = "certs/ca.crt",
                       sealing: dict[str, Any] | None = None, policy: dict[str, Any] | None = None,
-                      ports: tuple[int, int] | None = None) -> Path:
+                      ports: tuple[int, int] | None = None, heartbeat: float = TEST_HEARTBEAT) -> Path:
     """``site-X.yaml``: this site's fraction of the synthetic dataset, as ``weckd chain`` splits it; ``ports``
     (ClientAppIo, metrics) are picked here where not given."""
     clientappio_port, metrics_port = ports or free_ports(2)
@@ -111,7 +116,7 @@ def write_site_config(root: Path, site: str, chain: dict[str, Any], superlink: s
            "data": data, "split": {"order": list(order), "part": site, "seed": chain.get("seed", 0)},
            "runtime": {"device": "cpu", "threads": threads}, "clientappio_port": clientappio_port,
            "metrics_address": "127.0.0.1", "metrics_port": metrics_port,
-           "state_dir": f"state/site-{name or site}", "max_wait": 60.0, "heartbeat": 10.0}
+           "state_dir": f"state/site-{name or site}", "max_wait": 60.0, "heartbeat": heartbeat}
     if sealing is not None:
         cfg["sealing"] = sealing
     if policy:

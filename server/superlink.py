@@ -14,8 +14,8 @@ from typing import IO, Any
 import tomli_w
 from weckd.chain.appbundle import app_pyproject
 from weckd.chain.errors import WeckdError
-from weckd.chain.files import atomic_write_text, private_dir, process_lock
-from weckd.chain.flower import KEY_ALREADY_REGISTERED
+from weckd.chain.files import atomic_write_text, private_dir, process_lock, write_superexec_secret
+from weckd.chain.flower import KEY_ALREADY_REGISTERED, RUN_SIGNAL_ENV
 from weckd.chain.procs import Group, flower_env, kill_leftovers, wait_port
 
 from .settings import Federation
@@ -24,6 +24,11 @@ log = logging.getLogger(__name__)
 
 CONNECTION = "weckd"
 CLI_TIMEOUT = 120.0
+SUPERLINK_DB = "superlink.db"  # the SuperLink's SQLite state, in the coordinator's state dir
+# glibc's allocator for the coordinator's Flower processes (the ServerApp inherits it from the SuperExec): payload
+# chunks pass through many threads, and per-thread arenas would each keep the freed megabytes resident
+MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
+RUN_SIGNAL = "run-signal"  # touched after each submission; the SuperExec waits for it (flower.superexec_waits_for)
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,15 @@ class Paths:
     def under(cls, state: Path) -> "Paths":
         return cls(state, state / "flwr-cli", state / "app", state / "logs")
 
+    @property
+    def secret(self) -> Path:
+        """The SuperExec HMAC secret the SuperLink and weckd's SuperExec share (new at every start)."""
+        return self.state / "flwr-superlink" / "superexec.secret"
+
+    @property
+    def run_signal(self) -> Path:
+        return self.state / RUN_SIGNAL
+
 
 def superlink_cmd(fed: Federation, paths: Paths) -> list[str]:
     """``flower-superlink``: Fleet API (gRPC + TLS + SuperNode auth) on the configured address; every other
@@ -46,7 +60,8 @@ def superlink_cmd(fed: Federation, paths: Paths) -> list[str]:
     deprecated gRPC Control API, started only when ``FLWR_INTERNAL_GRPC_CONTROL_API=1`` (which
     :func:`flower_env` never passes on) and otherwise bound to 0.0.0.0:9093: it is pinned to loopback on the
     same port, so even then it could not listen beyond loopback (Flower logs a deprecation WARNING for it).
-    No ``--health-server-address``: no health server.
+    No ``--health-server-address``: no health server. ``--isolation process``: weckd starts the SuperExec itself
+    (:func:`superexec_cmd`), which must sign its task requests with the secret in ``paths.secret``.
     """
     s = fed.settings
     return [str(Path(sys.executable).with_name("flower-superlink")),
@@ -54,18 +69,31 @@ def superlink_cmd(fed: Federation, paths: Paths) -> list[str]:
             "--enable-supernode-auth", "--fleet-api-address", s.fleet_address,
             "--host", "127.0.0.1", "--port", str(s.control_port),
             "--control-api-address", f"127.0.0.1:{s.control_port}",
-            "--database", str(paths.state / "superlink.db"), "--disable-runtime-dependency-installation"]
+            "--database", str(paths.state / SUPERLINK_DB), "--disable-runtime-dependency-installation",
+            "--isolation", "process", "--superexec-auth-secret-file", str(paths.secret)]
+
+
+def superexec_cmd(fed: Federation, paths: Paths, superlink_pid: int) -> list[str]:
+    """weckd's SuperExec (``weckd.server.superexec``): Flower's, launching each run's ServerApp, with its task poll
+    waiting for :data:`RUN_SIGNAL`; TLS to the Runtime API on 127.0.0.1 with the federation CA, the shared secret,
+    and gone with its SuperLink."""
+    return [sys.executable, "-m", "weckd.server.superexec", "--runtime-api-address",
+            f"127.0.0.1:{fed.settings.control_port}", "--root-certificates", fed.settings.ca,
+            "--superexec-auth-secret-file", str(paths.secret), "--parent-pid", str(superlink_pid)]
 
 
 def start_superlink(fed: Federation, group: Group, paths: Paths, start_timeout: float = 60.0) -> None:
     """Fleet API (gRPC + TLS + SuperNode auth) on the configured address; Control/Runtime on 127.0.0.1."""
     s = fed.settings
     cmd = superlink_cmd(fed, paths)
-    kill_leftovers([str(paths.state / "superlink.db"), f"127.0.0.1:{s.control_port} "])  # of a killed weckd-server
-    proc = group.start("superlink", cmd, flower_env(paths.state / "flwr-superlink"))
+    kill_leftovers([str(paths.state / SUPERLINK_DB), f"127.0.0.1:{s.control_port} "])  # of a killed weckd-server
+    write_superexec_secret(paths.secret.parent)
+    proc = group.start("superlink", cmd, flower_env(paths.state / "flwr-superlink", MALLOC_ENV))
     host, _, port = s.fleet_address.rpartition(":")
     wait_port(host, int(port), start_timeout, proc, "flower-superlink (fleet API)")
     wait_port("127.0.0.1", s.control_port, start_timeout, proc, "flower-superlink (control API)")
+    group.start("superexec", superexec_cmd(fed, paths, proc.pid),
+                flower_env(paths.state / "flwr-superexec", {RUN_SIGNAL_ENV: str(paths.run_signal), **MALLOC_ENV}))
     log.info("SuperLink up: fleet %s (TLS, SuperNode auth), control 127.0.0.1:%d", s.fleet_address, s.control_port)
 
 
@@ -142,6 +170,7 @@ def register_and_submit(fed: Federation, paths: Paths, run_config: dict[str, str
     check_registered(fed, registered)
     if not run.get("success", False):
         raise WeckdError(f"flwr run failed: {run.get('error-message', run)}")
+    paths.run_signal.touch()
     return int(run["run-id"])
 
 
@@ -167,8 +196,10 @@ def write_app_dir(paths: Paths) -> None:
 
 
 def submit(paths: Paths, run_config: dict[str, str]) -> int:
-    """Submit the run; return its id."""
-    return int(flwr(paths, run_command(paths, run_config))["run-id"])
+    """Submit the run (and wake the SuperExec); return its id."""
+    run_id = int(flwr(paths, run_command(paths, run_config))["run-id"])
+    paths.run_signal.touch()
+    return run_id
 
 
 def run_status(paths: Paths, run_id: int) -> tuple[str, str]:

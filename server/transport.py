@@ -1,7 +1,11 @@
 """Sending messages to sites and waiting for replies, every wait bounded by a timeout.
 
 Flower's ``grid.send_and_receive`` polls every 3 s; a push/pull loop polling every
-``poll_interval`` (0.1 s) saves ~2.5 s a link, and backs off while a site works (:meth:`Timing.wait`).
+``poll_interval`` (0.1 s) saves ~2.5 s a link, and backs off while a site works (:meth:`Timing.wait`). Where the
+ServerApp can see the SuperLink's database (its own host: always, in weckd), it pulls when the database changed
+instead (:class:`ChangeWait`, woken by inotify): a reply is seen as soon as the SuperLink stored it, and a link that
+trains for minutes costs the SuperLink one pull per write it makes meanwhile (mostly the sites' heartbeats: one
+every ~20 s a site at the default 30 s period, and one every ``WATCH_MAX_S`` at least), not one a second.
 Sites are identified by their registered SuperNode name (``NodeInfo.name``), never by what a node claims about itself.
 """
 from __future__ import annotations
@@ -16,6 +20,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from weckd.chain.errors import LinkError
 from weckd.chain.protocol import Failure, Reason, reason_from_error
+from weckd.chain.watch import FileWatch
 
 from .wire import WireLog, content_bytes
 
@@ -23,6 +28,7 @@ log = logging.getLogger(__name__)
 
 
 MAX_POLL_S = 1.0
+WATCH_MAX_S = 5.0  # with ChangeWait, the longest wait between pulls whatever the database does
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,23 @@ class Timing:
         twentieth of the time waited so far (a reply is late by at most ~5%), at most ``MAX_POLL_S``. A link
         that trains for minutes is then polled once a second, not ten times: the SuperLink stays quiet."""
         return min(max(self.poll, elapsed / 20.0), max(self.poll, MAX_POLL_S))
+
+
+class ChangeWait:
+    """Waits between pulls until the SuperLink's database changed since the last pull (``FileWatch``: inotify,
+    no wake-ups in between), at most ``longest`` seconds, so a change it cannot see delays a reply by no more."""
+
+    def __init__(self, watch: FileWatch, longest: float = WATCH_MAX_S) -> None:
+        self.watch, self.longest = watch, longest
+
+    def pulled(self) -> None:
+        """Note the database as it is after a pull (a pull may itself write to it)."""
+        self.watch.mark()
+
+    def wait(self, shortest: float) -> None:
+        """At least ``shortest`` seconds, then until the database changed (or ``longest`` passed)."""
+        time.sleep(shortest)
+        self.watch.wait(max(0.0, self.longest - shortest))
 
 
 @dataclass(frozen=True)
@@ -109,8 +132,9 @@ class Exchange:
 class Transport:
     """Push messages to named sites and pull their replies (records both directions on the wire log)."""
 
-    def __init__(self, grid: Grid, nodes: dict[str, int], timing: Timing, wire: WireLog) -> None:
-        self.grid, self.nodes, self.timing, self.wire = grid, nodes, timing, wire
+    def __init__(self, grid: Grid, nodes: dict[str, int], timing: Timing, wire: WireLog,
+                 changes: ChangeWait | None = None) -> None:
+        self.grid, self.nodes, self.timing, self.wire, self.changes = grid, nodes, timing, wire, changes
 
     def exchange(self, kind: str, contents: dict[str, RecordDict], group: str, timeout: float | None = None
                  ) -> dict[str, Reply]:
@@ -135,7 +159,10 @@ class Transport:
         failures: dict[str, SiteFailure] = {}
         while len(replies) + len(failures) < len(ids):
             pending = [i for i in ids if site_of[i] not in replies and site_of[i] not in failures]
-            for rep in self.grid.pull_messages(pending):
+            pulled = list(self.grid.pull_messages(pending))
+            if self.changes is not None:
+                self.changes.pulled()
+            for rep in pulled:
                 found = site_of.get(rep.metadata.reply_to_message_id)
                 if found is None or found in replies or found in failures:
                     continue
@@ -154,5 +181,8 @@ class Transport:
                                                      f"{kind}: no reply from site {site} within {limit:.0f}s; "
                                                      "check the site or raise federation.link_timeout")
                     break
-                time.sleep(self.timing.wait(time.monotonic() - start))
+                if self.changes is not None:
+                    self.changes.wait(min(self.timing.poll, self.timing.wait(time.monotonic() - start)))
+                else:
+                    time.sleep(self.timing.wait(time.monotonic() - start))
         return Exchange(replies, failures)

@@ -16,10 +16,11 @@ ROLES = (
     ("weckd.client.supernode", "supernode"),
     ("weckd-client", "site-supervisor"),
     ("flwr-serverapp", "serverapp"),
+    ("weckd.server.superexec", "superexec"),
     ("flower-superlink", "superlink"),
     ("weckd-server", "weckd-server"),
 )
-COORDINATOR_ROLES = ("weckd-server", "serverapp", "superlink")
+COORDINATOR_ROLES = ("weckd-server", "serverapp", "superexec", "superlink")
 
 
 @dataclass

@@ -136,10 +136,11 @@ BUDGET_MB = {"weckd-server": 100.0, "serverapp": 220.0}
 
 def test_only_the_site_executors_load_torch(weights_run: FederatedRun) -> None:
     """Sampled from /proc while the federation ran: torch's library is mapped into each site's executor and
-    into no other process (coordinator, ServerApp, SuperLink, site supervisors, SuperNodes)."""
+    into no other process (coordinator, ServerApp, SuperExec, SuperLink, site supervisors, SuperNodes)."""
     assert weights_run.procs is not None
     roles = weights_run.procs.by_role()
-    assert set(roles) >= {"weckd-server", "serverapp", "superlink", "site-supervisor", "supernode", "executor"}, roles
+    assert set(roles) >= {"weckd-server", "serverapp", "superexec", "superlink", "site-supervisor", "supernode",
+                          "executor"}, roles
     executors = roles["executor"]  # the three sites' and the refused impostors'
     assert len(executors) >= 3 and all(s.torch for s in executors)  # the probe sees torch where it is
     loaded = sorted(role for role, seen in roles.items() if role != "executor" and any(s.torch for s in seen))

@@ -23,13 +23,14 @@ from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
 from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 from flwr.supernode.main import create_app
 from flwr.supernode.nodestate import NodeStateFactory
+from weckd.chain.files import write_superexec_secret
 from weckd.chain.flower import SUPEREXEC_METHODS, runtime_client
 from weckd.chain.procs import flower_env, free_port
 from weckd.client import cli as client_cli
 from weckd.client.site import SiteConfig
 from weckd.server.scaffold import chain_settings, write_site_config
 from weckd.server.settings import Federation, FederationSettings
-from weckd.server.superlink import Paths, superlink_cmd
+from weckd.server.superlink import Paths, superexec_cmd, superlink_cmd
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTILE = {
@@ -137,6 +138,24 @@ def test_superlink_binds_loopback_except_fleet(hostile_env: None, tmp_path: Path
     assert args.health_server_address is None
     assert args.fleet_api_address == "0.0.0.0:9092"  # the one port that faces the sites
     assert not args.insecure and args.enable_supernode_auth
+    assert args.isolation == "process"  # weckd starts the SuperExec itself (superexec_cmd)
+    assert args.superexec_auth_secret_file == str(Paths.under(tmp_path).secret)
+
+
+def test_the_coordinators_superexec_reaches_the_runtime_api_on_loopback_with_tls_and_the_secret(
+        hostile_env: None, tmp_path: Path) -> None:
+    from flwr.supercore.cli.flower_superexec import _parse_args as superexec_args
+
+    settings = FederationSettings(fleet_address="0.0.0.0:9092", control_port=9093, ca="certs/ca.crt")
+    fed = Federation(chain=None, settings=settings, sites={}, source="federation.yaml")  # type: ignore[arg-type]
+    paths = Paths.under(tmp_path)
+    cmd = superexec_cmd(fed, paths, superlink_pid=4242)
+    assert cmd[:3] == [sys.executable, "-m", "weckd.server.superexec"]
+    args = superexec_args().parse_args(cmd[3:])
+    assert args.runtime_api_address == "127.0.0.1:9093" and not args.insecure
+    assert args.root_certificates == "certs/ca.crt"
+    assert args.superexec_auth_secret_file == str(paths.secret) and args.parent_pid == 4242
+    assert not args.runtime_dependency_install  # a run's bundle installs nothing
 
 
 def test_supernode_binds_loopback_with_tls_auth_and_superexec_secret(hostile_env: None, tmp_path: Path) -> None:
@@ -154,8 +173,8 @@ def test_supernode_binds_loopback_with_tls_auth_and_superexec_secret(hostile_env
 
 
 def test_superexec_secret_is_private_and_new_each_start(tmp_path: Path) -> None:
-    first = client_cli.write_superexec_secret(tmp_path / "flwr-supernode").read_bytes()
-    path = client_cli.write_superexec_secret(tmp_path / "flwr-supernode")
+    first = write_superexec_secret(tmp_path / "flwr-supernode").read_bytes()
+    path = write_superexec_secret(tmp_path / "flwr-supernode")
     assert len(path.read_bytes()) == 32 and path.read_bytes() != first
     assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
 

@@ -7,7 +7,11 @@ from pathlib import Path
 import flwr.supernode.start_client_internal as sci
 import pytest
 from weckd.chain import flower
-from weckd.chain.flower import IdlePoll, signal_new_tasks, task_signal_mtime
+from weckd.chain.flower import IdlePoll, signal_new_tasks
+
+
+def task_signal_mtime(path: Path) -> int | None:
+    return path.stat().st_mtime_ns if path.exists() else None
 
 
 def test_the_supernode_touches_the_signal_only_when_it_stored_a_message(tmp_path: Path,
@@ -34,6 +38,49 @@ def test_polls_slow_down_in_steps_the_longer_a_site_idles(monkeypatch: pytest.Mo
     assert waits == [0.2, 0.2, 1.0, 1.0, 3.0, 3.0]
     poll.worked()
     assert poll.wait() == 0.2
+
+
+def test_the_fast_pace_lasts_longer_after_messages_that_come_in_quick_succession(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short links and evaluations: messages seconds apart keep the site fast for ``quick_after``; a message that
+    came a long link after the one before slows the site down ``idle_after`` after it."""
+    now = [1000.0]
+    monkeypatch.setattr(flower._time, "monotonic", lambda: now[0])
+    poll = IdlePoll(0.2, 1.0, 3.0, 3.0, 60.0, quick_after=10.0)
+    told: list[int] = []
+    signal_calls = iter([5, 6, 7])
+    monkeypatch.setattr(sci, "_pull_and_store_message", lambda **kwargs: next(signal_calls))
+    signal_new_tasks(tmp_path / "task-signal", lambda: (told.append(1), poll.message()))
+
+    def pace_after(seconds: float) -> float:
+        start = now[0]
+        now[0] = start + seconds
+        pace = poll.wait()
+        now[0] = start
+        return pace
+
+    sci._pull_and_store_message(state=None)  # the first message (discovery)
+    assert told == [1] and pace_after(9.0) == 0.2  # fast for quick_after
+    now[0] += 4.0
+    sci._pull_and_store_message(state=None)  # 4 s later: in quick succession
+    assert pace_after(9.0) == 0.2 and pace_after(10.5) == 1.0
+    now[0] += 40.0
+    sci._pull_and_store_message(state=None)  # a long link later: slow after idle_after
+    assert pace_after(2.0) == 0.2 and pace_after(3.5) == 1.0
+
+
+def test_a_reply_is_waited_for_briskly_only_just_after_its_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An evaluation's reply is ready within a second: the SuperNode looks for it every 20 ms at first, every
+    200 ms once the site has been training a while."""
+    now = [1000.0]
+    monkeypatch.setattr(flower._time, "monotonic", lambda: now[0])
+    poll = IdlePoll(0.2, 1.0, 3.0, quick_after=10.0, brisk=0.02, brisk_for=2.0)
+    assert poll.reply_wait() == 0.2  # no message yet
+    poll.message()
+    now[0] += 1.5
+    assert poll.reply_wait() == 0.02
+    now[0] += 1.0
+    assert poll.reply_wait() == 0.2
 
 
 def _control_api(monkeypatch: pytest.MonkeyPatch, reply: object) -> list[tuple[bytes, str]]:
@@ -116,3 +163,35 @@ def test_a_moved_flower_internal_is_the_supernodes_one_line_shown_by_weckd_clien
     finally:
         group.stop_all()
     assert err.value.exit_code == 2
+
+
+def test_the_coordinators_superexec_polls_only_after_the_run_signal(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its 1 s task poll becomes a wait for weckd-server's touch of the run signal (at most ``longest`` s)."""
+    import threading
+    import time
+
+    import flwr.supercore.superexec.run_superexec as rs
+
+    monkeypatch.setattr(rs, "time", rs.time)  # restored after the test
+    signal = tmp_path / "run-signal"
+    flower.superexec_waits_for(signal, longest=0.4)
+    start = time.monotonic()
+    rs.time.sleep(1.0)  # what Flower's loop calls: no touch, so it ends at ``longest``
+    assert 0.4 <= time.monotonic() - start < 1.0
+    toucher = threading.Timer(0.1, signal.touch)
+    toucher.start()
+    start = time.monotonic()
+    rs.time.sleep(1.0)
+    toucher.join()
+    assert time.monotonic() - start < 0.35  # woken by the touch
+    assert rs.time.monotonic() > 0  # the rest of the module is the real one
+
+
+def test_a_moved_superexec_poll_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import flwr.supercore.superexec.run_superexec as rs
+
+    monkeypatch.setattr(flower.inspect, "getsource", lambda obj: "while True: time.sleep(5)")
+    with pytest.raises(flower.ConfigError, match=r"no longer polls with time.sleep\(task_poll_interval\)"):
+        flower.superexec_waits_for(tmp_path / "run-signal")
+    assert rs.time.sleep is not None

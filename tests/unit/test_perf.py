@@ -128,6 +128,18 @@ def test_coordinator_part_counts_everything_but_the_training_executor_while_a_li
     assert by_role == {"weckd-server": 40.0, "superlink": 230.0, "superexec": 0.0, "serverapp": 180.0}
 
 
+def test_a_process_that_lives_only_within_the_window_counts_too() -> None:
+    """A ``flwr ls`` weckd-server runs while a link trains: seen only in the middle samples, its CPU counts."""
+    from weckd.server.perf_coordinator import Tick, quiet_shares
+
+    roles = {1: "executor", 7: "flwr-cli"}
+    ticks = [Tick(0.0, {1: 0.0}, {}, ""), Tick(1.0, {1: 0.0}, {}, "A"),
+             Tick(5.0, {1: 4.0, 7: 0.3}, {}, "A"), Tick(6.0, {1: 5.0, 7: 0.6}, {}, "A"),  # born after t=1, gone by t=11
+             Tick(11.0, {1: 10.0}, {}, "A"), Tick(12.0, {1: 10.0}, {}, "")]
+    [window] = quiet_shares(ticks, roles)
+    assert window["by_role"] == {"flwr-cli": pytest.approx(6.0)}  # 0.6 CPU-s over the 10 s window
+
+
 def test_the_large_part_measures_state_apart_from_the_models_a_site_received(tmp_path: Path) -> None:
     from weckd.server.perf_large import _sizes, checks
 

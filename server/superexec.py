@@ -1,0 +1,34 @@
+"""``flower-superexec`` in this process, its task poll waiting for weckd-server's run signal (see
+``weckd.chain.flower.superexec_waits_for``).
+
+``python -m weckd.server.superexec <flower-superexec arguments>`` (started by ``weckd-server`` next to a
+SuperLink in ``--isolation process``, with ``WECKD_RUN_SIGNAL`` naming the file it touches after each
+submission). The process launches the ServerApp of each run, as Flower's own SuperExec does.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from weckd.chain.cli import ERROR_PREFIX
+from weckd.chain.errors import ConfigError
+from weckd.chain.flower import RUN_SIGNAL_ENV, superexec_waits_for
+
+
+def main() -> int:
+    try:
+        superexec_waits_for(Path(os.environ[RUN_SIGNAL_ENV]))
+    except (ConfigError, KeyError) as err:  # one line, in the coordinator's log
+        print(f"{ERROR_PREFIX}{err if isinstance(err, ConfigError) else f'{RUN_SIGNAL_ENV} not set'}",
+              file=sys.stderr, flush=True)
+        return 2
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+
+    sys.argv[0] = "flower-superexec"
+    flower_superexec()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
