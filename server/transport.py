@@ -51,8 +51,9 @@ class ChangeWait:
     def __init__(self, watch: FileWatch, longest: float = WATCH_MAX_S) -> None:
         self.watch, self.longest = watch, longest
 
-    def pulled(self) -> None:
-        """Note the database as it is after a pull (a pull may itself write to it)."""
+    def before_pull(self) -> None:
+        """Note the database as it is just before a pull: whatever the SuperLink stores from then on (a reply that
+        lands while the pull runs too) ends the next wait."""
         self.watch.mark()
 
     def wait(self, shortest: float) -> None:
@@ -159,9 +160,9 @@ class Transport:
         failures: dict[str, SiteFailure] = {}
         while len(replies) + len(failures) < len(ids):
             pending = [i for i in ids if site_of[i] not in replies and site_of[i] not in failures]
-            pulled = list(self.grid.pull_messages(pending))
             if self.changes is not None:
-                self.changes.pulled()
+                self.changes.before_pull()
+            pulled = list(self.grid.pull_messages(pending))
             for rep in pulled:
                 found = site_of.get(rep.metadata.reply_to_message_id)
                 if found is None or found in replies or found in failures:

@@ -93,7 +93,7 @@ def test_the_serverapp_pulls_when_the_superlink_wrote_and_at_least_every_few_sec
     changes.wait(0.05)
     t.join()
     assert 0.15 < time.monotonic() - start < 0.9
-    changes.pulled()
+    changes.before_pull()
     start = time.monotonic()
     changes.wait(0.05)  # nothing written: at most ``longest``
     assert 0.9 <= time.monotonic() - start < 1.8
