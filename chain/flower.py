@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .errors import ConfigError, PayloadError
 from .protocol import KEY_PLAIN, KEY_SEALED, PAYLOAD_ENTRY
+from .watch import FileWatch
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
@@ -176,12 +177,12 @@ def cap_supernode_sleep(cap: float = 0.2, idle: float = 1.0, idle_after: float =
     seconds (``quick_after`` after a message that followed the one before it soon, see :class:`IdlePoll`),
     every ``idle`` seconds after that and every ``long_idle`` seconds once nothing came for ``long_idle_after``
     seconds; waits for a reply are capped at ``cap`` too (at ``brisk`` for ``brisk_for`` seconds after the message
-    came). A site waits idle for whole links while the others
-    train (and a service federation between jobs): each poll is a signed TLS request that the SuperLink answers
-    from its database. ``idle_after`` covers the gap between a site's evaluation reply and its train message when
-    it trains next (the other sites' evaluations, seconds); after that a site whose messages come a long link apart
-    is idle for a whole link, and each fast poll would be a request for nothing. Returns the pace, for
-    :func:`signal_new_tasks` to tell it of each message."""
+    came). A site waits idle for whole links while the others train (and a service federation between jobs): each
+    poll is a signed TLS request that the SuperLink answers from its database. ``idle_after`` covers the gap
+    between a site's evaluation reply and its train message when it trains next (the other sites' evaluations,
+    seconds); after that a site whose messages come a long link apart is idle for a whole link, and each fast
+    poll would be a request for nothing. Returns the pace, for :func:`signal_new_tasks` to tell it of each
+    message."""
     import flwr.supernode.start_client_internal as sci
 
     poll = IdlePoll(cap, idle, idle_after, long_idle, long_idle_after, quick_after=quick_after, brisk=brisk,
@@ -199,8 +200,6 @@ class _SignalTime:
     and at least every ``longest`` seconds, instead of once a second through every link."""
 
     def __init__(self, path: Path, longest: float) -> None:
-        from .watch import FileWatch
-
         self.watch, self.longest = FileWatch([path]), longest
 
     def __getattr__(self, name: str) -> Any:

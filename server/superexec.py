@@ -18,10 +18,11 @@ from weckd.chain.flower import RUN_SIGNAL_ENV, superexec_waits_for
 
 def main() -> int:
     try:
+        if not os.environ.get(RUN_SIGNAL_ENV):
+            raise ConfigError(f"{RUN_SIGNAL_ENV} not set: weckd-server names the run signal file")
         superexec_waits_for(Path(os.environ[RUN_SIGNAL_ENV]))
-    except (ConfigError, KeyError) as err:  # one line, in the coordinator's log
-        print(f"{ERROR_PREFIX}{err if isinstance(err, ConfigError) else f'{RUN_SIGNAL_ENV} not set'}",
-              file=sys.stderr, flush=True)
+    except ConfigError as err:  # one line, in the coordinator's log
+        print(f"{ERROR_PREFIX}{err}", file=sys.stderr, flush=True)
         return 2
     from flwr.supercore.cli.flower_superexec import flower_superexec
 

@@ -88,3 +88,11 @@ def test_listing_the_commands_imports_none_of_them() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert json.loads(out.stdout.splitlines()[-1]) == [["chain"], False]  # chain's module is the CLI itself
     assert "predict    Predict the class of images with a model saved by 'weckd chain'." in out.stdout
+
+
+def test_the_bench_measures_sites_with_the_site_configs_own_heartbeat() -> None:
+    """``server/`` may not import the site's config type, so the shipped default is written there again: kept equal."""
+    from weckd.client.site import SiteConfig
+    from weckd.server.scaffold import SITE_HEARTBEAT
+
+    assert SiteConfig(site="A").heartbeat == SITE_HEARTBEAT

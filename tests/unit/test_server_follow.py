@@ -12,7 +12,8 @@ from weckd.server.cli import _serverapp_alive
 
 
 def _started(pid: int) -> list[dict[str, object]]:
-    return [{"event": Event.STARTED.value, "pid": pid, "t": time.time()}, {"event": Event.SITES_ONLINE.value}]
+    return [{"event": Event.STARTED.value, "pid": pid, "t": time.time()},
+            {"event": Event.SITES_ONLINE.value, "sites": ["A"]}]
 
 
 def test_before_the_serverapp_started_it_counts_as_alive() -> None:
@@ -49,3 +50,50 @@ def test_the_last_start_counts() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert _serverapp_alive(_started(child.pid) + _started(os.getpid()))
+
+
+def _follow_with(tmp_path, monkeypatch, events, statuses, deadline_s=30.0):  # type: ignore[no-untyped-def]
+    """weckd-server's _follow on a progress file holding ``events``, Flower answering ``statuses`` in turn."""
+    import json
+    from types import SimpleNamespace
+
+    from weckd.server import cli
+    from weckd.server.metrics import ServerMetrics
+
+    progress = tmp_path / "progress-1.jsonl"
+    progress.write_text("".join(json.dumps(e) + "\n" for e in events))
+    asked: list[float] = []
+    answers = iter(statuses)
+    monkeypatch.setattr(cli, "run_status", lambda paths, run_id: (asked.append(time.monotonic()), next(answers))[1])
+    monkeypatch.setattr(cli, "GONE_STATUS_S", 0.05)
+    monkeypatch.setattr(cli, "GONE_GRACE_S", 0.3)
+    monkeypatch.setattr(cli, "FOLLOW_WAIT_S", 0.05)
+    monkeypatch.setattr(cli, "stop_run", lambda paths, run_id: None)
+    fed = SimpleNamespace(settings=SimpleNamespace(discovery_timeout=deadline_s, link_timeout=0.0),
+                          chain=SimpleNamespace(n_links=1))
+    group = SimpleNamespace(exited=lambda: None)
+    out = cli._follow(fed, SimpleNamespace(logs=tmp_path), group, 1, progress,  # type: ignore[arg-type]
+                      ServerMetrics(1, ["A"], 60.0))
+    return out, asked
+
+
+def test_a_serverapp_gone_without_a_word_fails_the_run_once_flower_stays_silent(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    out, asked = _follow_with(tmp_path, monkeypatch, _started(child.pid), [("running", "")] * 100)
+    assert out == ("finished:failed", "the ServerApp exited without reporting the end of the run")
+    assert 2 <= len(asked) < 50  # asked every GONE_STATUS_S, not in a tight loop
+
+
+def test_a_serverapp_gone_is_what_flower_says_once_it_has_finished_the_run(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    out, asked = _follow_with(tmp_path, monkeypatch, _started(child.pid),
+                              [("running", ""), ("finished:failed", "ServerApp exited with code 1")])
+    assert out == ("finished:failed", "ServerApp exited with code 1") and len(asked) == 2
+
+
+def test_flower_is_not_asked_while_the_serverapp_runs(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Its own process alive and no end reported: no `flwr ls` before STATUS_EVERY_S (here: past the deadline)."""
+    out, asked = _follow_with(tmp_path, monkeypatch, _started(os.getpid()), [], deadline_s=0.5)
+    assert out[0] == "timed out" and asked == []
