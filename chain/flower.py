@@ -19,6 +19,8 @@ three, each only in the process that needs it:
   ``flwr.supercore.inflatable.inflatable_utils``;
 * :func:`superexec_waits_for` (the coordinator's SuperExec, ``weckd.server.superexec``) has its task poll wait
   for a file weckd-server touches after submitting a run, instead of asking the SuperLink every second;
+* :func:`bound_superlink_sqlite` (the SuperLink, ``weckd.server.flower_superlink``) bounds the memory its SQLite
+  connections keep, which Flower sets to hold ~300 MB of relayed payloads;
 * :func:`superlink_files` (the ServerApp) names the SuperLink's database files, so the ServerApp pulls
   replies when the SuperLink has written something rather than on a timer;
 * :func:`register_node` (the coordinator's one-off ``flwr`` process) registers a site's key through the
@@ -136,6 +138,7 @@ def check_internals() -> None:
     from flwr.supercore.inflatable import inflatable_utils as utils
 
     version = check_flower_version()
+    _sqlite_mixin()
     if "time.sleep(3)" not in inspect.getsource(sci) or getattr(sci, "time", None) is None:
         raise ConfigError("flwr.supernode.start_client_internal no longer polls with time.sleep(3); "
                           "update weckd.chain.flower for this Flower release")
@@ -220,6 +223,31 @@ def superexec_waits_for(path: Path, longest: float = 30.0) -> None:
         raise ConfigError("flwr.supercore.superexec.run_superexec no longer polls with time.sleep(task_poll_interval); "
                           "update weckd.chain.flower (superexec_waits_for)")
     rs.time = _SignalTime(path, longest)  # type: ignore[assignment]
+
+
+SQLITE_BOUNDS = {"cache_size": "-8000", "mmap_size": "0"}  # 8 MB of page cache per connection, no mmap
+
+
+def bound_superlink_sqlite() -> None:
+    """The SuperLink process (``weckd.server.flower_superlink``): Flower 1.39 gives each of its SQLite connections
+    a 64 MB page cache and 256 MB of memory-mapped I/O (``flwr.supercore.constant.SQLITE_PRAGMAS``), and every
+    message object relayed passes through them, so the SuperLink kept what it relayed resident: a 3-link resnet18
+    chain took it from 150 MB to 470 MB. With :data:`SQLITE_BOUNDS` a connection caches 8 MB and reads through
+    the OS's page cache, which holds the database file anyway."""
+    mixin = _sqlite_mixin()
+    mixin.SQLITE_PRAGMAS = tuple({**dict(mixin.SQLITE_PRAGMAS), **SQLITE_BOUNDS}.items())
+
+
+def _sqlite_mixin() -> Any:
+    import flwr.supercore.sql_mixin as mixin
+
+    pragmas = dict(getattr(mixin, "SQLITE_PRAGMAS", ()))
+    setter = getattr(mixin, "_set_sqlite_pragmas", None)
+    if not all(k in pragmas for k in SQLITE_BOUNDS) or setter is None or \
+            "SQLITE_PRAGMAS" not in inspect.getsource(setter):
+        raise ConfigError("flwr.supercore.sql_mixin no longer sets cache_size and mmap_size from SQLITE_PRAGMAS; "
+                          "update weckd.chain.flower (bound_superlink_sqlite)")
+    return mixin
 
 
 def superlink_files(database: Path) -> list[Path]:

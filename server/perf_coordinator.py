@@ -46,7 +46,7 @@ THREADS = 1
 # (command-line marker, role), most specific first
 ROLES = (("weckd.client.executor", "executor"), ("weckd.client.supernode", "supernode"),
          ("weckd-client", "site-supervisor"), ("flwr-serverapp", "serverapp"), ("weckd.server.superexec", "superexec"),
-         ("flower-superlink", "superlink"), ("weckd-server", "weckd-server"),
+         ("weckd.server.flower_superlink", "superlink"), ("weckd-server", "weckd-server"),
          ("weckd.server.flwr_batch", "flwr-cli"), ("bin/flwr ", "flwr-cli"))
 UNROOTED = ("serverapp", "superexec", "flwr-cli")  # their command lines need not name the federation's folder
 COORDINATOR = ("weckd-server", "superlink", "superexec", "serverapp")

@@ -29,7 +29,7 @@ from weckd.chain.perf import PerfOptions, TargetCheck, machine_line
 from .demo import LocalFederation
 from .scaffold import chain_settings, make_scaffold
 
-ROLES = {"serverapp": "flwr-serverapp", "superlink": "flower-superlink", "weckd-server": "weckd-server"}
+ROLES = {"serverapp": "flwr-serverapp", "superlink": "weckd.server.flower_superlink", "weckd-server": "weckd-server"}
 TARGET_PCT = 10.0
 
 

@@ -53,8 +53,8 @@ class Paths:
 
 
 def superlink_cmd(fed: Federation, paths: Paths) -> list[str]:
-    """``flower-superlink``: Fleet API (gRPC + TLS + SuperNode auth) on the configured address; every other
-    listener given explicitly on 127.0.0.1 (docs/ports.md).
+    """``flower-superlink`` (``weckd.server.flower_superlink``: its SQLite memory bounded): Fleet API (gRPC + TLS +
+    SuperNode auth) on the configured address; every other listener given explicitly on 127.0.0.1 (docs/ports.md).
 
     ``--host/--port`` is the Control + Runtime (ServerAppIo) HTTP API. ``--control-api-address`` is the
     deprecated gRPC Control API, started only when ``FLWR_INTERNAL_GRPC_CONTROL_API=1`` (which
@@ -64,7 +64,7 @@ def superlink_cmd(fed: Federation, paths: Paths) -> list[str]:
     (:func:`superexec_cmd`), which must sign its task requests with the secret in ``paths.secret``.
     """
     s = fed.settings
-    return [str(Path(sys.executable).with_name("flower-superlink")),
+    return [sys.executable, "-m", "weckd.server.flower_superlink",
             "--ssl-ca-certfile", s.ca, "--ssl-certfile", s.cert, "--ssl-keyfile", s.key,
             "--enable-supernode-auth", "--fleet-api-address", s.fleet_address,
             "--host", "127.0.0.1", "--port", str(s.control_port),

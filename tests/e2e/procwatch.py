@@ -17,7 +17,7 @@ ROLES = (
     ("weckd-client", "site-supervisor"),
     ("flwr-serverapp", "serverapp"),
     ("weckd.server.superexec", "superexec"),
-    ("flower-superlink", "superlink"),
+    ("weckd.server.flower_superlink", "superlink"),
     ("weckd-server", "weckd-server"),
 )
 COORDINATOR_ROLES = ("weckd-server", "serverapp", "superexec", "superlink")

@@ -132,7 +132,9 @@ def test_flower_helpers_come_from_this_installation(monkeypatch: pytest.MonkeyPa
 def test_superlink_binds_loopback_except_fleet(hostile_env: None, tmp_path: Path) -> None:
     settings = FederationSettings(fleet_address="0.0.0.0:9092", control_port=9093)
     fed = Federation(chain=None, settings=settings, sites={}, source="federation.yaml")  # type: ignore[arg-type]
-    args = _parse_args_run_superlink().parse_args(superlink_cmd(fed, Paths.under(tmp_path))[1:])
+    cmd = superlink_cmd(fed, Paths.under(tmp_path))
+    assert cmd[:3] == [sys.executable, "-m", "weckd.server.flower_superlink"]  # its SQLite memory bounded
+    args = _parse_args_run_superlink().parse_args(cmd[3:])
     assert (args.host, args.port) == ("127.0.0.1", 9093)  # Control + Runtime (ServerAppIo) HTTP API
     assert args.control_api_address == "127.0.0.1:9093"  # the gRPC Control API, if it were ever enabled
     assert args.health_server_address is None

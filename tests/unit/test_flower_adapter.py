@@ -195,3 +195,32 @@ def test_a_moved_superexec_poll_is_one_clear_line(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(flower.ConfigError, match=r"no longer polls with time.sleep\(task_poll_interval\)"):
         flower.superexec_waits_for(tmp_path / "run-signal")
     assert rs.time.sleep is not None
+
+
+def test_the_superlinks_sqlite_connections_cache_8_mb_and_map_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    """Flower's own connect hook, as the SuperLink runs it, sets the bounded pragmas on a real connection."""
+    import sqlite3
+
+    import flwr.supercore.sql_mixin as mixin
+
+    monkeypatch.setattr(mixin, "SQLITE_PRAGMAS", mixin.SQLITE_PRAGMAS)  # restored after the test
+    conn = sqlite3.connect(tmp_path / "state.db")
+    mixin._set_sqlite_pragmas(conn, None)
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] == -64000  # Flower's: 64 MB a connection
+    flower.bound_superlink_sqlite()
+    conn = sqlite3.connect(tmp_path / "state.db")
+    mixin._set_sqlite_pragmas(conn, None)
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] == -8000
+    assert conn.execute("PRAGMA mmap_size").fetchone()[0] == 0
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000  # the others as Flower sets them
+
+
+def test_moved_sqlite_pragmas_are_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flwr.supercore.sql_mixin as mixin
+
+    monkeypatch.setattr(mixin, "SQLITE_PRAGMAS", (("journal_mode", "WAL"),))
+    with pytest.raises(flower.ConfigError, match=r"no longer sets cache_size and mmap_size from SQLITE_PRAGMAS"):
+        flower.bound_superlink_sqlite()
+    with pytest.raises(flower.ConfigError, match=r"bound_superlink_sqlite"):
+        flower.check_internals()

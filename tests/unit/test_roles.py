@@ -17,10 +17,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "timm", "torchvision", "opacus", "matplotlib")
-# the modules each non-training process starts from (weckd-server, the ServerApp, the coordinator's SuperExec,
-# weckd-client's supervisor, its SuperNode)
-LIGHT_ENTRIES = ("weckd.server.cli", "weckd.server.app", "weckd.server.superexec", "weckd.client.cli",
-                 "weckd.client.supernode")
+# the modules each non-training process starts from (weckd-server, the ServerApp, the coordinator's SuperExec and
+# SuperLink, weckd-client's supervisor, its SuperNode)
+LIGHT_ENTRIES = ("weckd.server.cli", "weckd.server.app", "weckd.server.superexec", "weckd.server.flower_superlink",
+                 "weckd.client.cli", "weckd.client.supernode")
 
 
 def _imports(path: Path) -> set[str]:

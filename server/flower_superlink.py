@@ -1,0 +1,30 @@
+"""``flower-superlink`` in this process, its SQLite connections' memory bounded
+(``weckd.chain.flower.bound_superlink_sqlite``).
+
+``python -m weckd.server.flower_superlink <flower-superlink arguments>`` (started by ``weckd-server``,
+``weckd.server.superlink.superlink_cmd``).
+"""
+from __future__ import annotations
+
+import sys
+
+from weckd.chain.cli import ERROR_PREFIX
+from weckd.chain.errors import ConfigError
+from weckd.chain.flower import bound_superlink_sqlite
+
+
+def main() -> int:
+    try:
+        bound_superlink_sqlite()
+    except ConfigError as err:  # one line, in the coordinator's log
+        print(f"{ERROR_PREFIX}{err}", file=sys.stderr, flush=True)
+        return 2
+    from flwr.superlink.cli import flower_superlink
+
+    sys.argv[0] = "flower-superlink"
+    flower_superlink()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
