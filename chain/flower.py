@@ -20,7 +20,8 @@ three, each only in the process that needs it:
 * :func:`superexec_waits_for` (the coordinator's SuperExec, ``weckd.server.superexec``) has its task poll wait
   for a file weckd-server touches after submitting a run, instead of asking the SuperLink every second;
 * :func:`bound_superlink_sqlite` (the SuperLink, ``weckd.server.flower_superlink``) bounds the memory its SQLite
-  connections keep, which Flower sets to hold ~300 MB of relayed payloads;
+  connections keep, which Flower sets to hold ~300 MB of relayed payloads, and :func:`throttle_status_cleanup`
+  sweeps expired task tokens at most once a second from run-status checks (Flower: on every object pulled);
 * :func:`superlink_files` (the ServerApp) names the SuperLink's database files, so the ServerApp pulls
   replies when the SuperLink has written something rather than on a timer;
 * :func:`register_node` (the coordinator's one-off ``flwr`` process) registers a site's key through the
@@ -139,6 +140,7 @@ def check_internals() -> None:
 
     version = check_flower_version()
     _sqlite_mixin()
+    _sql_linkstate()
     if "time.sleep(3)" not in inspect.getsource(sci) or getattr(sci, "time", None) is None:
         raise ConfigError("flwr.supernode.start_client_internal no longer polls with time.sleep(3); "
                           "update weckd.chain.flower for this Flower release")
@@ -236,6 +238,53 @@ def bound_superlink_sqlite() -> None:
     the OS's page cache, which holds the database file anyway."""
     mixin = _sqlite_mixin()
     mixin.SQLITE_PRAGMAS = tuple({**dict(mixin.SQLITE_PRAGMAS), **SQLITE_BOUNDS}.items())
+
+
+STATUS_CLEANUP_S = 1.0  # a run's status check sweeps expired task tokens at most this often
+
+
+def throttle_status_cleanup(interval: float = STATUS_CLEANUP_S) -> None:
+    """The SuperLink process: Flower 1.39's ``SqlLinkState.get_run_status`` first sweeps expired task tokens (two
+    UPDATE statements in a write transaction), and every object a site pulls or pushes asks for its run's status:
+    ~11 % of the SuperLink's CPU while six sites fetch and score a model. From a status check the sweep then runs
+    at most once per ``interval`` (a task whose heartbeat lapsed is marked failed that much later, against
+    heartbeat timeouts of tens of seconds); every other caller (task activation, heartbeats, claims) sweeps as in
+    Flower."""
+    import threading
+
+    state_cls = _sql_linkstate()
+    sweep, status = state_cls._cleanup_expired_task_tokens, state_cls.get_run_status
+    local, lock, last = threading.local(), threading.Lock(), [float("-inf")]
+
+    def throttled_sweep(self: Any) -> None:
+        if getattr(local, "status_check", False):
+            with lock:
+                now = _time.monotonic()
+                if now - last[0] < interval:
+                    return
+                last[0] = now
+        sweep(self)
+
+    def get_run_status(self: Any, run_ids: Any) -> Any:
+        local.status_check = True
+        try:
+            return status(self, run_ids)
+        finally:
+            local.status_check = False
+
+    state_cls._cleanup_expired_task_tokens = throttled_sweep
+    state_cls.get_run_status = get_run_status
+
+
+def _sql_linkstate() -> Any:
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+
+    status = getattr(SqlLinkState, "get_run_status", None)
+    if status is None or not callable(getattr(SqlLinkState, "_cleanup_expired_task_tokens", None)) or \
+            "self._cleanup_expired_task_tokens()" not in inspect.getsource(status):
+        raise ConfigError("flwr's SqlLinkState.get_run_status no longer sweeps expired task tokens first; "
+                          "update weckd.chain.flower (throttle_status_cleanup)")
+    return SqlLinkState
 
 
 def _sqlite_mixin() -> Any:

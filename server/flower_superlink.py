@@ -1,5 +1,6 @@
 """``flower-superlink`` in this process, its SQLite connections' memory bounded
-(``weckd.chain.flower.bound_superlink_sqlite``).
+(``weckd.chain.flower.bound_superlink_sqlite``) and its sweep of expired task tokens on run-status checks
+throttled (``weckd.chain.flower.throttle_status_cleanup``).
 
 ``python -m weckd.server.flower_superlink <flower-superlink arguments>`` (started by ``weckd-server``,
 ``weckd.server.superlink.superlink_cmd``).
@@ -10,12 +11,13 @@ import sys
 
 from weckd.chain.cli import ERROR_PREFIX
 from weckd.chain.errors import ConfigError
-from weckd.chain.flower import bound_superlink_sqlite
+from weckd.chain.flower import bound_superlink_sqlite, throttle_status_cleanup
 
 
 def main() -> int:
     try:
         bound_superlink_sqlite()
+        throttle_status_cleanup()
     except ConfigError as err:  # one line, in the coordinator's log
         print(f"{ERROR_PREFIX}{err}", file=sys.stderr, flush=True)
         return 2

@@ -224,3 +224,34 @@ def test_moved_sqlite_pragmas_are_one_clear_line(monkeypatch: pytest.MonkeyPatch
         flower.bound_superlink_sqlite()
     with pytest.raises(flower.ConfigError, match=r"bound_superlink_sqlite"):
         flower.check_internals()
+
+
+def test_run_status_checks_sweep_expired_tokens_at_most_once_an_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each object a site pulls asks for its run's status; Flower sweeps expired task tokens on every one."""
+    import time
+
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+
+    sweeps: list[str] = []
+    monkeypatch.setattr(SqlLinkState, "_cleanup_expired_task_tokens", lambda self: sweeps.append("swept"))
+    monkeypatch.setattr(SqlLinkState, "get_run_status", SqlLinkState.get_run_status)  # both restored after
+    flower.throttle_status_cleanup(interval=0.3)
+    state = SqlLinkState.__new__(SqlLinkState)  # no run asked for: Flower's method returns {} after its sweep
+    for _ in range(5):
+        assert SqlLinkState.get_run_status(state, set()) == {}
+    assert len(sweeps) == 1
+    SqlLinkState._cleanup_expired_task_tokens(state)  # another caller (a heartbeat, a claim): always sweeps
+    assert len(sweeps) == 2
+    time.sleep(0.35)
+    SqlLinkState.get_run_status(state, set())
+    assert len(sweeps) == 3
+
+
+def test_a_moved_run_status_sweep_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+
+    monkeypatch.setattr(SqlLinkState, "get_run_status", lambda self, run_ids: {})
+    with pytest.raises(flower.ConfigError, match=r"no longer sweeps expired task tokens first"):
+        flower.throttle_status_cleanup()
+    with pytest.raises(flower.ConfigError, match=r"throttle_status_cleanup"):
+        flower.check_internals()
