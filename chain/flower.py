@@ -18,7 +18,8 @@ three, each only in the process that needs it:
   message objects) lowers the keyword defaults of the object-pull backoff in
   ``flwr.supercore.inflatable.inflatable_utils``;
 * :func:`superexec_waits_for` (the coordinator's SuperExec, ``weckd.server.superexec``) has its task poll wait
-  for a file weckd-server touches after submitting a run, instead of asking the SuperLink every second;
+  for a file weckd-server touches after submitting a run, instead of asking the SuperLink every second, and
+  :func:`superexec_becomes_task` makes that process the run's ServerApp (exec) instead of its parent;
 * :func:`bound_superlink_sqlite` (the SuperLink, ``weckd.server.flower_superlink``) bounds the memory its SQLite
   connections keep, which Flower sets to hold ~300 MB of relayed payloads, and :func:`throttle_status_cleanup`
   sweeps expired task tokens at most once a second from run-status checks (Flower: on every object pulled);
@@ -297,6 +298,49 @@ def _sqlite_mixin() -> Any:
         raise ConfigError("flwr.supercore.sql_mixin no longer sets cache_size and mmap_size from SQLITE_PRAGMAS; "
                           "update weckd.chain.flower (bound_superlink_sqlite)")
     return mixin
+
+
+class _ExecInstead:
+    """The ``subprocess`` module as Flower's subprocess executor sees it, with ``Popen`` replaced by an exec of
+    the same command line (its ``--parent-pid`` made ``parent_pid``): the SuperExec process becomes the task's."""
+
+    def __init__(self, parent_pid: int | None) -> None:
+        self._parent_pid = parent_pid
+
+    def __getattr__(self, name: str) -> Any:
+        import subprocess
+
+        return getattr(subprocess, name)
+
+    def Popen(self, args: Any, **_: Any) -> Any:  # noqa: N802 (the name Flower calls)
+        import os
+        import sys
+
+        argv = [str(a) for a in args]
+        if self._parent_pid is not None and "--parent-pid" in argv[:-1]:
+            argv[argv.index("--parent-pid") + 1] = str(self._parent_pid)
+        log.info("SuperExec: becoming %s for its task", argv[0])
+        for stream in [*logging.getLogger().handlers, sys.stdout, sys.stderr]:
+            try:  # what was logged reaches the log before the exec
+                stream.flush()
+            except (OSError, ValueError):  # a closed stream holds nothing to flush
+                pass
+        os.execvp(argv[0], argv)
+
+
+def superexec_becomes_task(parent_pid: int | None) -> None:
+    """The coordinator's SuperExec process (``weckd.server.superexec``): instead of starting the ServerApp of the
+    run it acquires as a child (``flwr.supercore.superexec.executor.subprocess_executor``), it becomes that
+    ServerApp (exec, same pid), which exits with its run: no SuperExec waits beside a running chain (~120 MB),
+    and weckd-server starts one for each run it submits. The ServerApp watches ``parent_pid`` (the SuperLink) as
+    the SuperExec did."""
+    import flwr.supercore.superexec.executor.subprocess_executor as se
+
+    if "subprocess.Popen(" not in inspect.getsource(se.SubprocessExecutor.launch) or \
+            getattr(se, "subprocess", None) is None:
+        raise ConfigError("flwr's SubprocessExecutor no longer starts tasks with subprocess.Popen; "
+                          "update weckd.chain.flower (superexec_becomes_task)")
+    se.subprocess = _ExecInstead(parent_pid)  # type: ignore[assignment]
 
 
 def superlink_files(database: Path) -> list[Path]:

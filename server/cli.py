@@ -45,6 +45,7 @@ from .superlink import (
     register_and_submit,
     register_sites,
     run_status,
+    start_superexec,
     start_superlink,
     stop_run,
     submit,
@@ -283,6 +284,7 @@ def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, 
     run_config = {"federation-config": str(effective), "config-dir": fed.base_dir, "output-dir": str(out),
                   "state-dir": str(state_dir), "progress-file": str(progress), "wire-log": wire_log,
                   "superlink-database": str(paths.state / SUPERLINK_DB)}
+    start_superexec(fed, group, paths)  # it imports Flower while the run is submitted, then becomes its ServerApp
     run_id = register_and_submit(fed, paths, run_config) if register else submit(paths, run_config)
     if register:
         atomic_write_text(paths.state / READY_FILE, f"{time.time()}\n")  # the sites' keys are registered

@@ -9,7 +9,8 @@ targets of the lean coordinator:
 * **time to the first link**: the sites start first and wait for their coordinator; from
   ``weckd-server``'s start to link 1's ``link-start`` event (target ≤ 20 s);
 * **coordinator memory**: the peak of the summed resident memory (``VmRSS``) of ``weckd-server``,
-  ``flower-superlink``, its SuperExec (``weckd.server.superexec``) and ``flwr-serverapp`` (target ≤ 400 MB);
+  the SuperLink (``weckd.server.flower_superlink``), its SuperExec (``weckd.server.superexec``, which becomes
+  ``flwr-serverapp``) (target ≤ 400 MB);
 * **quiet while a link trains**: from the moment the training site reports ``training`` until it
   stops, the CPU time of every federation process except the training executor, as % of one core
   (target ≤ 5 %);
@@ -89,7 +90,7 @@ class Watch(threading.Thread):
                 continue
             pid = int(proc.name)
             try:
-                if pid not in self.roles:
+                if pid not in self.roles or self.roles[pid] == "superexec":  # a SuperExec becomes its ServerApp
                     cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                     role = next((r for marker, r in ROLES if marker in cmd), None)
                     if role is None or (str(self.root) not in cmd and role not in UNROOTED):

@@ -13,7 +13,7 @@ from typing import IO, Any
 
 import tomli_w
 from weckd.chain.appbundle import app_pyproject
-from weckd.chain.errors import WeckdError
+from weckd.chain.errors import LinkError, WeckdError
 from weckd.chain.files import atomic_write_text, private_dir, process_lock, write_superexec_secret
 from weckd.chain.flower import KEY_ALREADY_REGISTERED, RUN_SIGNAL_ENV
 from weckd.chain.procs import Group, flower_env, kill_leftovers, wait_port
@@ -92,9 +92,30 @@ def start_superlink(fed: Federation, group: Group, paths: Paths, start_timeout: 
     host, _, port = s.fleet_address.rpartition(":")
     wait_port(host, int(port), start_timeout, proc, "flower-superlink (fleet API)")
     wait_port("127.0.0.1", s.control_port, start_timeout, proc, "flower-superlink (control API)")
-    group.start("superexec", superexec_cmd(fed, paths, proc.pid),
-                flower_env(paths.state / "flwr-superexec", {RUN_SIGNAL_ENV: str(paths.run_signal), **MALLOC_ENV}))
     log.info("SuperLink up: fleet %s (TLS, SuperNode auth), control 127.0.0.1:%d", s.fleet_address, s.control_port)
+
+
+def start_superexec(fed: Federation, group: Group, paths: Paths) -> None:
+    """A SuperExec for the run about to be submitted: it waits for :data:`RUN_SIGNAL`, acquires the run and becomes
+    its ServerApp (``weckd.server.superexec``), which exits with the run. One still waiting (its submission
+    failed) serves the next run instead."""
+    waiting = [p for p in group.running("superexec") if _is_superexec(p.pid)]
+    if waiting:
+        return
+    superlink = group.running("superlink")
+    if not superlink:
+        raise LinkError(f"the SuperLink is not running; see {paths.logs / 'superlink.log'}")
+    group.start("superexec", superexec_cmd(fed, paths, superlink[0].pid),
+                flower_env(paths.state / "flwr-superexec", {RUN_SIGNAL_ENV: str(paths.run_signal), **MALLOC_ENV}),
+                transient=True)
+
+
+def _is_superexec(pid: int) -> bool:
+    """Whether ``pid`` is still a SuperExec (not yet the ServerApp it becomes)."""
+    try:
+        return b"weckd.server.superexec" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 LOCK_FILE = "weckd-server.lock"  # in the state dir; ``weckd status`` tells a running coordinator by it

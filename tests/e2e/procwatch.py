@@ -47,7 +47,7 @@ class ProcWatch:
     def __init__(self, root: Path, every: float = 0.5) -> None:
         self.marker = str(root)
         self.every = every
-        self.seen: dict[int, Seen] = {}
+        self.seen: dict[tuple[int, str], Seen] = {}  # by pid and role: the SuperExec becomes the ServerApp
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -74,7 +74,7 @@ class ProcWatch:
                 role = _role(cmdline)
                 if role is None:
                     continue
-                seen = self.seen.setdefault(int(proc.name), Seen(role))
+                seen = self.seen.setdefault((int(proc.name), role), Seen(role))
                 seen.peak_rss_mb = max(seen.peak_rss_mb, _peak_rss_mb(proc.name))
                 if not seen.torch:
                     seen.torch = "libtorch" in (proc / "maps").read_text(errors="replace")

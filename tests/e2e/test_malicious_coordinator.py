@@ -36,6 +36,7 @@ from weckd.server.superlink import (
     Paths,
     register_sites,
     run_status,
+    start_superexec,
     start_superlink,
     submit,
     write_app_dir,
@@ -258,7 +259,8 @@ def attack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attack]:
         deadline = time.monotonic() + RUN_TIMEOUT
         runs = {}
         for name, scenarios, bundle in (("evil", ["foreign-app"], evil), ("main", MAIN, main)):
-            with attacker_host:
+            with attacker_host:  # a SuperExec for each run: it becomes that run's ServerApp
+                start_superexec(fed, local.group, paths)
                 run_id = _submit(paths, bundle, {**plan, "scenarios": scenarios, "out": str(root / f"{name}.json")},
                                  root / f"plan-{name}.json")
             runs[name] = _wait(paths, run_id, root / f"{name}.json", deadline)

@@ -255,3 +255,30 @@ def test_a_moved_run_status_sweep_is_one_clear_line(monkeypatch: pytest.MonkeyPa
         flower.throttle_status_cleanup()
     with pytest.raises(flower.ConfigError, match=r"throttle_status_cleanup"):
         flower.check_internals()
+
+
+def test_the_superexec_becomes_its_tasks_serverapp_watching_the_superlink(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's own launch of a ServerApp task, with the exec in place of the child it would start."""
+    import os
+
+    import flwr.supercore.superexec.executor.subprocess_executor as se
+    from flwr.supercore.superexec.executor.types import ExecutionSpec
+
+    monkeypatch.setattr(se, "subprocess", se.subprocess)  # restored after the test
+    became: list[list[str]] = []
+    monkeypatch.setattr(os, "execvp", lambda file, argv: became.append([file, *argv]))
+    flower.superexec_becomes_task(parent_pid=4242)
+    spec = ExecutionSpec(task_type=next(iter(se.TASK_TYPE_TO_COMMAND)), runtime_api_address="127.0.0.1:9093",
+                         token="t0k3n", insecure=False, root_certificates_path="/ca.crt",
+                         runtime_dependency_install=False, parent_pid=os.getpid(), suppress_output=False, task_id=7)
+    se.SubprocessExecutor().launch(spec)
+    (file, *argv), = became
+    assert file == argv[0] == se.TASK_TYPE_TO_COMMAND[spec.task_type]
+    assert argv[argv.index("--token") + 1] == "t0k3n"
+    assert argv[argv.index("--parent-pid") + 1] == "4242"  # the SuperLink's pid, not this (exec'd) process's own
+
+
+def test_a_moved_task_launch_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(flower.inspect, "getsource", lambda obj: "def launch(self, spec): run(spec)")
+    with pytest.raises(flower.ConfigError, match=r"no longer starts tasks with subprocess.Popen"):
+        flower.superexec_becomes_task(parent_pid=1)
