@@ -537,8 +537,30 @@ def read_payloads(content: Any, where: str) -> tuple[bool, dict[str, bytes]] | N
     for name, arr in record.items():
         if arr.dtype != "uint8" or len(arr.shape) != 1:
             raise PayloadError(f"{where}: payload {name[:40]!r} is not a byte array; upgrade weckd on both sides")
-        out[name] = arr.numpy().tobytes()
+        out[name] = _array_bytes(arr, name, where)
     return held[0] == KEY_SEALED, out
+
+
+def _array_bytes(arr: Any, name: str, where: str) -> bytes:
+    """The bytes of a 1-d uint8 Array, copied once out of its ``.npy`` serialisation (``arr.numpy().tobytes()``
+    copies twice: a coordinator relays each payload of hundreds of MB)."""
+    import io
+
+    import numpy as np
+
+    bad = f"{where}: payload {name[:40]!r} is not a byte array; upgrade weckd on both sides"
+    head = io.BytesIO(arr.data if isinstance(arr.data, bytes) else b"")
+    try:
+        version = np.lib.format.read_magic(head)
+        reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}[version]
+        shape, fortran, dtype = reader(head)
+    except (ValueError, KeyError) as err:
+        raise PayloadError(bad) from err
+    start = head.tell()
+    if arr.stype != "numpy.ndarray" or dtype != np.uint8 or len(shape) != 1 or fortran or \
+            len(arr.data) - start != shape[0]:
+        raise PayloadError(bad)
+    return bytes(memoryview(arr.data)[start:])
 
 
 def config_dict(content: Any, key: str, where: str) -> Mapping[str, Any]:

@@ -10,7 +10,7 @@ survives a coordinator restart.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from weckd.chain.errors import LinkError, PayloadError
@@ -28,6 +28,7 @@ class Relay:
     site: str
     blobs: dict[str, bytes]
     sealed: bool
+    _records: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
 
     def blob(self, kind: str, recipient: str) -> bytes:
         """The blob that hands this output to ``recipient``: sealed, one blob names all its recipients."""
@@ -51,8 +52,13 @@ class Relay:
             return ()
 
     def records(self, kind: str, recipient: str) -> dict[str, Any]:
-        """The records that hand this output to ``recipient`` (a teacher or a model to evaluate)."""
-        return request_payload(self.sealed, self.blob(kind, recipient))
+        """The records that hand this output to ``recipient`` (a teacher or a model to evaluate): the same record
+        object for every recipient (the blob is the same), so the ServerApp holds one copy of it however many
+        messages carry it, and Flower pushes it once."""
+        data = self.blob(kind, recipient)
+        if kind not in self._records:
+            self._records[kind] = request_payload(self.sealed, data)
+        return dict(self._records[kind])
 
 
 def relay_from_reply(content: RecordDict, link: int, site: str, sealed: bool) -> Relay:

@@ -282,3 +282,29 @@ def test_a_moved_task_launch_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(flower.inspect, "getsource", lambda obj: "def launch(self, spec): run(spec)")
     with pytest.raises(flower.ConfigError, match=r"no longer starts tasks with subprocess.Popen"):
         flower.superexec_becomes_task(parent_pid=1)
+
+
+def test_payload_bytes_come_out_of_their_array_intact() -> None:
+    from flwr.app import RecordDict
+
+    blob = bytes(range(256)) * 1000
+    content = RecordDict(flower.payload_records(True, {"payload": blob}))
+    assert flower.read_payloads(content, "site A") == (True, {"payload": blob})
+
+
+@pytest.mark.parametrize("data", [b"not an npy file at all", b"", "truncated"])
+def test_a_payload_array_whose_bytes_are_not_what_it_says_is_refused(data: object) -> None:
+    """What a hostile peer could put in a message's array: its bytes are the sender's to choose."""
+    import io
+
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, RecordDict
+
+    if data == "truncated":  # a valid header for 1000 bytes, followed by 10
+        buf = io.BytesIO()
+        np.save(buf, np.zeros(1000, dtype=np.uint8))
+        data = buf.getvalue()[:-990]
+    arr = Array(dtype="uint8", shape=(1000,), stype="numpy.ndarray", data=data)
+    content = RecordDict({flower.KEY_SEALED: ArrayRecord({"payload": arr})})
+    with pytest.raises(flower.PayloadError, match=r"^site A: payload 'payload' is not a byte array"):
+        flower.read_payloads(content, "site A")
