@@ -320,6 +320,7 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
     deadline = time.monotonic() + s.discovery_timeout + s.link_timeout * (fed.chain.n_links + 2)
     seen, next_status, gone_since = 0, time.monotonic() + STATUS_EVERY_S, None
     status, details = "pending", ""
+    launchers = group.running("superexec")  # they end as the run's ServerApp: their exit before it starts fails it
     watch = FileWatch([progress])
     try:
         while time.monotonic() < deadline:
@@ -328,7 +329,13 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
             died = group.exited()
             if died is not None:
                 raise WeckdError(f"{died[0]} exited with code {died[1]}; see {paths.logs / (died[0] + '.log')}")
+            gone = [p for p in launchers if p.poll() is not None]  # polled before the events are read
             events = read_events(progress)
+            if any(e.get("event") == Event.STARTED for e in events):
+                launchers = []
+            elif gone:
+                raise WeckdError(f"the SuperExec exited with code {gone[0].returncode} before the run's ServerApp "
+                                 f"started; see {paths.logs / 'superexec.log'}")
             ended = any(e.get("event") in (Event.COMPLETED, Event.FAILED) for e in events)
             now = time.monotonic()
             if not ended and gone_since is None and not _serverapp_alive(events):

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+from weckd.chain.errors import WeckdError
 from weckd.chain.protocol import Event
 from weckd.server.cli import _serverapp_alive
 
@@ -52,7 +54,7 @@ def test_the_last_start_counts() -> None:
     assert _serverapp_alive(_started(child.pid) + _started(os.getpid()))
 
 
-def _follow_with(tmp_path, monkeypatch, events, statuses, deadline_s=30.0):  # type: ignore[no-untyped-def]
+def _follow_with(tmp_path, monkeypatch, events, statuses, deadline_s=30.0, launchers=()):  # type: ignore[no-untyped-def]
     """weckd-server's _follow on a progress file holding ``events``, Flower answering ``statuses`` in turn."""
     import json
     from types import SimpleNamespace
@@ -71,7 +73,7 @@ def _follow_with(tmp_path, monkeypatch, events, statuses, deadline_s=30.0):  # t
     monkeypatch.setattr(cli, "stop_run", lambda paths, run_id: None)
     fed = SimpleNamespace(settings=SimpleNamespace(discovery_timeout=deadline_s, link_timeout=0.0),
                           chain=SimpleNamespace(n_links=1))
-    group = SimpleNamespace(exited=lambda: None)
+    group = SimpleNamespace(exited=lambda: None, running=lambda name: list(launchers) if name == "superexec" else [])
     out = cli._follow(fed, SimpleNamespace(logs=tmp_path), group, 1, progress,  # type: ignore[arg-type]
                       ServerMetrics(1, ["A"], 60.0))
     return out, asked
@@ -97,3 +99,34 @@ def test_flower_is_not_asked_while_the_serverapp_runs(tmp_path, monkeypatch) -> 
     """Its own process alive and no end reported: no `flwr ls` before STATUS_EVERY_S (here: past the deadline)."""
     out, asked = _follow_with(tmp_path, monkeypatch, _started(os.getpid()), [], deadline_s=0.5)
     assert out[0] == "timed out" and asked == []
+
+
+def test_a_superexec_that_exits_before_the_serverapp_started_fails_the_run_at_once(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """It is transient (it ends as the run's ServerApp), so the group forgets it: its exit before the ``started``
+    event is the failure, told at once with its log, not at Flower's next status check or the deadline."""
+    launcher = subprocess.Popen([sys.executable, "-c", "raise SystemExit(2)"])
+    launcher.wait()
+    t0 = time.monotonic()
+    with pytest.raises(WeckdError, match=r"SuperExec exited with code 2 before the run's ServerApp started; "
+                                         r"see .*superexec\.log"):
+        _follow_with(tmp_path, monkeypatch, [], [], deadline_s=30.0, launchers=[launcher])
+    assert time.monotonic() - t0 < 5.0
+
+
+def test_a_superexec_that_became_the_serverapp_may_exit_with_the_run(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Once the ``started`` event is there, the launcher's exit is the ServerApp's: the run's end is Flower's word."""
+    launcher = subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"])
+    launcher.wait()
+    out, asked = _follow_with(tmp_path, monkeypatch, _started(launcher.pid) + [{"event": Event.FAILED.value}],
+                              [("finished:failed", "ServerApp exited with code 1")], launchers=[launcher])
+    assert out == ("finished:failed", "ServerApp exited with code 1") and len(asked) == 1
+
+
+def test_a_superexec_still_waiting_does_not_fail_the_run(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    launcher = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        out, asked = _follow_with(tmp_path, monkeypatch, [], [], deadline_s=0.5, launchers=[launcher])
+        assert out[0] == "timed out" and asked == []
+    finally:
+        launcher.kill()
+        launcher.wait()
