@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from weckd.chain.appbundle import check_bundle
 from weckd.chain.cli import ERROR_PREFIX
@@ -91,11 +91,24 @@ def run_task(address: str, token: str) -> None:
     finally:
         try:
             if reply is not None and context is not None:
-                rt.push_message(client, reply, context)
+                push_reply(rt, client, reply, context)
         finally:
             rt.push_task_output(client=client, context=context, sub_status=sub_status, details=details)
             heartbeat.stop()
             client.close()
+
+
+def push_reply(rt: Any, client: Any, reply: Any, context: Any) -> None:
+    """Hand the reply to the SuperNode. A failed object push is logged, not raised: the SuperNode forwards a
+    reply as soon as the coordinator holds every object it lacks, then drops the reply's objects, so an object
+    identical to one another site already sent (two sites' equal evaluation metrics) can be refused here
+    although the reply arrived. Where the reply did not arrive, the coordinator's deadline and retry policy
+    handle it; either way this executor keeps serving the site."""
+    try:
+        rt.push_message(client, reply, context)
+    except Exception as ex:  # one task's hand-over must not stop the site
+        log.warning("the SuperNode refused part of the reply (%s: %s); the coordinator has it already or will "
+                    "time the task out", type(ex).__name__, ex)
 
 
 def serve(address: str, secret: bytes, signal_file: Path | None = None) -> None:
@@ -116,7 +129,10 @@ def serve(address: str, secret: bytes, signal_file: Path | None = None) -> None:
             time.sleep(RETRY_S)
             continue
         if res.HasField("task") and res.token:
-            run_task(address, res.token)
+            try:
+                run_task(address, res.token)
+            except Exception as ex:  # e.g. the SuperNode restarted mid-task: the site goes on
+                log.warning("task ended without its status reaching the SuperNode (%s: %s)", type(ex).__name__, ex)
             poll.worked()
             continue
         if watch is None:
