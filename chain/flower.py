@@ -404,10 +404,12 @@ def runtime() -> SimpleNamespace:
     """Flower's own ClientApp-side Runtime helpers (``flwr.supernode.runtime.run_clientapp``) and the SuperExec
     secret loader, imported on first use (only the site's executor needs them)."""
     from flwr.supercore.auth import load_superexec_auth_secret
+    from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
     return SimpleNamespace(pull_task_input=pull_task_input, push_message=push_message,
-                           push_task_output=push_task_output, load_secret=load_superexec_auth_secret)
+                           push_task_output=push_task_output, load_secret=load_superexec_auth_secret,
+                           push_refused=ObjectPushError)
 
 
 # Flower's Control API error code for a SuperNode key that is already registered

@@ -102,11 +102,10 @@ def push_reply(rt: Any, client: Any, reply: Any, context: Any) -> None:
     """Hand the reply to the SuperNode. A failed object push is logged, not raised: the SuperNode forwards a
     reply as soon as the coordinator holds every object it lacks, then drops the reply's objects, so an object
     identical to one another site already sent (two sites' equal evaluation metrics) can be refused here
-    although the reply arrived. Where the reply did not arrive, the coordinator's deadline and retry policy
-    handle it; either way this executor keeps serving the site."""
+    although the reply arrived. Any other failure propagates (``serve`` logs it and goes on)."""
     try:
         rt.push_message(client, reply, context)
-    except Exception as ex:  # one task's hand-over must not stop the site
+    except rt.push_refused as ex:  # the race above: logged, the task's status is still reported
         log.warning("the SuperNode refused part of the reply (%s: %s); the coordinator has it already or will "
                     "time the task out", type(ex).__name__, ex)
 

@@ -27,7 +27,8 @@ def _task_runtime(monkeypatch: pytest.MonkeyPatch, push_error: Exception | None)
     rt = SimpleNamespace(
         pull_task_input=lambda client: (message, context, run, SimpleNamespace(content=b"")),
         push_message=push_message,
-        push_task_output=lambda client, context, sub_status, details: calls.append(("output", sub_status)))
+        push_task_output=lambda client, context, sub_status, details: calls.append(("output", sub_status)),
+        push_refused=ObjectPushError)
     monkeypatch.setattr(executor, "runtime", lambda: rt)
     monkeypatch.setattr(executor, "runtime_client", lambda address, token, *a: SimpleNamespace(close=lambda: None))
     monkeypatch.setattr(executor, "task_heartbeat", lambda client: SimpleNamespace(stop=lambda: None))
@@ -75,3 +76,10 @@ def test_serve_goes_on_after_a_task_that_raised(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(_Stop):
         executor.serve("127.0.0.1:1", b"secret")
     assert ran == ["t1", "t2"]  # the first task's failure did not end the loop
+
+
+def test_another_push_failure_still_reports_then_propagates(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _task_runtime(monkeypatch, ConnectionError("the SuperNode went away"))
+    with pytest.raises(ConnectionError):  # serve() logs it and goes on (test_serve_goes_on_after_a_task_that_raised)
+        executor.run_task("127.0.0.1:1", "token")
+    assert calls == [("push_message", True), ("output", SubStatus.COMPLETED)]
