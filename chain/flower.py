@@ -23,6 +23,9 @@ three, each only in the process that needs it:
 * :func:`bound_superlink_sqlite` (the SuperLink, ``weckd.server.flower_superlink``) bounds the memory its SQLite
   connections keep, which Flower sets to hold ~300 MB of relayed payloads, and :func:`throttle_status_cleanup`
   sweeps expired task tokens at most once a second from run-status checks (Flower: on every object pulled);
+* :func:`process_settings` (every Flower process weckd starts, through ``chain.procs.flower_env``) sets the
+  size of the chunks Flower cuts an array into, so the SuperLink and the ServerApp hold 1 MiB per object in
+  flight rather than 5 MiB (each holds up to ~16 in flight while a payload is relayed);
 * :func:`superlink_files` (the ServerApp) names the SuperLink's database files, so the ServerApp pulls
   replies when the SuperLink has written something rather than on a timer;
 * :func:`register_node` (the coordinator's one-off ``flwr`` process) registers a site's key through the
@@ -55,6 +58,19 @@ log = logging.getLogger(__name__)
 
 SUPPORTED = "1.39."
 PULL_KWARGS = ("initial_backoff", "backoff_cap", "max_tries_per_object")
+CHUNK_ENV = "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"  # read once, when flwr.common.constant is imported
+ARRAY_CHUNK_BYTES = 1 << 20  # Flower's default is 5 MiB
+
+
+def process_settings() -> dict[str, str]:
+    """Environment settings for every Flower process weckd starts (SuperLink, SuperExec/ServerApp, SuperNode,
+    the site's executor and the one-off ``flwr`` CLI): arrays cross a hop in chunks of
+    :data:`ARRAY_CHUNK_BYTES`. A relayed payload is cut into these chunks, and the SuperLink holds every
+    request body of the object pushes and pulls in flight twice (the body and its decoded message), so the
+    chunk size scales its peak memory while payloads move: a 3-link resnet18 chain peaked at 340-430 MB with
+    5 MiB chunks and 230 MB with 1 MiB ones (the ServerApp ~320 and ~280 MB). Chunks are content-addressed
+    objects whatever their size, so a site and a coordinator that cut differently still read each other."""
+    return {CHUNK_ENV: str(ARRAY_CHUNK_BYTES)}
 
 
 class IdlePoll:
@@ -140,6 +156,7 @@ def check_internals() -> None:
     from flwr.supercore.inflatable import inflatable_utils as utils
 
     version = check_flower_version()
+    _check_chunk_setting()
     _sqlite_mixin()
     _sql_linkstate()
     if "time.sleep(3)" not in inspect.getsource(sci) or getattr(sci, "time", None) is None:
@@ -174,6 +191,15 @@ def check_internals() -> None:
     if getattr(codes, "PUBLIC_KEY_ALREADY_IN_USE", None) != KEY_ALREADY_REGISTERED:
         raise ConfigError(f"flwr {version}: the Control API's already-registered key code is no longer "
                           f"{KEY_ALREADY_REGISTERED}; update weckd.chain.flower")
+
+
+def _check_chunk_setting() -> None:
+    from flwr.app.message import array
+    from flwr.common import constant
+
+    if f'os.getenv("{CHUNK_ENV}"' not in inspect.getsource(constant) or \
+            "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE" not in inspect.getsource(array.Array.slice_array):
+        raise ConfigError(f"flwr no longer cuts arrays by {CHUNK_ENV}; update weckd.chain.flower (process_settings)")
 
 
 def cap_supernode_sleep(cap: float = 0.2, idle: float = 1.0, idle_after: float = 3.0, quick_after: float = 10.0,

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from weckd.chain.errors import ConfigError, WeckdError
 from weckd.chain.files import open_append, private_dir
+from weckd.chain.flower import process_settings
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -38,13 +39,15 @@ def flower_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str
     (``FLWR_INTERNAL_GRPC_CONTROL_API=1`` starts a second, unauthenticated Control API on
     ``--control-api-address``, default 0.0.0.0:9093; ``FLWR_OIDC_ENABLED``, ``FLWR_MODEL_API_ENDPOINT``,
     ``FLWR_SUPERGRID_*``, ``FLWR_DATABASE`` …), so an inherited one is dropped: only the variables set here
-    (and ``extra``) reach Flower. Loopback is added to ``NO_PROXY``/``no_proxy``: the local Runtime and
-    Control APIs are reached over 127.0.0.1 and must never go through an HTTP proxy from the environment.
+    (``chain.flower.process_settings`` and ``extra``) reach Flower. Loopback is added to
+    ``NO_PROXY``/``no_proxy``: the local Runtime and Control APIs are reached over 127.0.0.1 and must never go
+    through an HTTP proxy from the environment.
     This interpreter's scripts directory comes first on ``PATH``.
     """
     private_dir(home)
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("FLWR_")}
-    env.update({"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"})
+    env.update({"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                **process_settings()})
     # Flower starts its own helpers by name (flower-superexec, flwr-serverapp): they must come from this
     # installation even where its bin/ is not on PATH (a systemd unit, a full path to weckd-server).
     scripts = str(Path(sys.executable).parent)

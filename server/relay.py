@@ -10,11 +10,13 @@ survives a coordinator restart.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from weckd.chain.errors import LinkError, PayloadError
 from weckd.chain.flower import read_payloads, request_payload
+from weckd.chain.protocol import KEY_PLAIN, KEY_SEALED
 
 if TYPE_CHECKING:  # Flower and numpy load with the first message (weckd-server reads checkpoints without them)
     from flwr.app import RecordDict
@@ -28,7 +30,8 @@ class Relay:
     site: str
     blobs: dict[str, bytes]
     sealed: bool
-    _records: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False, compare=False)
+    _records: weakref.WeakValueDictionary[str, Any] = field(default_factory=weakref.WeakValueDictionary,
+                                                             repr=False, compare=False)
 
     def blob(self, kind: str, recipient: str) -> bytes:
         """The blob that hands this output to ``recipient``: sealed, one blob names all its recipients."""
@@ -54,11 +57,17 @@ class Relay:
     def records(self, kind: str, recipient: str) -> dict[str, Any]:
         """The records that hand this output to ``recipient`` (a teacher or a model to evaluate): the same record
         object for every recipient (the blob is the same), so the ServerApp holds one copy of it however many
-        messages carry it, and Flower pushes it once."""
+        messages carry it, and Flower pushes it once. The relay holds it only while a message does (each is a
+        copy of the payload): a relay kept as the checkpoint does not keep the record of its last exchange."""
         data = self.blob(kind, recipient)
-        if kind not in self._records:
-            self._records[kind] = request_payload(self.sealed, data)
-        return dict(self._records[kind])
+        held = self._records.get(kind)
+        if held is None:
+            held = self._records[kind] = request_payload(self.sealed, data)[self.record_key]
+        return {self.record_key: held}
+
+    @property
+    def record_key(self) -> str:
+        return KEY_SEALED if self.sealed else KEY_PLAIN
 
 
 def relay_from_reply(content: RecordDict, link: int, site: str, sealed: bool) -> Relay:

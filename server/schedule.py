@@ -186,7 +186,9 @@ class ChainRun:
                 self.state.skipped.append(site)
                 save_state(self.state_dir, self.state)
                 continue
-            self._finish_link(k, site, schedule, rep)
+            record, relay = link_record(k, rep), relay_from_reply(rep.message.content, k, site, self.sealed)
+            del rep  # the reply's arrays (another copy of the payload) go before the model is sent on
+            self._finish_link(k, site, schedule, record, relay)
         if not self.state.links:
             raise LinkError("no link completed: every site failed or was skipped", Failure.SITE_FAILED)
         if self.state.relay is None or len(self.state.links) != len(self.schedule()):
@@ -195,9 +197,7 @@ class ChainRun:
             self._hand_over(self._to_deliver(), self.schedule())
         return ChainOutcome(self.infos, list(self.state.links), self.state.relay, list(self.state.skipped))
 
-    def _finish_link(self, k: int, site: str, schedule: list[str], rep: Reply) -> None:
-        record = link_record(k, rep)
-        relay = relay_from_reply(rep.message.content, k, site, self.sealed)
+    def _finish_link(self, k: int, site: str, schedule: list[str], record: LinkRecord, relay: Relay) -> None:
         eps = {"epsilon": float(record.metrics["privacy-epsilon"])} if "privacy-epsilon" in record.metrics else {}
         self._audit("train", "accepted", k, site=site, blobs={n: sha256_hex(b) for n, b in relay.blobs.items()},
                     recipients=sorted({r for kind in relay.blobs for r in relay.recipients(kind)}), **eps)
@@ -255,6 +255,7 @@ class ChainRun:
             raise LinkError(f"handing over link {k + 1} (site {site}) as the final model: {err}; restart "
                             "weckd-server to retry", err.failure) from None
         relay = relay_from_reply(rep.message.content, k, site, self.sealed)
+        del rep  # the reply's arrays (another copy of the payload) go before the model is sent on
         deliver = tuple(r for r in recipients if r != COORDINATOR)
         record = self.state.links[k]
         if deliver:

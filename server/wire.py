@@ -8,6 +8,7 @@ prove that only weights, logits and aggregate metrics cross the coordinator. It 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,19 @@ from weckd.chain.protocol import KEY_PLAIN
 
 def content_bytes(content: RecordDict) -> int:
     """Bytes of every array in a message's content."""
-    return int(sum(arr.numpy().nbytes for rec in content.array_records.values() for arr in rec.values()))
+    return sum(array_nbytes(arr) for rec in content.array_records.values() for arr in rec.values())
+
+
+def array_nbytes(arr: Any) -> int:
+    """The bytes an array holds, from its declared dtype and shape (``arr.numpy()`` would decode a copy of
+    each relayed payload just to count it). An array whose dtype numpy does not know (a malformed reply,
+    refused later by the relay with its reason) counts its serialised bytes."""
+    import numpy as np
+
+    try:
+        return int(np.dtype(arr.dtype).itemsize * math.prod(arr.shape))
+    except (TypeError, ValueError):
+        return len(arr.data)
 
 
 def describe(content: RecordDict) -> dict[str, Any]:
@@ -29,7 +42,7 @@ def describe(content: RecordDict) -> dict[str, Any]:
     out: dict[str, Any] = {"arrays": {}, "configs": {}, "metrics": {}}
     for key, rec in content.array_records.items():
         out["arrays"][key] = [{"name": name, "shape": list(arr.shape), "dtype": str(arr.dtype),
-                               "bytes": int(arr.numpy().nbytes)} for name, arr in rec.items()]
+                               "bytes": array_nbytes(arr)} for name, arr in rec.items()]
     if KEY_PLAIN in content.array_records:  # plain payloads: the tensors each declares, and its header's bytes
         for name, arr in content.array_records[KEY_PLAIN].items():
             try:

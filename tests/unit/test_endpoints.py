@@ -107,7 +107,8 @@ def test_flower_env_drops_inherited_flwr_variables(hostile_env: None, tmp_path: 
     env = flower_env(tmp_path / "home", {"FLWR_LOG_LEVEL": "DEBUG"})
     flwr = {k: v for k, v in env.items() if k.startswith("FLWR_")}
     assert flwr == {"FLWR_HOME": str(tmp_path / "home"), "FLWR_TELEMETRY_ENABLED": "0",
-                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_LOG_LEVEL": "DEBUG"}
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE": "1048576",
+                    "FLWR_LOG_LEVEL": "DEBUG"}
 
 
 def test_flower_env_keeps_loopback_off_the_proxy(hostile_env: None, tmp_path: Path) -> None:

@@ -308,3 +308,29 @@ def test_a_payload_array_whose_bytes_are_not_what_it_says_is_refused(data: objec
     content = RecordDict({flower.KEY_SEALED: ArrayRecord({"payload": arr})})
     with pytest.raises(flower.PayloadError, match=r"^site A: payload 'payload' is not a byte array"):
         flower.read_payloads(content, "site A")
+
+
+def test_every_flower_process_weckd_starts_cuts_arrays_into_1_mib_chunks(tmp_path: Path) -> None:
+    """The environment of every Flower process weckd starts, read by Flower itself in a fresh interpreter:
+    a 3.5 MiB payload crosses a hop as 4 objects, where Flower's default cuts one 5 MiB object."""
+    import subprocess
+    import sys
+
+    from weckd.chain.procs import flower_env
+
+    code = ("import numpy as np; from flwr.app import Array; "
+            "print(len(Array(np.zeros(7 << 19, dtype=np.uint8)).slice_array()))")
+    env = flower_env(tmp_path / "home")
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.split() == ["4"]
+    env.pop(flower.CHUNK_ENV)
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.split() == ["1"]
+
+
+def test_a_moved_chunk_setting_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.app.message.array import Array
+
+    monkeypatch.setattr(Array, "slice_array", lambda self: [])
+    with pytest.raises(flower.ConfigError, match=r"no longer cuts arrays by FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"):
+        flower.check_internals()

@@ -255,3 +255,22 @@ def test_fresh_drops_a_completed_chains_relay_files_and_keeps_an_unfinished_ones
     done = discard_state(tmp_path / "state")
     assert done is not None and list(done.glob("relay-*.bin")) == []  # its outputs are in out/
     assert json.loads((done / "state.json").read_text())["body"]["completed"] is True
+
+
+def test_a_relay_shares_one_record_among_its_messages_and_keeps_none_after_them() -> None:
+    """Every message that carries a relayed payload holds the same record (one copy in the ServerApp); once no
+    message does, the relay, kept as the checkpoint, holds only its bytes, not a second copy in a record."""
+    import gc
+
+    from weckd.server.wire import content_bytes
+
+    relay = Relay(0, "A", {"weights": b"\x05" * 4096}, False)
+    to_b, to_c = relay.records("weights", "B"), relay.records("weights", "C")
+    assert list(to_b) == ["plain"] and to_b["plain"] is to_c["plain"]
+    del to_b, to_c
+    gc.collect()
+    assert len(relay._records) == 0
+    again = relay.records("weights", "B")
+    from flwr.app import RecordDict
+
+    assert content_bytes(RecordDict(again)) == 4096  # counted from dtype and shape, the payload not decoded
