@@ -23,6 +23,8 @@ three, each only in the process that needs it:
 * :func:`bound_superlink_sqlite` (the SuperLink, ``weckd.server.flower_superlink``) bounds the memory its SQLite
   connections keep, which Flower sets to hold ~300 MB of relayed payloads, and :func:`throttle_status_cleanup`
   sweeps expired task tokens at most once a second from run-status checks (Flower: on every object pulled);
+* :func:`slow_http_ticks` (the SuperLink and the SuperNode) has the uvicorn loop behind their HTTP APIs wake every
+  0.5 s rather than every 0.1 s while nothing asks it anything;
 * :func:`process_settings` (every Flower process weckd starts, through ``chain.procs.flower_env``) sets the
   size of the chunks Flower cuts an array into, so the SuperLink and the ServerApp hold 1 MiB per object in
   flight rather than 5 MiB (each holds up to ~16 in flight while a payload is relayed);
@@ -80,9 +82,12 @@ class IdlePoll:
     long idle costs at most ``slow`` seconds more.
 
     With ``quick_after`` (longer than ``idle_after``), the fast pace lasts that long after a message that came
-    soon (within ``quick_after``) after the one before it, and after the first: messages that come in quick
-    succession (short links, evaluations) are picked up at once, while a site whose messages come a long link
-    apart slows down ``idle_after`` seconds after each.
+    soon (within ``quick_after``) after the one before it: messages that come in quick succession (short links,
+    evaluations) are picked up at once, while a site whose messages come a long link apart slows down
+    ``idle_after`` seconds after each. The first (the run's discovery query) holds it ``idle_after``: every site
+    but the first link's then waits that link out at the slow pace (a fast ``quick_after`` after discovery cost
+    ~1.5 % of a core in the first link of a 3-site federation), and a site whose next message comes within
+    ``idle_after`` still finds it at once.
 
     While a message is being handled, the SuperNode waits for its reply in steps of ``brisk`` seconds for the
     first ``brisk_for`` seconds after it arrived (an evaluation's reply is ready in well under a second), then
@@ -105,7 +110,7 @@ class IdlePoll:
     def message(self) -> None:
         """A message arrived: work, and the pace after it set by how soon it followed the one before."""
         now = _time.monotonic()
-        soon = self.last_message is None or now - self.last_message < self.quick_after
+        soon = self.last_message is not None and now - self.last_message < self.quick_after
         self.hold = self.quick_after if soon else self.idle_after
         self.last_message = self.last_work = now
 
@@ -157,6 +162,7 @@ def check_internals() -> None:
 
     version = check_flower_version()
     _check_chunk_setting()
+    _uvicorn_server()
     _sqlite_mixin()
     _sql_linkstate()
     if "time.sleep(3)" not in inspect.getsource(sci) or getattr(sci, "time", None) is None:
@@ -265,6 +271,45 @@ def bound_superlink_sqlite() -> None:
     the OS's page cache, which holds the database file anyway."""
     mixin = _sqlite_mixin()
     mixin.SQLITE_PRAGMAS = tuple({**dict(mixin.SQLITE_PRAGMAS), **SQLITE_BOUNDS}.items())
+
+
+HTTP_TICK_S = 0.5  # how often the uvicorn loop behind a Flower HTTP API wakes to see whether it should stop
+_UVICORN_TICK = 0.1  # uvicorn's own period
+
+
+class _TickAsyncio:
+    """The ``asyncio`` module as ``uvicorn.server`` sees it, with its server loop's 0.1 s sleep made ``tick``."""
+
+    def __init__(self, tick: float) -> None:
+        self.tick = tick
+
+    def __getattr__(self, name: str) -> Any:
+        import asyncio
+
+        return getattr(asyncio, name)
+
+    async def sleep(self, seconds: float, result: Any = None) -> Any:
+        import asyncio
+
+        return await asyncio.sleep(self.tick if seconds == _UVICORN_TICK else seconds, result)
+
+
+def slow_http_ticks(tick: float = HTTP_TICK_S) -> None:
+    """The SuperLink and the site's SuperNode, whose Control/Runtime APIs run uvicorn: its server loop wakes every
+    0.1 s only to see whether it should stop and to refresh its ``Date`` header, ~0.15 % of a core per process,
+    through every link (four such processes wait while a 3-site federation on one host trains). With this it wakes
+    every ``tick`` seconds; requests are served as they come either way, and stopping takes up to ``tick`` longer."""
+    _uvicorn_server().asyncio = _TickAsyncio(tick)
+
+
+def _uvicorn_server() -> Any:
+    import uvicorn.server as us
+
+    if f"await asyncio.sleep({_UVICORN_TICK})" not in inspect.getsource(us.Server.main_loop) or \
+            getattr(us, "asyncio", None) is None:
+        raise ConfigError("uvicorn's server loop no longer ticks with asyncio.sleep(0.1); "
+                          "update weckd.chain.flower (slow_http_ticks)")
+    return us
 
 
 STATUS_CLEANUP_S = 1.0  # a run's status check sweeps expired task tokens at most this often

@@ -1,4 +1,5 @@
-"""``flower-supernode`` in this process, with the Fleet poll capped (see ``weckd.chain.flower``).
+"""``flower-supernode`` in this process, with the Fleet poll capped and its Runtime API's idle loop slowed (see
+``weckd.chain.flower``).
 
 ``python -m weckd.client.supernode <flower-supernode arguments>`` (started by ``weckd-client``).
 """
@@ -17,6 +18,7 @@ from weckd.chain.flower import (
     fast_pull,
     set_node_heartbeat,
     signal_new_tasks,
+    slow_http_ticks,
 )
 
 POLL_ENV = "WECKD_FLEET_POLL_S"
@@ -31,6 +33,7 @@ def main() -> int:
         return 2
     poll = cap_supernode_sleep(float(os.environ.get(POLL_ENV, "0.2")))
     fast_pull()
+    slow_http_ticks()
     if os.environ.get(TASK_SIGNAL_ENV):
         signal_new_tasks(Path(os.environ[TASK_SIGNAL_ENV]), poll.message)
     if os.environ.get(HEARTBEAT_ENV):

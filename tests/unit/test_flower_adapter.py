@@ -42,8 +42,8 @@ def test_polls_slow_down_in_steps_the_longer_a_site_idles(monkeypatch: pytest.Mo
 
 def test_the_fast_pace_lasts_longer_after_messages_that_come_in_quick_succession(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Short links and evaluations: messages seconds apart keep the site fast for ``quick_after``; a message that
-    came a long link after the one before slows the site down ``idle_after`` after it."""
+    """Short links and evaluations: messages seconds apart keep the site fast for ``quick_after``; the first, and a
+    message that came a long link after the one before, slow the site down ``idle_after`` after them."""
     now = [1000.0]
     monkeypatch.setattr(flower._time, "monotonic", lambda: now[0])
     poll = IdlePoll(0.2, 1.0, 3.0, 3.0, 60.0, quick_after=10.0)
@@ -60,7 +60,7 @@ def test_the_fast_pace_lasts_longer_after_messages_that_come_in_quick_succession
         return pace
 
     sci._pull_and_store_message(state=None)  # the first message (discovery)
-    assert told == [1] and pace_after(9.0) == 0.2  # fast for quick_after
+    assert told == [1] and pace_after(2.0) == 0.2 and pace_after(3.5) == 1.0  # fast for idle_after
     now[0] += 4.0
     sci._pull_and_store_message(state=None)  # 4 s later: in quick succession
     assert pace_after(9.0) == 0.2 and pace_after(10.5) == 1.0
@@ -333,4 +333,38 @@ def test_a_moved_chunk_setting_is_one_clear_line(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(Array, "slice_array", lambda self: [])
     with pytest.raises(flower.ConfigError, match=r"no longer cuts arrays by FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE"):
+        flower.check_internals()
+
+
+def test_the_http_apis_idle_loop_wakes_every_tick_and_other_sleeps_are_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import uvicorn.server as us
+
+    monkeypatch.setattr(us, "asyncio", us.asyncio)  # restored after the test
+    slept: list[float] = []
+
+    async def record(seconds: float, result: object = None) -> object:
+        slept.append(seconds)
+        return result
+
+    flower.slow_http_ticks(0.5)
+    monkeypatch.setattr(asyncio, "sleep", record)
+    server = us.Server(us.Config(app=None))
+    ticks = iter([False, False, True])
+
+    async def on_tick(counter: int) -> bool:
+        return next(ticks)
+
+    monkeypatch.setattr(server, "on_tick", on_tick)
+    asyncio.run(server.main_loop())
+    assert slept == [0.5, 0.5]
+    assert asyncio.run(us.asyncio.sleep(2.0, "kept")) == "kept" and slept[-1] == 2.0
+
+
+def test_a_moved_uvicorn_tick_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn.server as us
+
+    monkeypatch.setattr(us.Server, "main_loop", lambda self: None)
+    with pytest.raises(flower.ConfigError, match=r"uvicorn's server loop no longer ticks with asyncio.sleep\(0.1\)"):
         flower.check_internals()
