@@ -41,8 +41,10 @@ both CLIs and by a unit test) fails loudly when any of them moves.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import logging
+import sys
 import time as _time
 from pathlib import Path
 from types import SimpleNamespace
@@ -124,15 +126,22 @@ class IdlePoll:
         return self.fast if idle < self.hold else self.slow if idle < self.slowest_after else self.slowest
 
 
-class _CappedTime:
+class _ModuleShim:
+    """A module as one module of Flower's (or uvicorn's) sees it: the names a subclass defines are its own, every
+    other name is the module ``_module``'s."""
+
+    _module = "time"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(importlib.import_module(self._module), name)
+
+
+class _CappedTime(_ModuleShim):
     """The ``time`` module with ``sleep`` capped at the idle poll: Flower's SuperNode sleeps 3 s after a Fleet
     poll that found nothing and 0.5 s while it waits for a reply (which counts as work)."""
 
     def __init__(self, poll: IdlePoll) -> None:
         self._poll = poll
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(_time, name)
 
     def sleep(self, seconds: float) -> None:
         if seconds < 3:  # not the empty-poll sleep: a message is being handled
@@ -232,16 +241,13 @@ def cap_supernode_sleep(cap: float = 0.2, idle: float = 1.0, idle_after: float =
 RUN_SIGNAL_ENV = "WECKD_RUN_SIGNAL"  # weckd-server touches this file after it submits a run; its SuperExec watches it
 
 
-class _SignalTime:
+class _SignalTime(_ModuleShim):
     """The ``time`` module with ``sleep`` replaced by a wait for a signal file: the SuperExec's loop asks the
     SuperLink for a run to launch once ``path`` was touched (weckd-server touches it after each submission)
     and at least every ``longest`` seconds, instead of once a second through every link."""
 
     def __init__(self, path: Path, longest: float) -> None:
         self.watch, self.longest = FileWatch([path]), longest
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(_time, name)
 
     def sleep(self, seconds: float) -> None:
         self.watch.wait(self.longest)
@@ -274,38 +280,36 @@ def bound_superlink_sqlite() -> None:
 
 
 HTTP_TICK_S = 0.5  # how often the uvicorn loop behind a Flower HTTP API wakes to see whether it should stop
-_UVICORN_TICK = 0.1  # uvicorn's own period
 
 
-class _TickAsyncio:
-    """The ``asyncio`` module as ``uvicorn.server`` sees it, with its server loop's 0.1 s sleep made ``tick``."""
+class _TickAsyncio(_ModuleShim):
+    """The ``asyncio`` module as ``uvicorn.server`` sees it, with the sleep of its server's idle loop (``loop``, the
+    code of ``Server.main_loop``: 0.1 s) made ``tick``; every other sleep there (those of its shutdown) is kept."""
 
-    def __init__(self, tick: float) -> None:
-        self.tick = tick
+    _module = "asyncio"
 
-    def __getattr__(self, name: str) -> Any:
+    def __init__(self, tick: float, loop: Any) -> None:
+        self.tick, self.loop = tick, loop
+
+    def sleep(self, seconds: float, result: Any = None) -> Any:
         import asyncio
 
-        return getattr(asyncio, name)
-
-    async def sleep(self, seconds: float, result: Any = None) -> Any:
-        import asyncio
-
-        return await asyncio.sleep(self.tick if seconds == _UVICORN_TICK else seconds, result)
+        return asyncio.sleep(self.tick if sys._getframe(1).f_code is self.loop else seconds, result)
 
 
 def slow_http_ticks(tick: float = HTTP_TICK_S) -> None:
     """The SuperLink and the site's SuperNode, whose Control/Runtime APIs run uvicorn: its server loop wakes every
     0.1 s only to see whether it should stop and to refresh its ``Date`` header, ~0.15 % of a core per process,
     through every link (four such processes wait while a 3-site federation on one host trains). With this it wakes
-    every ``tick`` seconds; requests are served as they come either way, and stopping takes up to ``tick`` longer."""
-    _uvicorn_server().asyncio = _TickAsyncio(tick)
+    every ``tick`` seconds; requests are served as they come either way, and a stop is seen up to ``tick`` later."""
+    us = _uvicorn_server()
+    us.asyncio = _TickAsyncio(tick, us.Server.main_loop.__code__)
 
 
 def _uvicorn_server() -> Any:
     import uvicorn.server as us
 
-    if f"await asyncio.sleep({_UVICORN_TICK})" not in inspect.getsource(us.Server.main_loop) or \
+    if "await asyncio.sleep(0.1)" not in inspect.getsource(us.Server.main_loop) or \
             getattr(us, "asyncio", None) is None:
         raise ConfigError("uvicorn's server loop no longer ticks with asyncio.sleep(0.1); "
                           "update weckd.chain.flower (slow_http_ticks)")
@@ -371,17 +375,14 @@ def _sqlite_mixin() -> Any:
     return mixin
 
 
-class _ExecInstead:
+class _ExecInstead(_ModuleShim):
     """The ``subprocess`` module as Flower's subprocess executor sees it, with ``Popen`` replaced by an exec of
     the same command line (its ``--parent-pid`` made ``parent_pid``): the SuperExec process becomes the task's."""
 
+    _module = "subprocess"
+
     def __init__(self, parent_pid: int | None) -> None:
         self._parent_pid = parent_pid
-
-    def __getattr__(self, name: str) -> Any:
-        import subprocess
-
-        return getattr(subprocess, name)
 
     def Popen(self, args: Any, **_: Any) -> Any:  # noqa: N802 (the name Flower calls)
         import os
