@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 
 from . import __version__
 from .errors import PayloadError, shown
-from .files import atomic_write, atomic_write_text, inside, private_dir, staged_dir
+from .files import atomic_write, atomic_write_by, atomic_write_text, inside, private_dir, staged_dir
 
 if TYPE_CHECKING:  # torch loads with the weights: the coordinator writes a delivered model without it
     import torch
@@ -67,17 +67,20 @@ def save_model(folder: Path, state: Mapping[str, torch.Tensor | np.ndarray], car
     is the same either way."""
     private_dir(folder)
     if all(isinstance(v, np.ndarray) for v in state.values()):
-        from safetensors.numpy import save as save_numpy
+        from safetensors.numpy import save_file
 
-        # np.ascontiguousarray makes a 0-d array 1-d: keep every shape (num_batches_tracked is 0-d)
-        data = save_numpy({k: np.ascontiguousarray(v).reshape(v.shape) for k, v in state.items()},
-                          metadata={"arch": card.arch})
+        # np.ascontiguousarray makes a 0-d array 1-d: keep every shape (num_batches_tracked is 0-d); written
+        # straight to disk, the file is never held in memory beside the arrays (the coordinator's largest peak)
+        arrays = {k: np.ascontiguousarray(v).reshape(v.shape) for k, v in state.items()}
+        atomic_write_by(folder / MODEL_FILE, lambda tmp: save_file(arrays, str(tmp), metadata={"arch": card.arch}))
+        digest = sha256_file(folder / MODEL_FILE)
     else:
         from safetensors.torch import save
 
         data = save({k: v.contiguous() for k, v in state.items()}, metadata={"arch": card.arch})
-    atomic_write(folder / MODEL_FILE, data)
-    write_json(folder / CARD_FILE, card.to_json(hashlib.sha256(data).hexdigest()))
+        atomic_write(folder / MODEL_FILE, data)
+        digest = hashlib.sha256(data).hexdigest()
+    write_json(folder / CARD_FILE, card.to_json(digest))
 
 
 def load_model_files(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -23,7 +23,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, BinaryIO, Iterator
+from typing import IO, BinaryIO, Callable, Iterator
 
 from .errors import ConfigError, SecurityError, WeckdError
 from .protocol import Reason, Refused
@@ -40,12 +40,23 @@ def refuse_symlink(path: Path) -> None:
                             "and give the real path instead")
 
 
-def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, replace: bool = True) -> None:
+def atomic_write(path: Path, data: bytes | memoryview, mode: int = 0o600, *, replace: bool = True) -> None:
     """Write ``data`` to ``path`` all at once, with permission bits ``mode``.
 
     With ``replace=False`` an existing ``path`` is not overwritten (ConfigError naming ``--force``).
     The folder must exist (see :func:`private_dir`).
     """
+    _write_atomically(path, mode, replace, lambda fh, _: fh.write(data))
+
+
+def atomic_write_by(path: Path, writer: Callable[[Path], None], mode: int = 0o600, *, replace: bool = True) -> None:
+    """:func:`atomic_write` of a file that ``writer`` writes by its name (a library that writes its format straight
+    to disk, never holding the whole file in memory): the temp file is created as for :func:`atomic_write`, in
+    the same folder, and handed to ``writer``; then made ``mode``, fsync'd and renamed over ``path``."""
+    _write_atomically(path, mode, replace, lambda _, tmp: writer(tmp))
+
+
+def _write_atomically(path: Path, mode: int, replace: bool, fill: Callable[[BinaryIO, Path], object]) -> None:
     path = Path(path)
     refuse_symlink(path.parent)
     refuse_symlink(path)
@@ -58,7 +69,7 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600, *, replace: bool = 
         raise WeckdError(f"{path}: cannot write ({err.strerror}); check the folder's owner and permissions") from None
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            fill(fh, tmp)
             fh.flush()
             os.fchmod(fh.fileno(), mode)
             os.fsync(fh.fileno())

@@ -1,7 +1,8 @@
 """The one adapter over Flower 1.39 that both roles share; nothing else in weckd touches Flower's internals.
 
 *Records*: payload bytes in and out of Flower records (``payload_record``, ``read_payloads``) and
-``config_dict``; ``weckd.chain.payload`` itself stays Flower-free.
+``config_dict``; ``weckd.chain.payload`` itself stays Flower-free. A payload the coordinator received is held
+as a view into the array it came in and sent on as that same array (``read_payloads(view=True)``).
 
 *Tighter polling*, without editing Flower. Stock Flower 1.39 costs ~6 s per chain link on loopback: the
 SuperNode sleeps a hard-coded 3 s between Fleet polls, an object pull that races the upload backs off
@@ -16,7 +17,8 @@ three, each only in the process that needs it:
   site's executor watches instead of polling the SuperNode's HTTP API (an idle site stays quiet);
 * :func:`fast_pull` (the SuperNode, the site's executor and the ServerApp: the processes that pull
   message objects) lowers the keyword defaults of the object-pull backoff in
-  ``flwr.supercore.inflatable.inflatable_utils``;
+  ``flwr.supercore.inflatable.inflatable_utils``, and :func:`join_array_chunks` (the site's executor and the
+  ServerApp) has a received array's chunks joined in one copy rather than grown in a buffer and copied again;
 * :func:`superexec_waits_for` (the coordinator's SuperExec, ``weckd.server.superexec``) has its task poll wait
   for a file weckd-server touches after submitting a run, instead of asking the SuperLink every second, and
   :func:`superexec_becomes_task` makes that process the run's ServerApp (exec) instead of its parent;
@@ -172,6 +174,9 @@ def check_internals() -> None:
     version = check_flower_version()
     _check_chunk_setting()
     _uvicorn_server()
+    from flwr.app.message.array import Array
+
+    _array_inflate(Array)
     _sqlite_mixin()
     _sql_linkstate()
     if "time.sleep(3)" not in inspect.getsource(sci) or getattr(sci, "time", None) is None:
@@ -266,15 +271,16 @@ def superexec_waits_for(path: Path, longest: float = 30.0) -> None:
     rs.time = _SignalTime(path, longest)  # type: ignore[assignment]
 
 
-SQLITE_BOUNDS = {"cache_size": "-8000", "mmap_size": "0"}  # 8 MB of page cache per connection, no mmap
+SQLITE_BOUNDS = {"cache_size": "-2000", "mmap_size": "0"}  # 2 MB of page cache per connection, no mmap
 
 
 def bound_superlink_sqlite() -> None:
     """The SuperLink process (``weckd.server.flower_superlink``): Flower 1.39 gives each of its SQLite connections
     a 64 MB page cache and 256 MB of memory-mapped I/O (``flwr.supercore.constant.SQLITE_PRAGMAS``), and every
     message object relayed passes through them, so the SuperLink kept what it relayed resident: a 3-link resnet18
-    chain took it from 150 MB to 470 MB. With :data:`SQLITE_BOUNDS` a connection caches 8 MB and reads through
-    the OS's page cache, which holds the database file anyway."""
+    chain took it from 150 MB to 470 MB. With :data:`SQLITE_BOUNDS` a connection caches 2 MB and reads through
+    the OS's page cache, which holds the database file anyway: the SuperLink opens ~10 connections (one per
+    thread that touches its state), and at 8 MB each they kept ~30 MB more resident (peak 248 → 219 MB)."""
     mixin = _sqlite_mixin()
     mixin.SQLITE_PRAGMAS = tuple({**dict(mixin.SQLITE_PRAGMAS), **SQLITE_BOUNDS}.items())
 
@@ -452,7 +458,7 @@ def set_node_heartbeat(interval: float) -> None:
     import flwr.client.grpc_rere_client.connection as conn
     from flwr.supercore import heartbeat as hb
 
-    conn.HEARTBEAT_DEFAULT_INTERVAL = hb.HEARTBEAT_DEFAULT_INTERVAL = interval  # type: ignore[attr-defined]
+    conn.HEARTBEAT_DEFAULT_INTERVAL = hb.HEARTBEAT_DEFAULT_INTERVAL = interval  # type: ignore[attr-defined,assignment]
 
 
 def fast_pull(initial_backoff: float = 0.05, backoff_cap: float = 0.5, max_tries: int = 20_000) -> None:
@@ -465,6 +471,53 @@ def fast_pull(initial_backoff: float = 0.05, backoff_cap: float = 0.5, max_tries
             raise ConfigError(f"flwr {fn.__qualname__} lost keyword(s) {missing}; update weckd.chain.flower")
         fn.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), "initial_backoff": initial_backoff,
                              "backoff_cap": backoff_cap, "max_tries_per_object": max_tries}
+
+
+class _ChunkTap:
+    """One received ArrayChunk as Flower's ``Array.inflate`` reads it: the chunk's bytes are noted (in the order
+    read) and none handed over, so the array is joined from them once instead of grown in a bytearray."""
+
+    __slots__ = ("_chunk", "_read")
+
+    def __init__(self, chunk: Any, read: list[Any]) -> None:
+        self._chunk, self._read = chunk, read
+
+    @property
+    def data(self) -> bytes:
+        self._read.append(self._chunk.data)
+        return b""
+
+
+def join_array_chunks() -> None:
+    """Every weckd process that receives payloads (the ServerApp, a site's SuperNode and executor): Flower 1.39
+    assembles a received Array by growing a bytearray from its chunks, then copying it into bytes
+    (``flwr.app.message.array.Array.inflate``), so three copies of the payload are held at once; here Flower's
+    own ``inflate`` checks the array and its chunks, and the bytes are joined from the chunks in one copy."""
+    from flwr.app.message.array import Array
+
+    flower_inflate = _array_inflate(Array)
+
+    def inflate(cls: type, object_content: bytes, children: dict[str, Any] | None = None) -> Any:
+        read: list[Any] = []
+        array = flower_inflate.__func__(cls, object_content,  # type: ignore[attr-defined]
+                                        {cid: _ChunkTap(ch, read) for cid, ch in (children or {}).items()})
+        array.data = b"".join(read)
+        return array
+
+    inflate.__wrapped__ = flower_inflate  # type: ignore[attr-defined]
+    Array.inflate = classmethod(inflate)  # type: ignore[assignment,method-assign]
+
+
+def _array_inflate(array_cls: Any) -> Any:
+    """Flower's ``Array.inflate`` (the original where :func:`join_array_chunks` wrapped it), checked to read each
+    chunk's ``data`` once, in order, into one buffer."""
+    held = inspect.getattr_static(array_cls, "inflate")
+    flower_inflate = getattr(getattr(held, "__func__", None), "__wrapped__", None) or array_cls.inflate
+    source = inspect.getsource(flower_inflate)
+    if "buff += cast(ArrayChunk, children[ch_id]).data" not in source or "array.data = bytes(buff)" not in source:
+        raise ConfigError("flwr.app.message.array.Array.inflate no longer joins chunks into one buffer; "
+                          "update weckd.chain.flower (join_array_chunks)")
+    return flower_inflate
 
 
 # The SuperNode's Runtime API calls that hand out tasks; signed with the shared secret (as Flower's SuperExec does).
@@ -579,45 +632,74 @@ def task_heartbeat(client: Any) -> Any:
     return sender
 
 
-def payload_record(blobs: Mapping[str, bytes]) -> ArrayRecord:
+def payload_record(blobs: Mapping[str, bytes | memoryview]) -> ArrayRecord:
     """Payload bytes (plain ``chain.payload`` bytes or sealed blobs) as one ArrayRecord: a uint8 array per
     name, so each payload crosses a hop as one object whatever its tensor count."""
+    from flwr.app import ArrayRecord
+
+    return ArrayRecord({name: _byte_array(data) for name, data in blobs.items()})
+
+
+def _byte_array(data: bytes | memoryview) -> Any:
+    """A 1-d uint8 Array of ``data``, whose serialisation is the ``.npy`` header plus the bytes. Where ``data`` is
+    the view :func:`read_payloads` took of a received array (``view=True``), that array's own serialisation travels
+    on as it is: a coordinator relaying a payload holds it once, not once received and once again to send."""
+    import io
+
     import numpy as np
-    from flwr.app import Array, ArrayRecord
+    from flwr.app import Array
 
-    return ArrayRecord({name: Array(np.frombuffer(data, dtype=np.uint8)) for name, data in blobs.items()})
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "|u1", "fortran_order": False, "shape": (len(data),)})
+    header = head.getvalue()
+    held = data.obj if isinstance(data, memoryview) else None
+    if isinstance(held, bytes) and len(held) == len(header) + len(data) and held.startswith(header) and \
+            _address(data) == _address(held) + len(header):
+        npy = held
+    else:
+        npy = header + bytes(data)
+    return Array(dtype="uint8", shape=(len(data),), stype="numpy.ndarray", data=npy)
 
 
-def payload_records(sealed: bool, blobs: Mapping[str, bytes]) -> dict[str, ArrayRecord]:
+def _address(data: bytes | memoryview) -> int:
+    import numpy as np
+
+    return int(np.frombuffer(data, dtype=np.uint8).ctypes.data)
+
+
+def payload_records(sealed: bool, blobs: Mapping[str, bytes | memoryview]) -> dict[str, ArrayRecord]:
     """The record a message's payloads travel in: ``KEY_SEALED`` or ``KEY_PLAIN``."""
     return {KEY_SEALED if sealed else KEY_PLAIN: payload_record(blobs)}
 
 
-def request_payload(sealed: bool, data: bytes) -> dict[str, ArrayRecord]:
+def request_payload(sealed: bool, data: bytes | memoryview) -> dict[str, ArrayRecord]:
     """The records that hand one payload to a site (a request holds exactly one, named PAYLOAD_ENTRY)."""
     return payload_records(sealed, {PAYLOAD_ENTRY: data})
 
 
-def read_payloads(content: Any, where: str) -> tuple[bool, dict[str, bytes]] | None:
+def read_payloads(content: Any, where: str, *, view: bool = False
+                  ) -> tuple[bool, dict[str, bytes | memoryview]] | None:
     """(sealed?, payload bytes by name) of a message, or None when it carries none. Both records at once
-    is a malformed message."""
+    is a malformed message. With ``view`` each payload is a read-only view into its array's serialisation
+    (no copy; :func:`payload_record` sends such a view on as that array), else a copy of its bytes."""
     held = [key for key in (KEY_SEALED, KEY_PLAIN) if key in content.array_records]
     if not held:
         return None
     if len(held) > 1:
         raise PayloadError(f"{where}: message holds both sealed and plain payloads; upgrade weckd on both sides")
     record = content.array_records[held[0]]
-    out = {}
+    out: dict[str, bytes | memoryview] = {}
     for name, arr in record.items():
         if arr.dtype != "uint8" or len(arr.shape) != 1:
             raise PayloadError(f"{where}: payload {name[:40]!r} is not a byte array; upgrade weckd on both sides")
-        out[name] = _array_bytes(arr, name, where)
+        data = _array_view(arr, name, where)
+        out[name] = data if view else bytes(data)
     return held[0] == KEY_SEALED, out
 
 
-def _array_bytes(arr: Any, name: str, where: str) -> bytes:
-    """The bytes of a 1-d uint8 Array, copied once out of its ``.npy`` serialisation (``arr.numpy().tobytes()``
-    copies twice: a coordinator relays each payload of hundreds of MB)."""
+def _array_view(arr: Any, name: str, where: str) -> memoryview:
+    """The bytes of a 1-d uint8 Array, a view into its ``.npy`` serialisation (``arr.numpy().tobytes()`` copies
+    twice: a coordinator relays each payload of hundreds of MB)."""
     import io
 
     import numpy as np
@@ -634,7 +716,7 @@ def _array_bytes(arr: Any, name: str, where: str) -> bytes:
     if arr.stype != "numpy.ndarray" or dtype != np.uint8 or len(shape) != 1 or fortran or \
             len(arr.data) - start != shape[0]:
         raise PayloadError(bad)
-    return bytes(memoryview(arr.data)[start:])
+    return memoryview(arr.data)[start:]
 
 
 def config_dict(content: Any, key: str, where: str) -> Mapping[str, Any]:

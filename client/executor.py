@@ -36,6 +36,7 @@ from weckd.chain.flower import (
     IdlePoll,
     acquire_task_request,
     fast_pull,
+    join_array_chunks,
     runtime,
     runtime_client,
     task_heartbeat,
@@ -175,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     secret = runtime().load_secret(args.superexec_auth_secret_file)
     assert secret is not None  # the flag is required
     fast_pull()
+    join_array_chunks()
     signal_file = os.environ.get(TASK_SIGNAL_ENV)
     serve(args.clientappio, secret, Path(signal_file) if signal_file else None)
     return 0

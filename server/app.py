@@ -23,7 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from weckd.chain.audit import AUDIT_FILE, AuditLog
 from weckd.chain.errors import LinkError
 from weckd.chain.files import append_text
-from weckd.chain.flower import fast_pull, superlink_files
+from weckd.chain.flower import fast_pull, join_array_chunks, superlink_files
 from weckd.chain.protocol import Event, Failure
 from weckd.chain.watch import FileWatch
 
@@ -56,6 +56,7 @@ class ProgressFile:
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
     fast_pull()
+    join_array_chunks()  # a reply's payload is assembled in one copy, not three
     gc.freeze()  # the modules' objects, loaded once, out of every collection (its GC cost while it waits)
     start = time.monotonic()
     fed = load_federation(str(rc["federation-config"]), base_dir=str(rc["config-dir"]) or None)

@@ -34,6 +34,7 @@ from weckd.chain.protocol import Event, Failure
 from weckd.chain.watch import FileWatch
 
 from .metrics import ServerMetrics, format_seconds
+from .plots import draw_report
 from .service import KIND_TEXT, Job, Queue, check_job, record_results
 from .settings import RESULTS_FILE, Federation, check_files, coordinator_sealing, load_federation, write_effective
 from .state import ChainState, StateError, discard_state, load_state
@@ -297,6 +298,7 @@ def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, 
         raise
     if status == "finished:completed" and (out / RESULTS_FILE).is_file():
         log.info("run %d completed; outputs in %s", run_id, out)
+        draw_report(out)  # its ServerApp has ended: the drawing is not held beside the final model
         if register:  # the one-shot coordinator (a service tracks a job once its results carry the job)
             tracking = Tracking(paths.logs)
             track(fed, out, out, tracking)

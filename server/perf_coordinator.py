@@ -48,9 +48,11 @@ THREADS = 1
 ROLES = (("weckd.client.executor", "executor"), ("weckd.client.supernode", "supernode"),
          ("weckd-client", "site-supervisor"), ("flwr-serverapp", "serverapp"), ("weckd.server.superexec", "superexec"),
          ("weckd.server.flower_superlink", "superlink"), ("weckd-server", "weckd-server"),
-         ("weckd.server.flwr_batch", "flwr-cli"), ("bin/flwr ", "flwr-cli"))
+         ("weckd.server.flwr_batch", "flwr-cli"), ("bin/flwr ", "flwr-cli"), ("weckd.server.plots", "report"))
 UNROOTED = ("serverapp", "superexec", "flwr-cli")  # their command lines need not name the federation's folder
-COORDINATOR = ("weckd-server", "superlink", "superexec", "serverapp")
+# every process weckd-server starts: the flwr CLI that registers keys and submits the run, and the report's
+# drawing after it, count with the long-lived ones
+COORDINATOR = ("weckd-server", "superlink", "superexec", "serverapp", "flwr-cli", "report")
 TARGETS = {"first_link_s": 20.0, "coordinator_mb": 400.0, "quiet_pct": 5.0, "ratio": 1.1}
 _HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 

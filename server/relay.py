@@ -5,8 +5,9 @@ A reply holds one payload per kind (``weights`` or ``logits``), each a uint8 arr
 encrypts each output once for every recipient the coordinator names (``chain.seal``: one ciphertext,
 the key wrapped per recipient); the coordinator stores and forwards the same blob to each recipient
 and cannot open it. Unsealed federations: the payload bytes themselves (``chain.payload``), in the same
-layout. Either way a :class:`Relay` is plain bytes, so it checkpoints as files (``server.state``) and
-survives a coordinator restart.
+layout. Either way a :class:`Relay` is bytes (read-only views into the reply's own arrays, which the messages
+that hand it on carry as they are), so it checkpoints as files (``server.state``) and survives a coordinator
+restart.
 """
 from __future__ import annotations
 
@@ -28,12 +29,12 @@ class Relay:
 
     link: int
     site: str
-    blobs: dict[str, bytes]
+    blobs: dict[str, bytes | memoryview]  # views into the reply's arrays (``read_payloads(view=True)``), or bytes
     sealed: bool
     _records: weakref.WeakValueDictionary[str, Any] = field(default_factory=weakref.WeakValueDictionary,
                                                              repr=False, compare=False)
 
-    def blob(self, kind: str, recipient: str) -> bytes:
+    def blob(self, kind: str, recipient: str) -> bytes | memoryview:
         """The blob that hands this output to ``recipient``: sealed, one blob names all its recipients."""
         data = self.blobs.get(kind)
         if data is None or (self.sealed and recipient not in self.recipients(kind)):
@@ -57,8 +58,8 @@ class Relay:
     def records(self, kind: str, recipient: str) -> dict[str, Any]:
         """The records that hand this output to ``recipient`` (a teacher or a model to evaluate): the same record
         object for every recipient (the blob is the same), so the ServerApp holds one copy of it however many
-        messages carry it, and Flower pushes it once. The relay holds it only while a message does (each is a
-        copy of the payload): a relay kept as the checkpoint does not keep the record of its last exchange."""
+        messages carry it, and Flower pushes it once. The relay holds it only while a message does (Flower caches
+        the chunks it cut it into there): a relay kept as the checkpoint does not keep its last exchange's record."""
         data = self.blob(kind, recipient)
         held = self._records.get(kind)
         if held is None:
@@ -71,9 +72,10 @@ class Relay:
 
 
 def relay_from_reply(content: RecordDict, link: int, site: str, sealed: bool) -> Relay:
-    """What a site's train reply carries, as bytes (no payload is opened or decoded here)."""
+    """What a site's train reply carries, as views into the reply's arrays (no payload is opened, decoded or
+    copied here): the messages that hand it on carry those same arrays."""
     try:
-        got = read_payloads(content, f"link {link + 1} (site {site})")
+        got = read_payloads(content, f"link {link + 1} (site {site})", view=True)
     except PayloadError as err:
         raise LinkError(str(err)) from err
     if got is not None and got[0] != sealed:

@@ -139,10 +139,4 @@ def write_outputs(out: Path, fed: Federation, outcome: ChainOutcome, seconds: fl
     data = results(fed, outcome, seconds)
     data["run_id"], data["skipped"] = run_id, outcome.skipped
     write_json(out / RESULTS_FILE, data)
-    log.info("results written to %s", out)
-    if all("test" in row for row in data["links"]):
-        from weckd.chain.report import write_report  # matplotlib loads only when there is a report to draw
-
-        write_report(out)
-    else:
-        log.info("no federated evaluation of every link (evaluate: %s): no report plots", fed.settings.evaluate)
+    log.info("results written to %s (weckd-server draws the report from them: weckd.server.plots)", out)

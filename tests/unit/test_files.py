@@ -146,3 +146,28 @@ def test_staged_dir_refuses_a_symlinked_target_and_leaves_it(tmp_path: Path) -> 
         with staged_dir(tmp_path / "out"):
             pass
     assert (tmp_path / "out").is_symlink() and list((tmp_path / "real").iterdir()) == []
+
+
+def test_atomic_write_by_hands_the_writer_a_private_temp_file_and_renames_it(tmp_path: Path) -> None:
+    seen: list[Path] = []
+
+    def writer(tmp: Path) -> None:
+        seen.append(tmp)
+        assert tmp.parent == tmp_path and tmp.name.startswith(".f.") and _mode(tmp) & ~0o640 == 0  # never wider
+        tmp.write_bytes(b"written by name")
+
+    files.atomic_write_by(tmp_path / "f", writer, 0o640)
+    assert (tmp_path / "f").read_bytes() == b"written by name" and _mode(tmp_path / "f") == 0o640
+    assert [p.name for p in tmp_path.iterdir()] == ["f"] and not seen[0].exists()
+
+
+def test_a_writer_that_fails_leaves_the_old_file_and_no_temp_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"old")
+
+    def writer(tmp: Path) -> None:
+        tmp.write_bytes(b"half of it")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        files.atomic_write_by(tmp_path / "f", writer)
+    assert (tmp_path / "f").read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["f"]

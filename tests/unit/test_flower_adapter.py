@@ -197,7 +197,7 @@ def test_a_moved_superexec_poll_is_one_clear_line(monkeypatch: pytest.MonkeyPatc
     assert rs.time.sleep is not None
 
 
-def test_the_superlinks_sqlite_connections_cache_8_mb_and_map_nothing(monkeypatch: pytest.MonkeyPatch,
+def test_the_superlinks_sqlite_connections_cache_2_mb_and_map_nothing(monkeypatch: pytest.MonkeyPatch,
                                                                      tmp_path: Path) -> None:
     """Flower's own connect hook, as the SuperLink runs it, sets the bounded pragmas on a real connection."""
     import sqlite3
@@ -211,7 +211,7 @@ def test_the_superlinks_sqlite_connections_cache_8_mb_and_map_nothing(monkeypatc
     flower.bound_superlink_sqlite()
     conn = sqlite3.connect(tmp_path / "state.db")
     mixin._set_sqlite_pragmas(conn, None)
-    assert conn.execute("PRAGMA cache_size").fetchone()[0] == -8000
+    assert conn.execute("PRAGMA cache_size").fetchone()[0] == -2000
     assert conn.execute("PRAGMA mmap_size").fetchone()[0] == 0
     assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000  # the others as Flower sets them
 

@@ -113,19 +113,21 @@ def test_relay_part_compares_wire_dtypes_in_process(tmp_path: Path, monkeypatch:
 def test_coordinator_part_counts_everything_but_the_training_executor_while_a_link_trains() -> None:
     from weckd.server.perf_coordinator import Tick, coordinator_peak_mb, quiet_shares
 
-    roles = {1: "executor", 2: "executor", 3: "superlink", 4: "supernode", 5: "serverapp", 6: "weckd-server"}
+    roles = {1: "executor", 2: "executor", 3: "superlink", 4: "supernode", 5: "serverapp", 6: "weckd-server",
+             7: "flwr-cli", 8: "report"}
     idle = {1: 0.0, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.0, 6: 0.0}
-    ticks = [Tick(0.0, idle, {3: 200.0, 5: 150.0, 6: 40.0, 1: 800.0}, ""),
+    ticks = [Tick(0.0, idle, {3: 200.0, 5: 150.0, 6: 40.0, 7: 60.0, 1: 800.0}, ""),  # the flwr CLI submits
              Tick(1.0, idle, {3: 210.0, 5: 150.0, 6: 40.0}, "A"),  # A starts training
              Tick(11.0, {1: 9.5, 2: 0.1, 3: 0.3, 4: 0.05, 5: 0.05, 6: 0.0}, {3: 230.0, 5: 160.0, 6: 40.0}, "A"),
-             Tick(12.0, {1: 9.6, 2: 0.1, 3: 0.3, 4: 0.05, 5: 0.05, 6: 0.0}, {3: 220.0, 5: 180.0, 6: 40.0}, "")]
+             Tick(12.0, {1: 9.6, 2: 0.1, 3: 0.3, 4: 0.05, 5: 0.05, 6: 0.0}, {3: 220.0, 5: 180.0, 6: 40.0, 8: 30.0}, "")]
     [window] = quiet_shares(ticks, roles)
     assert window["seconds"] == 10.0 and window["training_pct"] == pytest.approx(95.0)
     assert window["others_pct"] == pytest.approx(5.0)  # 0.5 CPU-s of the others over 10 s
     assert window["by_role"]["superlink"] == pytest.approx(3.0) and window["by_role"]["executor"] == pytest.approx(1.0)
     total, by_role = coordinator_peak_mb(ticks, roles)
-    assert total == 440.0  # the peak of the sum (230 + 160 + 40 at t=11 is 430; 220 + 180 + 40 at t=12)
-    assert by_role == {"weckd-server": 40.0, "superlink": 230.0, "superexec": 0.0, "serverapp": 180.0}
+    assert total == 470.0  # the peak of the sum: 450 at t=0 (the flwr CLI counts), 470 at t=12 (the report's child)
+    assert by_role == {"weckd-server": 40.0, "superlink": 230.0, "superexec": 0.0, "serverapp": 180.0,
+                       "flwr-cli": 60.0, "report": 30.0}
 
 
 def test_a_process_that_lives_only_within_the_window_counts_too() -> None:
