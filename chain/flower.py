@@ -669,7 +669,12 @@ def _address(data: bytes | memoryview) -> int:
 
 def payload_records(sealed: bool, blobs: Mapping[str, bytes | memoryview]) -> dict[str, ArrayRecord]:
     """The record a message's payloads travel in: ``KEY_SEALED`` or ``KEY_PLAIN``."""
-    return {KEY_SEALED if sealed else KEY_PLAIN: payload_record(blobs)}
+    return {payload_key(sealed): payload_record(blobs)}
+
+
+def payload_key(sealed: bool) -> str:
+    """The record key payloads travel under: ``KEY_SEALED`` in a sealed federation, else ``KEY_PLAIN``."""
+    return KEY_SEALED if sealed else KEY_PLAIN
 
 
 def request_payload(sealed: bool, data: bytes | memoryview) -> dict[str, ArrayRecord]:

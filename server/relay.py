@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from weckd.chain.errors import LinkError, PayloadError
-from weckd.chain.flower import read_payloads, request_payload
-from weckd.chain.protocol import KEY_PLAIN, KEY_SEALED
+from weckd.chain.flower import payload_key, read_payloads, request_payload
 
 if TYPE_CHECKING:  # Flower and numpy load with the first message (weckd-server reads checkpoints without them)
     from flwr.app import RecordDict
@@ -68,7 +67,7 @@ class Relay:
 
     @property
     def record_key(self) -> str:
-        return KEY_SEALED if self.sealed else KEY_PLAIN
+        return payload_key(self.sealed)
 
 
 def relay_from_reply(content: RecordDict, link: int, site: str, sealed: bool) -> Relay:
