@@ -489,7 +489,7 @@ class _ChunkTap:
 
 
 def join_array_chunks() -> None:
-    """Every weckd process that receives payloads (the ServerApp, a site's SuperNode and executor): Flower 1.39
+    """The weckd processes that receive payloads as arrays (the ServerApp and a site's executor): Flower 1.39
     assembles a received Array by growing a bytearray from its chunks, then copying it into bytes
     (``flwr.app.message.array.Array.inflate``), so three copies of the payload are held at once; here Flower's
     own ``inflate`` checks the array and its chunks, and the bytes are joined from the chunks in one copy."""

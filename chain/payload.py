@@ -178,8 +178,7 @@ def decode_arrays(
     if any(a.dtype.kind == "f" and str(a.dtype) != wire for a in named.values()):
         raise PayloadError(f"{where}: floating tensors not in the declared wire dtype {wire}; the payload is damaged")
     check_finite(named, where)
-    # copies, floating or not: none is a view that would keep the whole payload's bytes alive
-    return meta.arch, {name: a.astype(np.float32) if a.dtype.kind == "f" else a.copy() for name, a in named.items()}
+    return meta.arch, {name: a.astype(np.float32) if a.dtype.kind == "f" else a for name, a in named.items()}
 
 
 def decode_logits(
