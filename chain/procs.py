@@ -59,17 +59,47 @@ def flower_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str
     return env
 
 
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+LOWEST_PICKED = 10000  # ports picked outside the ephemeral range are taken from here up to its start
+
+
 def free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports on loopback: all held at once while they are picked, so none repeats (two
-    ``free_port()`` calls in a row may return the same port)."""
-    socks = [socket.socket() for _ in range(n)]
+    """``n`` distinct free ports on loopback, all held at once while they are picked, so none repeats (two
+    ``free_port()`` calls in a row may return the same port). Where the kernel's ephemeral range can be read they
+    come from below it: a port from that range may be taken by any outgoing connection on the host (a SuperNode's,
+    an object pull's) between being picked and being bound by the process it was picked for."""
+    socks: list[socket.socket] = []
     try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
+        for port in _candidates():
+            if len(socks) == n:
+                break
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use, or a closed connection's TIME_WAIT
+                sock.close()
+                continue
+            socks.append(sock)
+        while len(socks) < n:  # no readable range, or nothing free below it: the kernel picks
+            socks.append(socket.socket())
+            socks[-1].bind(("127.0.0.1", 0))
         return [int(s.getsockname()[1]) for s in socks]
     finally:
         for s in socks:
             s.close()
+
+
+def _candidates(tries: int = 400) -> list[int]:
+    """Random ports below the ephemeral range (none where it cannot be read or leaves no room)."""
+    import random
+
+    try:
+        low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return []
+    if low <= LOWEST_PICKED:
+        return []
+    return random.SystemRandom().sample(range(LOWEST_PICKED, low), min(tries, low - LOWEST_PICKED))
 
 
 def free_port() -> int:
