@@ -10,7 +10,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Mapping
+from typing import TYPE_CHECKING, Any, BinaryIO, Mapping, cast
 
 import numpy as np
 import yaml
@@ -77,7 +77,8 @@ def save_model(folder: Path, state: Mapping[str, torch.Tensor | np.ndarray], car
     else:
         from safetensors.torch import save
 
-        data = save({k: v.contiguous() for k, v in state.items()}, metadata={"arch": card.arch})
+        tensors = cast("Mapping[str, torch.Tensor]", state)  # not all numpy: torch tensors (a mix fails here)
+        data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"arch": card.arch})
         atomic_write(folder / MODEL_FILE, data)
         digest = hashlib.sha256(data).hexdigest()
     write_json(folder / CARD_FILE, card.to_json(digest))

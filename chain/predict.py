@@ -91,7 +91,8 @@ def _check_normalisation(norm: Any, bad: Any) -> None:
         raise bad("normalisation", norm, "expected {scale, mean, std}")
     for field, expected in (("scale", 1 / 255.0), ("mean", MEAN), ("std", STD)):
         value = norm.get(field)
-        if type(value) not in (int, float) or not math.isclose(value, expected, rel_tol=1e-9):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or \
+                not math.isclose(value, expected, rel_tol=1e-9):
             raise bad(f"normalisation.{field}", value, f"this weckd normalises with {field}={expected}")
 
 
