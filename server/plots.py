@@ -2,8 +2,8 @@
 ``weckd-server`` once the run's ServerApp has ended: matplotlib and the drawing (~60 MB) never sit in the ServerApp
 beside the final model it writes, nor in the coordinator that stays up between chains.
 
-``python -m weckd.server.plots OUT`` draws the report of the results in ``OUT`` (``weckd report`` for a
-``weckd chain`` run dir).
+``python -m weckd.server.plots OUT`` draws the report of the results in ``OUT``: ``weckd report OUT`` (the same
+command, errors and exit codes), named so that the coordinator's processes are told apart from a user's.
 """
 from __future__ import annotations
 
@@ -51,14 +51,10 @@ def draw_report(out: Path, timeout: float = DRAW_TIMEOUT_S) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        print("usage: python -m weckd.server.plots OUT", file=sys.stderr)
-        return 2
-    from weckd.chain.report import write_report
+    """``weckd report OUT`` (its one-line errors and exit codes), without the rest of the ``weckd`` CLI."""
+    from weckd.chain.report import report_command
 
-    write_report(Path(args[0]))
-    return 0
+    return report_command(list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

@@ -116,3 +116,31 @@ def test_a_payload_not_held_as_a_received_array_is_serialised_afresh(held: str) 
     assert arr.data is not npy and arr.data.endswith(bytes(data))
     content = RecordDict({flower.KEY_SEALED: ArrayRecord({"payload": arr})})
     assert flower.read_payloads(content, "site A") == (True, {"payload": bytes(data)})
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_chunks_in_any_order_a_sender_chose_are_joined_as_flower_joins_them() -> None:
+    """The chunk order (and repeats) in an array's metadata are the sender's to choose, a hostile coordinator's
+    included: joined, the bytes are exactly those Flower's own assembly gives, chunk for chunk."""
+    blob = os.urandom(3 * MIB)
+    content = RecordDict(flower.payload_records(True, {"payload": blob}))
+    arr = content.array_records[flower.KEY_SEALED]["payload"]
+    chunks = arr.slice_array()
+    arr.__dict__["_chunks"] = [chunks[2], chunks[0], chunks[2], chunks[1]]  # what the metadata will name
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(content).items()}
+    flowers = inflate_object_from_contents(content.object_id, dict(contents))
+    flower.join_array_chunks()
+    joined = inflate_object_from_contents(content.object_id, dict(contents))
+    data = joined.array_records[flower.KEY_SEALED]["payload"].data
+    assert data == flowers.array_records[flower.KEY_SEALED]["payload"].data
+    assert data == b"".join(bytes(chunks[i][1].data) for i in (2, 0, 2, 1)) != arr.data  # in the order named
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_an_array_whose_chunks_are_not_the_ones_it_names_is_refused_as_flower_refuses_it() -> None:
+    root, contents = sent_contents(os.urandom(2 * MIB))
+    array_id = next(oid for oid, c in contents.items() if c.startswith(b"Array "))
+    chunk = next(oid for oid, c in contents.items() if c.startswith(b"ArrayChunk "))
+    flower.join_array_chunks()
+    with pytest.raises(ValueError, match="Unexpected set of `children`"):
+        Array.inflate(contents[array_id], {chunk: flower_array.ArrayChunk.inflate(contents[chunk])})

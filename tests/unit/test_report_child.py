@@ -43,4 +43,6 @@ def test_unreadable_results_are_named(tmp_path: Path) -> None:
 
 
 def test_the_child_takes_exactly_one_folder(capsys: pytest.CaptureFixture[str]) -> None:
-    assert plots.main([]) == 2 and "usage: python -m weckd.server.plots OUT" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as done:
+        plots.main([])
+    assert done.value.code == 2 and "usage: weckd report" in capsys.readouterr().err
