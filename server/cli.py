@@ -62,6 +62,7 @@ FOLLOW_POLL_S = 0.25  # once the ServerApp reported its end, until Flower says t
 STATUS_EVERY_S = 600.0  # `flwr ls` costs ~1 s of CPU: the ServerApp reports its own end, and its process is watched
 GONE_STATUS_S = 5.0  # once the ServerApp's process is gone without a word: how often Flower is asked for the run
 GONE_GRACE_S = 60.0  # and how long, before the run counts as failed
+EXIT_WAIT_S = 15.0  # once the ServerApp reported its end: how long Flower is not asked while its process exits
 HOLD_SLEEP_S = 3600.0  # a signal ends the sleep at once
 READY_FILE = "ready"
 SERVICE_POLL_S = 1.0  # an idle service looks at its queue once a second
@@ -285,8 +286,9 @@ def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, 
     run_config = {"federation-config": str(effective), "config-dir": fed.base_dir, "output-dir": str(out),
                   "state-dir": str(state_dir), "progress-file": str(progress), "wire-log": wire_log,
                   "superlink-database": str(paths.state / SUPERLINK_DB)}
-    start_superexec(fed, group, paths)  # it imports Flower while the run is submitted, then becomes its ServerApp
     run_id = register_and_submit(fed, paths, run_config) if register else submit(paths, run_config)
+    # started once the ~100 MB flwr process has ended, not beside it: it acquires the run, becomes its ServerApp
+    start_superexec(fed, group, paths)
     if register:
         atomic_write_text(paths.state / READY_FILE, f"{time.time()}\n")  # the sites' keys are registered
     log.info("run %d submitted; waiting for sites %s", run_id, ", ".join(fed.chain.chain.order))
@@ -315,12 +317,14 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
     """Show the run's progress lines until it finishes (bounded by a deadline).
 
     Progress comes from the ServerApp's progress file. ``flwr ls`` (a CLI process that would compete with
-    training for CPU) is asked once the app reports an end, or once its process (the ``started`` event's pid,
-    on this host) is gone without reporting one, and otherwise only every ``STATUS_EVERY_S``.
+    training for CPU) is asked once the app reports an end and its process (the ``started`` event's pid, on this
+    host) has exited (at most ``EXIT_WAIT_S`` later: Flower counts the run finished once that process has pushed
+    its output, and the ~100 MB ``flwr`` process is then not held beside the exiting ServerApp), or once that
+    process is gone without reporting an end, and otherwise only every ``STATUS_EVERY_S``.
     """
     s = fed.settings
     deadline = time.monotonic() + s.discovery_timeout + s.link_timeout * (fed.chain.n_links + 2)
-    seen, next_status, gone_since = 0, time.monotonic() + STATUS_EVERY_S, None
+    seen, next_status, gone_since, ended_at = 0, time.monotonic() + STATUS_EVERY_S, None, None
     status, details = "pending", ""
     launchers = group.running("superexec")  # they end as the run's ServerApp: their exit before it starts fails it
     watch = FileWatch([progress])
@@ -342,7 +346,10 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
             now = time.monotonic()
             if not ended and gone_since is None and not _serverapp_alive(events):
                 gone_since, next_status = now, now
-            if ended or now >= next_status:
+            if ended and ended_at is None:
+                ended_at = now
+            exiting = ended_at is not None and now - ended_at < EXIT_WAIT_S and _serverapp_alive(events)
+            if (ended and not exiting) or now >= next_status:
                 status, details = run_status(paths, run_id)
                 next_status = now + (GONE_STATUS_S if gone_since is not None else STATUS_EVERY_S)
                 if status.startswith("finished"):

@@ -12,7 +12,9 @@ restart.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from weckd.chain.errors import LinkError, PayloadError
@@ -28,10 +30,14 @@ class Relay:
 
     link: int
     site: str
-    blobs: dict[str, bytes | memoryview]  # views into the reply's arrays (``read_payloads(view=True)``), or bytes
+    # views into the reply's arrays (``read_payloads(view=True)``), bytes, or the checkpoint's files
+    # (``server.state.CheckpointBlobs``)
+    blobs: Mapping[str, bytes | memoryview]
     sealed: bool
     _records: weakref.WeakValueDictionary[str, Any] = field(default_factory=weakref.WeakValueDictionary,
                                                              repr=False, compare=False)
+    # where ``server.state.save_state`` wrote these blobs: its folder, and each blob's file and SHA-256
+    saved: tuple[Path, dict[str, dict[str, str]]] | None = field(default=None, repr=False, compare=False)
 
     def blob(self, kind: str, recipient: str) -> bytes | memoryview:
         """The blob that hands this output to ``recipient``: sealed, one blob names all its recipients."""

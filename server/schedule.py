@@ -57,7 +57,7 @@ from weckd.chain.protocol import (
 
 from .relay import Relay, relay_from_reply
 from .settings import Federation
-from .state import ChainState, LinkRecord, save_state
+from .state import ChainState, LinkRecord, held_on_disk, save_state
 from .transport import Reply, SiteFailure, Transport, online_sites, wait_for_sites
 
 log = logging.getLogger(__name__)
@@ -279,7 +279,6 @@ class ChainRun:
         s = self.fed.settings
         self.on_event({"event": Event.LINK_START, "link": k + 1, "links": len(schedule), "site": site,
                        "epochs": self.fed.chain.link_settings(k).epochs})
-        content = self._train_content(k, schedule)
         teacher = _blob_sha(self.state.relay, self.fed.chain.chain.mode, site) if self.state.relay else ""
         failure: SiteFailure | None = None
         for attempt in range(1, s.retries + 2):
@@ -287,7 +286,10 @@ class ChainRun:
                 self._ensure_online(site, s.retry_wait)
                 self._audit("train", "sent", k, to=site, attempt=attempt, teacher_sha256=teacher,
                             seal_for=self._seal_for(k, schedule))
-                return self.transport.exchange(MSG_TRAIN, {site: content}, f"link-{k + 1}")[site]
+                contents = {site: self._train_content(k, schedule)}
+                # once pushed, the teacher is held by the SuperLink and in the checkpoint, not here as well
+                self.state.relay = held_on_disk(self.state.relay)
+                return self.transport.exchange(MSG_TRAIN, contents, f"link-{k + 1}")[site]
             except SiteFailure as err:
                 failure = err
                 self._audit("train", _decision(err), k, err.reason, site=site, attempt=attempt)

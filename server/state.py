@@ -27,6 +27,7 @@ import re
 import secrets
 import stat
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -149,11 +150,15 @@ def save_state(state_dir: Path, state: ChainState) -> None:
     key = _key(state_dir, create=True)
     state.updated = time.time()
     blobs: dict[str, dict[str, str]] = {}
-    if state.relay is not None:
+    if state.relay is not None and isinstance(state.relay.blobs, CheckpointBlobs) and state.relay.saved is not None \
+            and state.relay.saved[0] == d:  # held on disk already: its files stay as they are
+        blobs = dict(state.relay.saved[1])
+    elif state.relay is not None:
         for i, (name, data) in enumerate(sorted(state.relay.blobs.items())):
             file = f"relay-{state.relay.link}-{i}.bin"
             atomic_write(d / file, data)
             blobs[name] = {"file": file, "sha256": hashlib.sha256(data).hexdigest()}
+        state.relay.saved = (d, blobs)
     body = {"format": FORMAT, "version": VERSION, "run_id": state.run_id, "config_sha256": state.config_sha256,
             "links": [asdict(r) for r in state.links], "skipped": state.skipped, "next_slot": state.next_slot,
             "completed": state.completed, "updated": state.updated, "delivered": state.delivered,
@@ -274,18 +279,49 @@ def load_state(state_dir: Path, fed: Federation) -> ChainState | None:
 
 def _load_relay(d: Path, meta: dict[str, Any], where: str) -> Relay:
     """The relay blobs the (already checked) body names, each a plain file in ``d`` matching its SHA-256."""
-    blobs = {}
-    for name, ref in meta["blobs"].items():
-        try:
-            data = _read_plain(inside(d, ref["file"]))
-        except OSError as err:
-            raise _torn(where, f"relay file {ref['file']} is unreadable ({err.strerror or err})") from None
-        except WeckdError:
-            raise _torn(where, f"relay file {ref['file']} leads out of the folder (a symbolic link?)") from None
-        if hashlib.sha256(data).hexdigest() != ref["sha256"]:
-            raise _torn(where, f"relay file {ref['file']} does not match its recorded SHA-256")
-        blobs[name] = data
-    return Relay(meta["link"], meta["site"], blobs, meta["sealed"])
+    refs = {name: {"file": ref["file"], "sha256": ref["sha256"]} for name, ref in meta["blobs"].items()}
+    blobs = {name: _read_blob(d, ref, where) for name, ref in refs.items()}
+    return Relay(meta["link"], meta["site"], blobs, meta["sealed"], saved=(d, refs))
+
+
+def _read_blob(d: Path, ref: dict[str, str], where: str) -> bytes:
+    try:
+        data = _read_plain(inside(d, ref["file"]))
+    except OSError as err:
+        raise _torn(where, f"relay file {ref['file']} is unreadable ({err.strerror or err})") from None
+    except WeckdError:
+        raise _torn(where, f"relay file {ref['file']} leads out of the folder (a symbolic link?)") from None
+    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise _torn(where, f"relay file {ref['file']} does not match its recorded SHA-256")
+    return data
+
+
+class CheckpointBlobs(Mapping[str, bytes]):
+    """A checkpointed relay's blobs, each read from its file when a message needs it again (and checked against
+    the SHA-256 recorded for it when it was written, as :func:`load_state` checks it)."""
+
+    def __init__(self, d: Path, refs: dict[str, dict[str, str]]) -> None:
+        self._d, self._refs = d, refs
+
+    def __getitem__(self, name: str) -> bytes:
+        return _read_blob(self._d, self._refs[name], f"{self._d / STATE_FILE}")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._refs)
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+
+def held_on_disk(relay: Relay | None) -> Relay | None:
+    """``relay`` as its checkpoint holds it: the same link, site and kinds, each blob read from its file when a
+    message needs it again (a retry, the link after a skipped site, the final model of a chain whose last link
+    was skipped). While a link trains, the ServerApp then does not hold its teacher payload beside the reply it
+    pulls (a payload less at its peak). ``relay`` itself where :func:`save_state` never wrote it."""
+    if relay is None or relay.saved is None or isinstance(relay.blobs, CheckpointBlobs):
+        return relay
+    d, refs = relay.saved
+    return Relay(relay.link, relay.site, CheckpointBlobs(d, refs), relay.sealed, saved=relay.saved)
 
 
 def _torn(where: str, why: str) -> StateError:

@@ -147,15 +147,21 @@ class Transport:
 
     def exchange_all(self, kind: str, contents: dict[str, RecordDict], group: str, timeout: float | None = None
                      ) -> Exchange:
-        """Send ``contents[site]`` to each site; wait (bounded) for every reply or error."""
+        """Send ``contents[site]`` to each site; wait (bounded) for every reply or error.
+
+        ``contents`` is emptied, and the messages made of it dropped, once they are pushed: while the replies are
+        awaited, what the messages carried (a teacher payload) is held by the SuperLink, not here as well."""
         limit = timeout or self.timing.timeout
         msgs = {site: Message(c, self.nodes[site], kind, ttl=self.timing.ttl, group_id=group)
                 for site, c in contents.items()}
-        for site, m in msgs.items():
-            self.wire.record("sent", site, m)
+        contents.clear()
+        sent = {site: content_bytes(m.content) for site, m in msgs.items()}
+        for site in msgs:
+            self.wire.record("sent", site, msgs[site])
         start = time.monotonic()
         ids = list(self.grid.push_messages(list(msgs.values())))
         site_of: dict[str, str] = dict(zip(ids, msgs))
+        msgs.clear()
         replies: dict[str, Reply] = {}
         failures: dict[str, SiteFailure] = {}
         while len(replies) + len(failures) < len(ids):
@@ -172,8 +178,7 @@ class Transport:
                 if rep.has_error():
                     failures[site] = failure_from_error(site, kind, int(rep.error.code), str(rep.error.reason))
                     continue
-                replies[site] = Reply(site, rep, time.monotonic() - start, content_bytes(msgs[site].content),
-                                      content_bytes(rep.content))
+                replies[site] = Reply(site, rep, time.monotonic() - start, sent[site], content_bytes(rep.content))
             if len(replies) + len(failures) < len(ids):
                 if time.monotonic() - start > limit:
                     for i in pending:

@@ -256,3 +256,20 @@ def test_discovery_fails_on_a_site_that_stays_unavailable_past_the_discovery_tim
     sites.nodes = {s: 100 + ord(s) for s in "AB"}
     with pytest.raises(SiteFailure, match="site B"):
         discover(sites, federation(tmp_path, ["A", "B"], discovery_timeout=3.0))
+
+
+def test_while_a_link_trains_its_teacher_is_held_on_disk_and_a_retry_reads_it_back(tmp_path: Path) -> None:
+    held: list[tuple[int, str]] = []
+
+    class Watching(FakeSites):
+        def exchange_all(self, kind: str, contents: dict, group: str, timeout: float | None = None):  # type: ignore
+            if kind == MSG_TRAIN and run.state.relay is not None:
+                held.append((run.state.relay.link, type(run.state.relay.blobs).__name__))
+            return super().exchange_all(kind, contents, group, timeout)
+
+    failures = iter([_gone("C")])
+    sites = Watching(["A", "B", "C"], lambda s, k: next(failures, None) if s == "C" else None)
+    run, _ = _run(tmp_path, sites, retries=1)
+    run.run()
+    assert held == [(0, "CheckpointBlobs"), (1, "CheckpointBlobs"), (1, "CheckpointBlobs")]
+    assert sites.teachers == {0: None, 1: 0, 2: 1}  # the retry of link 3 got link 2's model from the checkpoint

@@ -130,3 +130,25 @@ def test_a_superexec_still_waiting_does_not_fail_the_run(tmp_path, monkeypatch) 
     finally:
         launcher.kill()
         launcher.wait()
+
+
+def test_flower_is_asked_for_an_ended_run_once_its_serverapp_has_exited(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The `flwr ls` process (~100 MB) is not held beside the exiting ServerApp: it runs after that exit."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.8)"])
+    exited: list[float] = []
+    import threading
+
+    threading.Thread(target=lambda: (child.wait(), exited.append(time.monotonic())), daemon=True).start()
+    out, asked = _follow_with(tmp_path, monkeypatch, _started(child.pid) + [{"event": Event.COMPLETED.value}],
+                              [("finished:completed", "")])
+    assert out == ("finished:completed", "") and len(asked) == 1 and asked[0] >= exited[0]
+
+
+def test_flower_is_asked_for_an_ended_run_whose_serverapp_lingers_after_exit_wait(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from weckd.server import cli
+
+    monkeypatch.setattr(cli, "EXIT_WAIT_S", 0.3)
+    t0 = time.monotonic()
+    out, asked = _follow_with(tmp_path, monkeypatch, _started(os.getpid()) + [{"event": Event.COMPLETED.value}],
+                              [("finished:completed", "")])
+    assert out == ("finished:completed", "") and len(asked) == 1 and 0.3 <= asked[0] - t0 < 5.0

@@ -17,9 +17,11 @@ from weckd.client.linkstore import LinkOutput, LinkStore, link_key
 from weckd.server.relay import Relay
 from weckd.server.state import (
     ChainState,
+    CheckpointBlobs,
     LinkRecord,
     StateError,
     discard_state,
+    held_on_disk,
     load_state,
     new_run_id,
     new_state,
@@ -274,3 +276,32 @@ def test_a_relay_shares_one_record_among_its_messages_and_keeps_none_after_them(
     from flwr.app import RecordDict
 
     assert content_bytes(RecordDict(again)) == 4096  # counted from dtype and shape, the payload not decoded
+
+
+def test_a_relay_held_on_disk_reads_each_blob_from_its_file_checked(tmp_path: Path) -> None:
+    state, d = _state(tmp_path)
+    assert state.relay is not None
+    held = held_on_disk(state.relay)
+    assert held is not None and isinstance(held.blobs, CheckpointBlobs)
+    assert (held.link, held.site, held.sealed, dict(held.blobs)) == (0, "A", True, dict(state.relay.blobs))
+    blob = d / state.relay.saved[1]["weights"]["file"]  # type: ignore[index]
+    blob.write_bytes(b"\x09" * 64)
+    with pytest.raises(StateError, match="does not match its recorded SHA-256"):
+        held.blobs["weights"]
+
+
+def test_saving_a_relay_held_on_disk_keeps_its_files(tmp_path: Path) -> None:
+    state, d = _state(tmp_path)
+    state.relay = held_on_disk(state.relay)
+    before = {p.name: p.stat().st_ino for p in d.glob("relay-*.bin")}
+    state.skipped.append("B")
+    save_state(tmp_path / "state", state)
+    assert {p.name: p.stat().st_ino for p in d.glob("relay-*.bin")} == before
+    got = load_state(tmp_path / "state", federation(tmp_path, ["A", "B"]))
+    assert got is not None and got.skipped == ["B"] and got.relay is not None
+    assert dict(got.relay.blobs) == {"weights": b"\x01" * 64, "logits": b"\x02" * 64}
+
+
+def test_a_relay_never_checkpointed_is_held_as_it_is() -> None:
+    relay = Relay(0, "A", {"weights": b"\x01"}, False)
+    assert held_on_disk(relay) is relay and held_on_disk(None) is None
