@@ -50,6 +50,9 @@ ROLES = (("weckd.client.executor", "executor"), ("weckd.client.supernode", "supe
          ("weckd.server.flower_superlink", "superlink"), ("weckd-server", "weckd-server"),
          ("weckd.server.flwr_batch", "flwr-cli"), ("bin/flwr ", "flwr-cli"), ("weckd.server.plots", "report"))
 UNROOTED = ("serverapp", "superexec", "flwr-cli")  # their command lines need not name the federation's folder
+# roles whose processes start others: a child seen between its fork and its exec shows its parent's command line
+# (and a SuperExec becomes its ServerApp), so these are looked at again until the command line settles
+REREAD = ("superexec", "site-supervisor", "weckd-server")
 # every process weckd-server starts: the flwr CLI that registers keys and submits the run, and the report's
 # drawing after it, count with the long-lived ones
 COORDINATOR = ("weckd-server", "superlink", "superexec", "serverapp", "flwr-cli", "report")
@@ -92,7 +95,7 @@ class Watch(threading.Thread):
                 continue
             pid = int(proc.name)
             try:
-                if pid not in self.roles or self.roles[pid] == "superexec":  # a SuperExec becomes its ServerApp
+                if pid not in self.roles or self.roles[pid] in REREAD:
                     cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                     role = next((r for marker, r in ROLES if marker in cmd), None)
                     if role is None or (str(self.root) not in cmd and role not in UNROOTED):

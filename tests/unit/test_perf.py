@@ -184,3 +184,31 @@ def test_links_are_timed_in_process_from_the_chain_a_federation_was_made_from(tm
     plain = in_process_seconds(tmp_path, chain)
     scored = in_process_seconds(tmp_path, chain, evaluate_all=True)
     assert len(plain) == len(scored) == 3 and all(s > 0 for s in plain + scored)
+
+
+def test_the_coordinator_watch_tells_a_child_by_its_command_line_after_exec(tmp_path: Path) -> None:
+    """A child seen between fork and exec shows its parent's command line (weckd-client): once it has exec'd
+    (the site's executor) the watch counts it under its own role, not the supervisor's."""
+    import subprocess
+    import sys
+    import time
+
+    from weckd.server.perf_coordinator import Watch
+
+    code = ("import os, sys, time; time.sleep(0.6); "
+            "os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(5)', "
+            "'weckd.client.' + 'executor', sys.argv[2]])")
+    child = subprocess.Popen([sys.executable, "-c", code, "weckd-client", str(tmp_path)])
+    try:
+        watch = Watch(tmp_path, [])
+        seen = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "executor" not in seen:
+            watch._tick()
+            seen.append(watch.roles.get(child.pid, ""))
+            time.sleep(0.05)
+        roles = [r for r in seen if r]  # "": not yet exec'd into the child's own interpreter at the first looks
+        assert roles[0] == "site-supervisor" and roles[-1] == "executor"
+    finally:
+        child.kill()
+        child.wait()
