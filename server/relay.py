@@ -41,8 +41,8 @@ class Relay:
 
     def blob(self, kind: str, recipient: str) -> bytes | memoryview:
         """The blob that hands this output to ``recipient``: sealed, one blob names all its recipients."""
-        data = self.blobs.get(kind)
-        if data is None or (self.sealed and recipient not in self.recipients(kind)):
+        data = self.blobs.get(kind)  # looked up once: a relay held on disk reads its file for each lookup
+        if data is None or (self.sealed and recipient not in _sealed_for(data)):
             what = f"sealed for {recipient}" if self.sealed else "in the reply"
             raise LinkError(f"link {self.link + 1} (site {self.site}): no {kind} payload {what}; the site did not "
                             "return what the coordinator asked for (mismatched weckd versions?)")
@@ -51,14 +51,8 @@ class Relay:
     def recipients(self, kind: str) -> tuple[str, ...]:
         """Whom the ``kind`` blob is sealed for, as its header says (unverified: for routing and the audit
         log; each recipient checks the signed header itself). Empty where it is missing or unsealed."""
-        if not self.sealed or kind not in self.blobs:
-            return ()
-        from weckd.chain.seal import SealError, read_header
-
-        try:
-            return read_header(self.blobs[kind]).recipients
-        except (SealError, PayloadError):
-            return ()
+        data = self.blobs.get(kind) if self.sealed else None
+        return () if data is None else _sealed_for(data)
 
     def records(self, kind: str, recipient: str) -> dict[str, Any]:
         """The records that hand this output to ``recipient`` (a teacher or a model to evaluate): the same record
@@ -74,6 +68,16 @@ class Relay:
     @property
     def record_key(self) -> str:
         return payload_key(self.sealed)
+
+
+def _sealed_for(blob: bytes | memoryview) -> tuple[str, ...]:
+    """The recipients a sealed blob's header names (unverified), empty where it has no readable header."""
+    from weckd.chain.seal import SealError, read_header
+
+    try:
+        return read_header(blob).recipients
+    except (SealError, PayloadError):
+        return ()
 
 
 def relay_from_reply(content: RecordDict, link: int, site: str, sealed: bool) -> Relay:

@@ -150,9 +150,9 @@ def save_state(state_dir: Path, state: ChainState) -> None:
     key = _key(state_dir, create=True)
     state.updated = time.time()
     blobs: dict[str, dict[str, str]] = {}
-    if state.relay is not None and isinstance(state.relay.blobs, CheckpointBlobs) and state.relay.saved is not None \
-            and state.relay.saved[0] == d:  # held on disk already: its files stay as they are
-        blobs = dict(state.relay.saved[1])
+    held = state.relay.blobs if state.relay is not None else None
+    if isinstance(held, CheckpointBlobs) and held.folder == d:  # held on disk already: its files stay as they are
+        blobs = dict(held.refs)
     elif state.relay is not None:
         for i, (name, data) in enumerate(sorted(state.relay.blobs.items())):
             file = f"relay-{state.relay.link}-{i}.bin"
@@ -300,17 +300,17 @@ class CheckpointBlobs(Mapping[str, bytes]):
     """A checkpointed relay's blobs, each read from its file when a message needs it again (and checked against
     the SHA-256 recorded for it when it was written, as :func:`load_state` checks it)."""
 
-    def __init__(self, d: Path, refs: dict[str, dict[str, str]]) -> None:
-        self._d, self._refs = d, refs
+    def __init__(self, folder: Path, refs: dict[str, dict[str, str]]) -> None:
+        self.folder, self.refs = folder, refs
 
     def __getitem__(self, name: str) -> bytes:
-        return _read_blob(self._d, self._refs[name], f"{self._d / STATE_FILE}")
+        return _read_blob(self.folder, self.refs[name], str(self.folder / STATE_FILE))
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._refs)
+        return iter(self.refs)
 
     def __len__(self) -> int:
-        return len(self._refs)
+        return len(self.refs)
 
 
 def held_on_disk(relay: Relay | None) -> Relay | None:

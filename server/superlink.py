@@ -96,9 +96,9 @@ def start_superlink(fed: Federation, group: Group, paths: Paths, start_timeout: 
 
 
 def start_superexec(fed: Federation, group: Group, paths: Paths) -> None:
-    """A SuperExec for the run about to be submitted: it waits for :data:`RUN_SIGNAL`, acquires the run and becomes
-    its ServerApp (``weckd.server.superexec``), which exits with the run. One still waiting (its submission
-    failed) serves the next run instead."""
+    """A SuperExec for the run just submitted (started after the ``flwr`` process that submitted it, not beside
+    it): it waits for :data:`RUN_SIGNAL`, acquires the run and becomes its ServerApp (``weckd.server.superexec``),
+    which exits with the run. One still waiting (it has acquired no run yet) serves this run instead."""
     waiting = [p for p in group.running("superexec") if _is_superexec(p.pid)]
     if waiting:
         return
