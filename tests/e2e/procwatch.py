@@ -74,12 +74,14 @@ class ProcWatch:
                 role = _role(cmdline)
                 if role is None:
                     continue
-                seen = self.seen.setdefault((int(proc.name), role), Seen(role))
-                seen.peak_rss_mb = max(seen.peak_rss_mb, _peak_rss_mb(proc.name))
-                if not seen.torch:
-                    seen.torch = "libtorch" in (proc / "maps").read_text(errors="replace")
-            except OSError:  # the process exited meanwhile
+                key = (int(proc.name), role)
+                known = self.seen.get(key)
+                peak = _peak_rss_mb(proc.name)
+                torch = (known is not None and known.torch) or "libtorch" in (proc / "maps").read_text(errors="replace")
+            except OSError:  # the process exited meanwhile: a sample is kept only with both its readings
                 continue
+            seen = self.seen.setdefault(key, Seen(role))
+            seen.peak_rss_mb, seen.torch = max(seen.peak_rss_mb, peak), torch
 
     def by_role(self) -> dict[str, list[Seen]]:
         out: dict[str, list[Seen]] = {}
