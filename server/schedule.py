@@ -189,6 +189,9 @@ class ChainRun:
             record, relay = link_record(k, rep), relay_from_reply(rep.message.content, k, site, self.sealed)
             del rep  # the reply's arrays (another copy of the payload) go before the model is sent on
             self._finish_link(k, site, schedule, record, relay)
+            # held as the state's relay from here, which the next link's push leaves on disk only: bound here as
+            # well, the reply's arrays stayed in memory while that link trained (~1 payload)
+            del relay
         if not self.state.links:
             raise LinkError("no link completed: every site failed or was skipped", Failure.SITE_FAILED)
         if self.state.relay is None or len(self.state.links) != len(self.schedule()):

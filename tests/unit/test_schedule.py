@@ -1,14 +1,16 @@
 """The coordinator's chain logic with scripted sites: retries, fail or skip, checkpoint and resume."""
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
 import pytest
 from weckd.chain.errors import LinkError
 from weckd.chain.protocol import MSG_DELIVER, MSG_TRAIN, Reason, error_text
+from weckd.server.relay import Relay
 from weckd.server.schedule import ChainRun
-from weckd.server.state import load_state, new_state
+from weckd.server.state import CheckpointBlobs, load_state, new_state
 from weckd.server.transport import MAX_POLL_S, Exchange, SiteFailure, Timing, failure_from_error
 
 from .fake_grid import FakeSites, federation
@@ -273,3 +275,20 @@ def test_while_a_link_trains_its_teacher_is_held_on_disk_and_a_retry_reads_it_ba
     run.run()
     assert held == [(0, "CheckpointBlobs"), (1, "CheckpointBlobs"), (1, "CheckpointBlobs")]
     assert sites.teachers == {0: None, 1: 0, 2: 1}  # the retry of link 3 got link 2's model from the checkpoint
+
+
+def test_while_a_link_trains_no_relay_holds_a_payload_in_memory(tmp_path: Path) -> None:
+    in_memory: list[list[int]] = []
+
+    class Watching(FakeSites):
+        def exchange_all(self, kind: str, contents: dict, group: str, timeout: float | None = None):  # type: ignore
+            if kind == MSG_TRAIN:  # once pushed, only the message holds the teacher (FakeSites: its records)
+                gc.collect()
+                in_memory.append([o.link for o in gc.get_objects()
+                                  if isinstance(o, Relay) and not isinstance(o.blobs, CheckpointBlobs)])
+            return super().exchange_all(kind, contents, group, timeout)
+
+    sites = Watching(["A", "B", "C"])
+    run, _ = _run(tmp_path, sites)
+    run.run()
+    assert in_memory == [[], [], []]  # each link's output is read back from the checkpoint for a retry
