@@ -282,7 +282,7 @@ def test_while_a_link_trains_no_relay_holds_a_payload_in_memory(tmp_path: Path) 
 
     class Watching(FakeSites):
         def exchange_all(self, kind: str, contents: dict, group: str, timeout: float | None = None):  # type: ignore
-            if kind == MSG_TRAIN:  # once pushed, only the message holds the teacher (FakeSites: its records)
+            if kind == MSG_TRAIN:  # the teacher is in ``contents`` (its records) and on disk; no Relay in memory
                 gc.collect()
                 in_memory.append([o.link for o in gc.get_objects()
                                   if type(o) is Relay and not isinstance(o.blobs, CheckpointBlobs)])
