@@ -19,9 +19,9 @@ three, each only in the process that needs it:
   message objects) lowers the keyword defaults of the object-pull backoff in
   ``flwr.supercore.inflatable.inflatable_utils``, and :func:`join_array_chunks` (the site's executor and the
   ServerApp) has a received array's chunks joined in one copy rather than grown in a buffer and copied again;
-* :func:`superexec_waits_for` (the coordinator's SuperExec, ``weckd.server.superexec``) has its task poll wait
-  for a file weckd-server touches after submitting a run, instead of asking the SuperLink every second, and
-  :func:`superexec_becomes_task` makes that process the run's ServerApp (exec) instead of its parent;
+* :class:`ServerAppHost` (the SuperLink, ``weckd.server.flower_superlink``) runs each run's ServerApp in a thread
+  of the SuperLink process (no SuperExec, no ``flwr-serverapp`` process: ~130 MB less at the coordinator), asking
+  the SuperLink for a run once weckd-server touched a file after submitting it, not every second;
 * :func:`bound_superlink_sqlite` (the SuperLink, ``weckd.server.flower_superlink``) bounds the memory its SQLite
   connections keep, which Flower sets to hold ~300 MB of relayed payloads, and :func:`throttle_status_cleanup`
   sweeps expired task tokens at most once a second from run-status checks (Flower: on every object pulled);
@@ -47,8 +47,10 @@ import importlib
 import inspect
 import logging
 import sys
+import threading
 import time as _time
 from pathlib import Path
+from queue import Queue
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -179,6 +181,7 @@ def check_internals() -> None:
     _array_inflate(Array)
     _sqlite_mixin()
     _sql_linkstate()
+    _serverapp_runtime()
     if "time.sleep(3)" not in inspect.getsource(sci) or getattr(sci, "time", None) is None:
         raise ConfigError("flwr.supernode.start_client_internal no longer polls with time.sleep(3); "
                           "update weckd.chain.flower for this Flower release")
@@ -243,32 +246,7 @@ def cap_supernode_sleep(cap: float = 0.2, idle: float = 1.0, idle_after: float =
     return poll
 
 
-RUN_SIGNAL_ENV = "WECKD_RUN_SIGNAL"  # weckd-server touches this file after it submits a run; its SuperExec watches it
-
-
-class _SignalTime(_ModuleShim):
-    """The ``time`` module with ``sleep`` replaced by a wait for a signal file: the SuperExec's loop asks the
-    SuperLink for a run to launch once ``path`` was touched (weckd-server touches it after each submission)
-    and at least every ``longest`` seconds, instead of once a second through every link."""
-
-    def __init__(self, path: Path, longest: float) -> None:
-        self.watch, self.longest = FileWatch([path]), longest
-
-    def sleep(self, seconds: float) -> None:
-        self.watch.wait(self.longest)
-
-
-def superexec_waits_for(path: Path, longest: float = 30.0) -> None:
-    """The coordinator's SuperExec process (``weckd.server.superexec``): its task poll, a 1 s sleep in
-    ``flwr.supercore.superexec.run_superexec``, waits for ``path`` to be touched (at most ``longest`` s).
-    Each poll is an HTTP request the SuperLink answers from its database; a run submitted by weckd-server
-    starts as soon as it touched the file."""
-    import flwr.supercore.superexec.run_superexec as rs
-
-    if "time.sleep(task_poll_interval)" not in inspect.getsource(rs.run_superexec) or getattr(rs, "time", None) is None:
-        raise ConfigError("flwr.supercore.superexec.run_superexec no longer polls with time.sleep(task_poll_interval); "
-                          "update weckd.chain.flower (superexec_waits_for)")
-    rs.time = _SignalTime(path, longest)  # type: ignore[assignment]
+RUN_SIGNAL_ENV = "WECKD_RUN_SIGNAL"  # weckd-server touches this file after it submits a run; the SuperLink watches it
 
 
 SQLITE_BOUNDS = {"cache_size": "-2000", "mmap_size": "0"}  # 2 MB of page cache per connection, no mmap
@@ -381,51 +359,190 @@ def _sqlite_mixin() -> Any:
     return mixin
 
 
-class _ExecInstead(_ModuleShim):
-    """The ``subprocess`` module as Flower's subprocess executor sees it, with ``Popen`` replaced by an exec of
-    the same command line (its ``--parent-pid`` made ``parent_pid``): the SuperExec process becomes the task's."""
-
-    _module = "subprocess"
-
-    def __init__(self, parent_pid: int | None) -> None:
-        self._parent_pid = parent_pid
-
-    def Popen(self, args: Any, **_: Any) -> Any:  # noqa: N802 (the name Flower calls)
-        import os
-        import sys
-
-        argv = [str(a) for a in args]
-        if self._parent_pid is not None and "--parent-pid" in argv[:-1]:
-            argv[argv.index("--parent-pid") + 1] = str(self._parent_pid)
-        log.info("SuperExec: becoming %s for its task", argv[0])
-        for stream in [*logging.getLogger().handlers, sys.stdout, sys.stderr]:
-            try:  # what was logged reaches the log before the exec
-                stream.flush()
-            except (OSError, ValueError):  # a closed stream holds nothing to flush
-                pass
-        os.execvp(argv[0], argv)
-
-
-def superexec_becomes_task(parent_pid: int | None) -> None:
-    """The coordinator's SuperExec process (``weckd.server.superexec``): instead of starting the ServerApp of the
-    run it acquires as a child (``flwr.supercore.superexec.executor.subprocess_executor``), it becomes that
-    ServerApp (exec, same pid), which exits with its run: no SuperExec waits beside a running chain (~120 MB),
-    and weckd-server starts one for each run it submits. The ServerApp watches ``parent_pid`` (the SuperLink) as
-    the SuperExec did."""
-    import flwr.supercore.superexec.executor.subprocess_executor as se
-
-    if "subprocess.Popen(" not in inspect.getsource(se.SubprocessExecutor.launch) or \
-            getattr(se, "subprocess", None) is None:
-        raise ConfigError("flwr's SubprocessExecutor no longer starts tasks with subprocess.Popen; "
-                          "update weckd.chain.flower (superexec_becomes_task)")
-    se.subprocess = _ExecInstead(parent_pid)  # type: ignore[assignment]
-
-
 def superlink_files(database: Path) -> list[Path]:
     """The files Flower 1.39's SuperLink commits every message, object and heartbeat to: its SQLite database
     and write-ahead log. The ServerApp runs on the SuperLink's host (weckd's SuperExec starts it there) and
     pulls replies when they changed (``weckd.server.transport.ChangeWait``)."""
     return [database, database.with_name(database.name + "-wal")]
+
+
+SERVERAPP_ENDED = "serverapp-ended"  # beside the run signal: the id of the last run whose ServerApp has ended
+
+
+class _StopTask(_ModuleShim):
+    """The ``signal`` module as ``flwr.supercore.heartbeat`` sees it: a task's heartbeat that the SuperLink refuses
+    (its run was stopped) raises SIGINT at its process, which in the SuperLink process would stop the SuperLink;
+    here it calls ``stop`` instead."""
+
+    _module = "signal"
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+
+    def raise_signal(self, signum: int) -> None:
+        self._stop()
+
+
+class RunStopped(BaseException):
+    """The SuperLink refused a hosted ServerApp's task token (its run was stopped): raised in the thread that
+    asked, where Flower would have sent SIGINT to the process (and so stopped the SuperLink). A BaseException, so
+    that no ``except Exception`` on the way (Flower's, weckd's) takes it for a failure to retry or report."""
+
+
+class _RaiseInstead(_ModuleShim):
+    """The ``os`` module as ``flwr.supercore.retry.http_retry`` sees it: its retry invoker, refused with HTTP 401
+    (a task token the SuperLink no longer knows), kills its own process with SIGINT; here it calls ``stop`` and
+    raises :class:`RunStopped` in the thread that made the request."""
+
+    _module = "os"
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self._stop = stop
+
+    def kill(self, pid: int, signum: int) -> None:
+        import os
+        import signal
+
+        if pid != os.getpid() or signum != signal.SIGINT:
+            os.kill(pid, signum)
+            return
+        self._stop()
+        raise RunStopped("the SuperLink no longer accepts the ServerApp's task token (its run was stopped)")
+
+
+class ServerAppHost:
+    """Each run's ServerApp, in a thread of the SuperLink process (``weckd.server.flower_superlink``).
+
+    Flower's SuperLink in ``--isolation process`` hands a run to whoever acquires it on its Runtime API with the
+    SuperExec secret; Flower's SuperExec then starts ``flwr-serverapp`` as a process that imports all of Flower
+    again (~130 MB). Here the SuperLink's own process acquires it and runs Flower's ServerApp runtime
+    (``flwr.superlink.runtime.run_serverapp``) in a thread, over the same TLS Runtime API, with three names that
+    runtime sees replaced: its signal handlers (only a main thread may set them; its exit handlers are kept and
+    run by :meth:`_exit`), ``flwr_exit`` (which would end the process: here it pushes the task's output and
+    returns) and ``HttpGrid`` (kept, so that a stopped run's grid is closed: the ServerApp's next request then
+    fails, and its thread ends). Where Flower answers a stopped run with SIGINT at its own process (a refused
+    heartbeat, a request refused with HTTP 401), the SuperLink would stop: here the grid is closed instead, and a
+    refused request raises :class:`RunStopped` in its thread.
+
+    A run is asked for once ``run_signal`` was touched (weckd-server touches it after each submission) and at
+    least every ``longest`` seconds; after each, the run's id is written to :data:`SERVERAPP_ENDED` beside it
+    (weckd-server's sign that the ServerApp has pushed its output)."""
+
+    def __init__(self, runtime_address: str, ca_file: str, secret: bytes, run_signal: Path,
+                 longest: float = 30.0) -> None:
+        self.address, self.ca_file, self.secret = runtime_address, ca_file, secret
+        self.run_signal, self.longest = run_signal, longest
+        self.ended = run_signal.with_name(SERVERAPP_ENDED)
+        self._handlers: list[Callable[[], None]] = []
+        self._grid: Any = None
+        self.exit_code: int | None = None
+        self.closed = threading.Event()  # set: :meth:`serve` returns at its next wake
+
+    def start(self) -> threading.Thread:
+        self._install()
+        thread = threading.Thread(target=self.serve, name="weckd-serverapp", daemon=True)
+        thread.start()
+        return thread
+
+    def serve(self) -> None:
+        from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+        from flwr.supercore.constant import TaskType
+
+        watch = FileWatch([self.run_signal])
+        while True:
+            watch.wait(self.longest)
+            if self.closed.is_set():
+                return
+            client = None
+            try:  # a client per wake: an open keep-alive connection would hold up the SuperLink's HTTP server's stop
+                client = runtime_client(self.address, None, self.secret, Path(self.ca_file).read_bytes())
+                while True:  # every run submitted since the last one
+                    res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.SERVER_APP]))
+                    if not (res.HasField("task") and res.token):
+                        break
+                    self.run_task(res.token)
+            except (Exception, RunStopped):  # noqa: BLE001 (the host outlives a failed request: the next wake retries)
+                log.exception("ServerApp host: acquiring a run from the SuperLink failed")
+            finally:
+                if client is not None:
+                    client.close()
+
+    def run_task(self, token: str) -> None:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        rsa = importlib.import_module("flwr.superlink.runtime.run_serverapp")
+        self._handlers, self._grid, self.exit_code = [], None, None
+        setattr(TaskIdentity, "_run_id", None)  # noqa: B010 (this task's id, read back below, not the last task's)
+        try:
+            rsa.run_serverapp(runtime_api_address=self.address, log_queue=Queue(), token=token, insecure=False,
+                              certificates=Path(self.ca_file).read_bytes(), parent_pid=None,
+                              runtime_dependency_install=False)
+        except RunStopped as stopped:
+            self._exit(130, f"{stopped}; the ServerApp stops")  # its exit handlers: heartbeat stopped, grid closed
+        finally:
+            self._grid = None
+            run_id = TaskIdentity._run_id
+            log.info("ServerApp host: the ServerApp of run %s ended (exit code %s)", run_id, self.exit_code)
+            if run_id is not None:
+                from .files import atomic_write_text
+
+                atomic_write_text(self.ended, f"{run_id}\n")
+
+    def _install(self) -> None:
+        rsa, hb, retry = _serverapp_runtime()
+        grid_cls = rsa.HttpGrid
+
+        def grid(*args: Any, **kwargs: Any) -> Any:
+            self._grid = grid_cls(*args, **kwargs)
+            return self._grid
+
+        rsa.register_signal_handlers = self._keep_handlers
+        rsa.flwr_exit = self._exit
+        rsa.HttpGrid = grid
+        hb.signal = _StopTask(self._stop)  # type: ignore[assignment]
+        retry.os = _RaiseInstead(self._stop)  # type: ignore[assignment]
+
+    def _keep_handlers(self, *_: Any, exit_handlers: list[Callable[[], None]] | None = None, **__: Any) -> None:
+        self._handlers = list(exit_handlers or [])
+
+    def _exit(self, code: int, message: str | None = None, *_: Any, **__: Any) -> None:
+        if message:
+            log.log(logging.INFO if 0 <= code < 100 else logging.ERROR, "ServerApp: %s", message)
+        handlers, self._handlers = self._handlers, []
+        for handler in handlers:  # pushes the task's output, closes its grid
+            try:
+                handler()
+            except (Exception, RunStopped) as err:  # noqa: BLE001 (a stopped run's closed grid refuses the push)
+                log.warning("ServerApp host: exit handler failed: %s", err)
+        self.exit_code = int(code)
+
+    def _stop(self) -> None:
+        grid = self._grid
+        log.warning("ServerApp host: the SuperLink refused the running task (its run was stopped); closing its grid")
+        if grid is not None:
+            grid.close()
+
+
+def _serverapp_runtime() -> tuple[Any, Any, Any]:
+    from flwr.supercore import heartbeat as hb
+    from flwr.supercore.retry import http_retry as retry
+
+    # the module, not the function of the same name its package exports
+    rsa = importlib.import_module("flwr.superlink.runtime.run_serverapp")
+
+    src = inspect.getsource(rsa.run_serverapp)
+    names = ("register_signal_handlers(", "flwr_exit(", "HttpGrid(", "exit_handlers=[on_exit]")
+    if not all(n in src for n in names) or not all(hasattr(rsa, n.rstrip("(")) for n in names[:3]):
+        raise ConfigError("flwr.superlink.runtime.run_serverapp no longer sets up its grid, exit handlers and exit "
+                          "as 1.39 did; update weckd.chain.flower (ServerAppHost)")
+    if "signal.raise_signal(signal.SIGINT)" not in inspect.getsource(hb.make_task_heartbeat_fn_http) or \
+            getattr(hb, "signal", None) is None:
+        raise ConfigError("flwr.supercore.heartbeat no longer stops a refused task with SIGINT; "
+                          "update weckd.chain.flower (ServerAppHost)")
+    if "os.kill(os.getpid(), signal.SIGINT)" not in inspect.getsource(retry) or getattr(retry, "os", None) is None:
+        raise ConfigError("flwr.supercore.retry.http_retry no longer stops a refused task with SIGINT; "
+                          "update weckd.chain.flower (ServerAppHost)")
+    return rsa, hb, retry
 
 
 TASK_SIGNAL_ENV = "WECKD_TASK_SIGNAL"  # weckd-client gives the SuperNode and the executor the same path
@@ -582,9 +699,11 @@ def register_node(connection: str, public_key: str, name: str) -> dict[str, Any]
         {"success": False, "error-code": None, "error-message": "the SuperLink registered no node"}
 
 
-def runtime_client(address: str, token: str | None, secret: bytes | None = None) -> Any:
-    """A client of the SuperNode's loopback Runtime API: the executor's own (signed with ``secret``), or one
-    task's (authenticated by its ``token``)."""
+def runtime_client(address: str, token: str | None, secret: bytes | None = None,
+                   root_certificates: bytes | None = None) -> Any:
+    """A client of a Runtime API: the SuperNode's on loopback without TLS (the site's executor, signed with
+    ``secret``, or one task's, authenticated by its ``token``), or the SuperLink's with TLS
+    (``root_certificates``: :class:`ServerAppHost`)."""
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
@@ -599,7 +718,7 @@ def runtime_client(address: str, token: str | None, secret: bytes | None = None)
     if secret:
         interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=SUPEREXEC_METHODS))
     return RuntimeHttpClient.from_server_address(
-        server_address=address, insecure=True, root_certificates=None,  # loopback ClientAppIo only
+        server_address=address, insecure=root_certificates is None, root_certificates=root_certificates,
         interceptors=interceptors, retry_invoker=loopback_retries(make_simple_http_retry_invoker()),
     )
 

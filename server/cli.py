@@ -22,12 +22,12 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from weckd.chain.cli import run_command, setup_logging
 from weckd.chain.errors import ConfigError, LinkError, WeckdError
 from weckd.chain.files import atomic_write_text, private_dir
-from weckd.chain.flower import check_flower_version
+from weckd.chain.flower import SERVERAPP_ENDED, check_flower_version
 from weckd.chain.peers import COORDINATOR, load_party
 from weckd.chain.procs import Group, raise_on_sigterm
 from weckd.chain.protocol import Event, Failure
@@ -46,7 +46,6 @@ from .superlink import (
     register_and_submit,
     register_sites,
     run_status,
-    start_superexec,
     start_superlink,
     stop_run,
     submit,
@@ -62,7 +61,7 @@ FOLLOW_POLL_S = 0.25  # once the ServerApp reported its end, until Flower says t
 STATUS_EVERY_S = 600.0  # `flwr ls` costs ~1 s of CPU: the ServerApp reports its own end, and its process is watched
 GONE_STATUS_S = 5.0  # once the ServerApp's process is gone without a word: how often Flower is asked for the run
 GONE_GRACE_S = 60.0  # and how long, before the run counts as failed
-EXIT_WAIT_S = 15.0  # once the ServerApp reported its end: how long Flower is not asked while its process exits
+EXIT_WAIT_S = 15.0  # once the ServerApp reported its end: how long Flower is not asked while it pushes its output
 HOLD_SLEEP_S = 3600.0  # a signal ends the sleep at once
 READY_FILE = "ready"
 SERVICE_POLL_S = 1.0  # an idle service looks at its queue once a second
@@ -287,8 +286,6 @@ def _run(fed: Federation, paths: Paths, group: Group, out: Path, wire_log: str, 
                   "state-dir": str(state_dir), "progress-file": str(progress), "wire-log": wire_log,
                   "superlink-database": str(paths.state / SUPERLINK_DB)}
     run_id = register_and_submit(fed, paths, run_config) if register else submit(paths, run_config)
-    # started once the ~100 MB flwr process has ended, not beside it: it acquires the run, becomes its ServerApp
-    start_superexec(fed, group, paths)
     if register:
         atomic_write_text(paths.state / READY_FILE, f"{time.time()}\n")  # the sites' keys are registered
     log.info("run %d submitted; waiting for sites %s", run_id, ", ".join(fed.chain.chain.order))
@@ -317,17 +314,16 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
     """Show the run's progress lines until it finishes (bounded by a deadline).
 
     Progress comes from the ServerApp's progress file. ``flwr ls`` (a CLI process that would compete with
-    training for CPU) is asked once the app reports an end and its process (the ``started`` event's pid, on this
-    host) has exited (at most ``EXIT_WAIT_S`` later: Flower counts the run finished once that process has pushed
-    its output, and the ~100 MB ``flwr`` process is then not held beside the exiting ServerApp), or once that
-    process is gone without reporting an end, and otherwise only every ``STATUS_EVERY_S``.
+    training for CPU) is asked once the app reports an end and the SuperLink's ServerApp host has written that
+    the run's ServerApp ended (at most ``EXIT_WAIT_S`` later: Flower counts the run finished once the ServerApp
+    has pushed its output, and the ~100 MB ``flwr`` process is then not held beside the ending ServerApp), or
+    once the ServerApp ended without reporting an end, and otherwise only every ``STATUS_EVERY_S``.
     """
     s = fed.settings
     deadline = time.monotonic() + s.discovery_timeout + s.link_timeout * (fed.chain.n_links + 2)
     seen, next_status, gone_since, ended_at = 0, time.monotonic() + STATUS_EVERY_S, None, None
     status, details = "pending", ""
-    launchers = group.running("superexec")  # they end as the run's ServerApp: their exit before it starts fails it
-    watch = FileWatch([progress])
+    watch = FileWatch([progress, paths.state / SERVERAPP_ENDED])
     try:
         while time.monotonic() < deadline:
             seen = _show_progress(progress, seen, metrics)
@@ -335,20 +331,15 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
             died = group.exited()
             if died is not None:
                 raise WeckdError(f"{died[0]} exited with code {died[1]}; see {paths.logs / (died[0] + '.log')}")
-            gone = [p for p in launchers if p.poll() is not None]  # polled before the events are read
+            alive = not paths.serverapp_ended(run_id)  # read before the events
             events = read_events(progress)
-            if any(e.get("event") == Event.STARTED for e in events):
-                launchers = []
-            elif gone:
-                raise WeckdError(f"the SuperExec exited with code {gone[0].returncode} before the run's ServerApp "
-                                 f"started; see {paths.logs / 'superexec.log'}")
             ended = any(e.get("event") in (Event.COMPLETED, Event.FAILED) for e in events)
             now = time.monotonic()
-            if not ended and gone_since is None and not _serverapp_alive(events):
+            if not ended and gone_since is None and not alive:
                 gone_since, next_status = now, now
             if ended and ended_at is None:
                 ended_at = now
-            exiting = ended_at is not None and now - ended_at < EXIT_WAIT_S and _serverapp_alive(events)
+            exiting = ended_at is not None and now - ended_at < EXIT_WAIT_S and alive
             if (ended and not exiting) or now >= next_status:
                 status, details = run_status(paths, run_id)
                 next_status = now + (GONE_STATUS_S if gone_since is not None else STATUS_EVERY_S)
@@ -362,19 +353,6 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
         watch.close()
     stop_run(paths, run_id)
     return "timed out", "run did not finish before the deadline (discovery_timeout + link_timeout × (links + 2))"
-
-
-def _serverapp_alive(events: list[dict[str, Any]]) -> bool:
-    """Whether the ServerApp that reported ``started`` last still runs (a zombie does not); True before it
-    started, and where there is no ``/proc`` to tell (its end is then learnt from Flower, later)."""
-    started = [e for e in events if e.get("event") == Event.STARTED and isinstance(e.get("pid"), int)]
-    if not started or not Path("/proc/self/stat").is_file():
-        return True
-    try:
-        state = Path(f"/proc/{started[-1]['pid']}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _status_line(metrics: ServerMetrics) -> None:

@@ -9,8 +9,9 @@ targets of the lean coordinator:
 * **time to the first link**: the sites start first and wait for their coordinator; from
   ``weckd-server``'s start to link 1's ``link-start`` event (target ≤ 20 s);
 * **coordinator memory**: the peak of the summed resident memory (``VmRSS``) of ``weckd-server``,
-  the SuperLink (``weckd.server.flower_superlink``), its SuperExec (``weckd.server.superexec``, which becomes
-  ``flwr-serverapp``) (target ≤ 400 MB);
+  the SuperLink (``weckd.server.flower_superlink``, in which each run's ServerApp runs as a thread), the ``flwr``
+  CLI processes and the report's drawing, and any SuperExec or ``flwr-serverapp`` process (none should start)
+  (target ≤ 400 MB);
 * **quiet while a link trains**: from the moment the training site reports ``training`` until it
   stops, the CPU time of every federation process except the training executor, as % of one core
   (target ≤ 5 %);
@@ -51,7 +52,7 @@ ROLES = (("weckd.client.executor", "executor"), ("weckd.client.supernode", "supe
          ("weckd.server.flwr_batch", "flwr-cli"), ("bin/flwr ", "flwr-cli"), ("weckd.server.plots", "report"))
 UNROOTED = ("serverapp", "superexec", "flwr-cli")  # their command lines need not name the federation's folder
 # roles whose processes start others: a child seen between its fork and its exec shows its parent's command line
-# (and a SuperExec becomes its ServerApp), so these are looked at again until the command line settles
+# (and a SuperExec would become its ServerApp), so these are looked at again until the command line settles
 REREAD = ("superexec", "site-supervisor", "weckd-server")
 # every process weckd-server starts: the flwr CLI that registers keys and submits the run, and the report's
 # drawing after it, count with the long-lived ones

@@ -3,8 +3,8 @@
 Real federations of each requested length (default 3, 10 and 30 links): one site (A) cycled to reach
 the chain length, test_resnet, 1 epoch per link on a few hundred synthetic images, evaluation of every
 link on (``federation.evaluate: all``). While the run goes, a thread polls every 20 ms every process
-under ``weckd-server`` and records, per role (the SuperLink, the ServerApp process ``flwr-serverapp``
-it starts, and ``weckd-server`` itself), the peak of ``RssAnon`` (resident anonymous memory: what the
+under ``weckd-server`` and records, per role (the SuperLink, in whose process each run's ServerApp runs as
+a thread, and ``weckd-server`` itself), the peak of ``RssAnon`` (resident anonymous memory: what the
 process itself allocated), of ``VmRSS`` and of ``VmHWM`` (the kernel's resident high-water mark,
 which also counts file-backed pages such as shared-library code) from ``/proc/<pid>/status``.
 
@@ -29,7 +29,7 @@ from weckd.chain.perf import PerfOptions, TargetCheck, machine_line
 from .demo import LocalFederation
 from .scaffold import chain_settings, make_scaffold
 
-ROLES = {"serverapp": "flwr-serverapp", "superlink": "weckd.server.flower_superlink", "weckd-server": "weckd-server"}
+ROLES = {"superlink": "weckd.server.flower_superlink", "weckd-server": "weckd-server"}
 TARGET_PCT = 10.0
 
 
@@ -112,9 +112,9 @@ def one_run(links: int, root: Path) -> dict[str, Any]:
 
 
 
-COLUMNS = (("serverapp", "peak_anon_kib", "ServerApp anon"), ("serverapp", "peak_hwm_kib", "ServerApp VmHWM"),
-           ("superlink", "peak_anon_kib", "SuperLink anon"), ("weckd-server", "peak_anon_kib", "weckd-server anon"),
-           ("total", "peak_anon_kib", "all three, anon"))
+COLUMNS = (("superlink", "peak_anon_kib", "SuperLink + ServerApp anon"),
+           ("superlink", "peak_hwm_kib", "SuperLink + ServerApp VmHWM"),
+           ("weckd-server", "peak_anon_kib", "weckd-server anon"), ("total", "peak_anon_kib", "both, anon"))
 
 
 def _value(run: dict[str, Any], role: str, key: str) -> int:
@@ -138,8 +138,8 @@ def report(runs: list[dict[str, Any]]) -> str:
              "length, test_resnet, 1 epoch per link, 240 synthetic images, every link evaluated, payloads sealed, "
              "weights relayed in float16. Every process under `weckd-server` is polled every 20 ms over the whole "
              "run; per role the table gives the peak of `RssAnon` (resident anonymous memory, what the process "
-             "allocated itself) and, for the ServerApp, the kernel's high-water mark `VmHWM` (which also counts "
-             "file-backed pages such as shared-library code).", "",
+             "allocated itself) and, for the SuperLink (each run's ServerApp runs in its process), the kernel's "
+             "high-water mark `VmHWM` (which also counts file-backed pages such as shared-library code).", "",
              "| links | " + " MiB | ".join(label for _, _, label in COLUMNS) + " MiB | run s |",
              "|---|" + "---|" * (len(COLUMNS) + 1)]
     for r in runs:

@@ -13,9 +13,9 @@ from typing import IO, Any
 
 import tomli_w
 from weckd.chain.appbundle import app_pyproject
-from weckd.chain.errors import LinkError, WeckdError
+from weckd.chain.errors import WeckdError
 from weckd.chain.files import atomic_write_text, private_dir, process_lock, write_superexec_secret
-from weckd.chain.flower import KEY_ALREADY_REGISTERED, RUN_SIGNAL_ENV
+from weckd.chain.flower import KEY_ALREADY_REGISTERED, RUN_SIGNAL_ENV, SERVERAPP_ENDED
 from weckd.chain.procs import Group, flower_env, kill_leftovers, wait_port
 
 from .settings import Federation
@@ -25,10 +25,10 @@ log = logging.getLogger(__name__)
 CONNECTION = "weckd"
 CLI_TIMEOUT = 120.0
 SUPERLINK_DB = "superlink.db"  # the SuperLink's SQLite state, in the coordinator's state dir
-# glibc's allocator for the coordinator's Flower processes (the ServerApp inherits it from the SuperExec): payload
+# glibc's allocator for the coordinator's SuperLink process (the ServerApp runs in it): payload
 # chunks pass through many threads, and per-thread arenas would each keep the freed megabytes resident
 MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "1048576"}
-RUN_SIGNAL = "run-signal"  # touched after each submission; the SuperExec waits for it (flower.superexec_waits_for)
+RUN_SIGNAL = "run-signal"  # touched after each submission; the SuperLink's ServerApp host waits for it
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,20 @@ class Paths:
 
     @property
     def secret(self) -> Path:
-        """The SuperExec HMAC secret the SuperLink and weckd's SuperExec share (new at every start)."""
+        """The SuperExec HMAC secret that signs the SuperLink's ServerApp host's requests for a run (new at every
+        start)."""
         return self.state / "flwr-superlink" / "superexec.secret"
 
     @property
     def run_signal(self) -> Path:
         return self.state / RUN_SIGNAL
+
+    def serverapp_ended(self, run_id: int) -> bool:
+        """Whether the ServerApp of run ``run_id`` has ended (it pushed its output to the SuperLink)."""
+        try:
+            return (self.state / SERVERAPP_ENDED).read_text().strip() == str(run_id)
+        except OSError:
+            return False
 
 
 def superlink_cmd(fed: Federation, paths: Paths) -> list[str]:
@@ -60,8 +68,9 @@ def superlink_cmd(fed: Federation, paths: Paths) -> list[str]:
     deprecated gRPC Control API, started only when ``FLWR_INTERNAL_GRPC_CONTROL_API=1`` (which
     :func:`flower_env` never passes on) and otherwise bound to 0.0.0.0:9093: it is pinned to loopback on the
     same port, so even then it could not listen beyond loopback (Flower logs a deprecation WARNING for it).
-    No ``--health-server-address``: no health server. ``--isolation process``: weckd starts the SuperExec itself
-    (:func:`superexec_cmd`), which must sign its task requests with the secret in ``paths.secret``.
+    No ``--health-server-address``: no health server. ``--isolation process``: no SuperExec; each run's ServerApp
+    runs in a thread of the SuperLink process (``weckd.chain.flower.ServerAppHost``), which signs its requests for
+    a run with the secret in ``paths.secret`` and asks for one when ``paths.run_signal`` is touched.
     """
     s = fed.settings
     return [sys.executable, "-m", "weckd.server.flower_superlink",
@@ -73,49 +82,18 @@ def superlink_cmd(fed: Federation, paths: Paths) -> list[str]:
             "--isolation", "process", "--superexec-auth-secret-file", str(paths.secret)]
 
 
-def superexec_cmd(fed: Federation, paths: Paths, superlink_pid: int) -> list[str]:
-    """weckd's SuperExec (``weckd.server.superexec``): Flower's, launching each run's ServerApp, with its task poll
-    waiting for :data:`RUN_SIGNAL`; TLS to the Runtime API on 127.0.0.1 with the federation CA, the shared secret,
-    and gone with its SuperLink."""
-    return [sys.executable, "-m", "weckd.server.superexec", "--runtime-api-address",
-            f"127.0.0.1:{fed.settings.control_port}", "--root-certificates", fed.settings.ca,
-            "--superexec-auth-secret-file", str(paths.secret), "--parent-pid", str(superlink_pid)]
-
-
 def start_superlink(fed: Federation, group: Group, paths: Paths, start_timeout: float = 60.0) -> None:
     """Fleet API (gRPC + TLS + SuperNode auth) on the configured address; Control/Runtime on 127.0.0.1."""
     s = fed.settings
     cmd = superlink_cmd(fed, paths)
     kill_leftovers([str(paths.state / SUPERLINK_DB), f"127.0.0.1:{s.control_port} "])  # of a killed weckd-server
     write_superexec_secret(paths.secret.parent)
-    proc = group.start("superlink", cmd, flower_env(paths.state / "flwr-superlink", MALLOC_ENV))
+    proc = group.start("superlink", cmd, flower_env(paths.state / "flwr-superlink",
+                                                    {RUN_SIGNAL_ENV: str(paths.run_signal), **MALLOC_ENV}))
     host, _, port = s.fleet_address.rpartition(":")
     wait_port(host, int(port), start_timeout, proc, "flower-superlink (fleet API)")
     wait_port("127.0.0.1", s.control_port, start_timeout, proc, "flower-superlink (control API)")
     log.info("SuperLink up: fleet %s (TLS, SuperNode auth), control 127.0.0.1:%d", s.fleet_address, s.control_port)
-
-
-def start_superexec(fed: Federation, group: Group, paths: Paths) -> None:
-    """A SuperExec for the run just submitted (started after the ``flwr`` process that submitted it, not beside
-    it): it waits for :data:`RUN_SIGNAL`, acquires the run and becomes its ServerApp (``weckd.server.superexec``),
-    which exits with the run. One still waiting (it has acquired no run yet) serves this run instead."""
-    waiting = [p for p in group.running("superexec") if _is_superexec(p.pid)]
-    if waiting:
-        return
-    superlink = group.running("superlink")
-    if not superlink:
-        raise LinkError(f"the SuperLink is not running; see {paths.logs / 'superlink.log'}")
-    group.start("superexec", superexec_cmd(fed, paths, superlink[0].pid),
-                flower_env(paths.state / "flwr-superexec", {RUN_SIGNAL_ENV: str(paths.run_signal), **MALLOC_ENV}),
-                transient=True)
-
-
-def _is_superexec(pid: int) -> bool:
-    """Whether ``pid`` is still a SuperExec (not yet the ServerApp it becomes)."""
-    try:
-        return b"weckd.server.superexec" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
 
 
 LOCK_FILE = "weckd-server.lock"  # in the state dir; ``weckd status`` tells a running coordinator by it
@@ -217,7 +195,7 @@ def write_app_dir(paths: Paths) -> None:
 
 
 def submit(paths: Paths, run_config: dict[str, str]) -> int:
-    """Submit the run (and wake the SuperExec); return its id."""
+    """Submit the run (and wake the SuperLink's ServerApp host); return its id."""
     run_id = int(flwr(paths, run_command(paths, run_config))["run-id"])
     paths.run_signal.touch()
     return run_id

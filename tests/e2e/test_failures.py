@@ -220,3 +220,34 @@ def test_a_payload_not_signed_by_the_pinned_key_fails_the_run_with_the_reason(
                                             ).read_text()
     metrics = json.loads((fed.scaffold.root / "state" / "site-C" / "metrics.json").read_text())
     assert metrics["rejected"] == {"unexpected-sender": 1} and metrics["links_trained"] == 0
+
+
+def test_a_run_stopped_at_the_superlink_ends_its_serverapp_and_leaves_the_superlink_up(
+        federation: Callable[..., LocalFederation]) -> None:
+    """The ServerApp runs in the SuperLink's process: when its run is stopped (``flwr stop``, as weckd-server does
+    at a deadline), Flower answers its next request with 401 and its heartbeat with a refusal, and would SIGINT
+    the process. The ServerApp's thread ends; the SuperLink stays up, and weckd-server reports the stop."""
+    import re
+
+    from weckd.chain.flower import SERVERAPP_ENDED
+    from weckd.server.superlink import Paths, stop_run
+
+    fed = federation({}, epochs=100)  # a link that trains for minutes
+    _wait_event(fed, _link_start(1))
+    _wait_training(fed.scaffold, "A", 1)
+    state = fed.scaffold.root / "state" / "server"
+    logs = "".join(p.read_text() for p in fed.scaffold.root.rglob("weckd-server*.log"))
+    run_id = re.search(r"run (\d+) submitted", logs).group(1)  # type: ignore[union-attr]
+    stop_run(Paths.under(state), int(run_id))
+    stopped = time.monotonic()
+    ended = state / SERVERAPP_ENDED
+    while not (ended.is_file() and ended.read_text().strip() == run_id) and time.monotonic() - stopped < 60:
+        time.sleep(0.1)
+    assert ended.read_text().strip() == run_id, "the ServerApp's thread did not end"
+    print(f"\nrun stopped; its ServerApp ended {time.monotonic() - stopped:.1f}s later")
+    superlink_log = state / "logs" / "superlink.log"
+    assert "Shutting down" not in superlink_log.read_text()  # the SuperLink's HTTP server was not stopped
+    assert fed.wait_server(60) == 1
+    text = "".join(p.read_text() for p in fed.scaffold.root.rglob("weckd-server*.log"))
+    assert f"run {run_id} finished:stopped" in text
+    assert "superlink exited" not in text

@@ -36,7 +36,6 @@ from weckd.server.superlink import (
     Paths,
     register_sites,
     run_status,
-    start_superexec,
     start_superlink,
     submit,
     write_app_dir,
@@ -259,8 +258,9 @@ def attack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attack]:
         deadline = time.monotonic() + RUN_TIMEOUT
         runs = {}
         for name, scenarios, bundle in (("evil", ["foreign-app"], evil), ("main", MAIN, main)):
-            with attacker_host:  # a SuperExec for each run: it becomes that run's ServerApp
-                start_superexec(fed, local.group, paths)
+            # the flwr CLI checks the app's module; its ServerApp runs in the SuperLink's process (started above
+            # with the attacker's module importable too)
+            with attacker_host:
                 run_id = _submit(paths, bundle, {**plan, "scenarios": scenarios, "out": str(root / f"{name}.json")},
                                  root / f"plan-{name}.json")
             runs[name] = _wait(paths, run_id, root / f"{name}.json", deadline)

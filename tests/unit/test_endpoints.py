@@ -30,7 +30,7 @@ from weckd.client import cli as client_cli
 from weckd.client.site import SiteConfig
 from weckd.server.scaffold import chain_settings, write_site_config
 from weckd.server.settings import Federation, FederationSettings
-from weckd.server.superlink import Paths, superexec_cmd, superlink_cmd
+from weckd.server.superlink import Paths, superlink_cmd
 
 REPO = Path(__file__).resolve().parents[2]
 HOSTILE = {
@@ -141,24 +141,39 @@ def test_superlink_binds_loopback_except_fleet(hostile_env: None, tmp_path: Path
     assert args.health_server_address is None
     assert args.fleet_api_address == "0.0.0.0:9092"  # the one port that faces the sites
     assert not args.insecure and args.enable_supernode_auth
-    assert args.isolation == "process"  # weckd starts the SuperExec itself (superexec_cmd)
+    assert args.isolation == "process"  # no SuperExec: the ServerApp runs in the SuperLink (flower.ServerAppHost)
     assert args.superexec_auth_secret_file == str(Paths.under(tmp_path).secret)
 
 
-def test_the_coordinators_superexec_reaches_the_runtime_api_on_loopback_with_tls_and_the_secret(
-        hostile_env: None, tmp_path: Path) -> None:
-    from flwr.supercore.cli.flower_superexec import _parse_args as superexec_args
+def test_the_superlinks_serverapp_host_reaches_the_runtime_api_on_loopback_with_tls_and_the_secret(
+        hostile_env: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No SuperExec process: the SuperLink's own ServerApp host asks for runs, with what weckd-server passed it."""
+    from weckd.chain.flower import RUN_SIGNAL_ENV
+    from weckd.server import flower_superlink
 
     settings = FederationSettings(fleet_address="0.0.0.0:9092", control_port=9093, ca="certs/ca.crt")
     fed = Federation(chain=None, settings=settings, sites={}, source="federation.yaml")  # type: ignore[arg-type]
     paths = Paths.under(tmp_path)
-    cmd = superexec_cmd(fed, paths, superlink_pid=4242)
-    assert cmd[:3] == [sys.executable, "-m", "weckd.server.superexec"]
-    args = superexec_args().parse_args(cmd[3:])
-    assert args.runtime_api_address == "127.0.0.1:9093" and not args.insecure
-    assert args.root_certificates == "certs/ca.crt"
-    assert args.superexec_auth_secret_file == str(paths.secret) and args.parent_pid == 4242
-    assert not args.runtime_dependency_install  # a run's bundle installs nothing
+    write_superexec_secret(paths.secret.parent)
+    monkeypatch.setenv(RUN_SIGNAL_ENV, str(paths.run_signal))
+    host = flower_superlink._host(superlink_cmd(fed, paths)[3:])
+    assert host.address == "127.0.0.1:9093" and host.ca_file == "certs/ca.crt"
+    assert host.secret == paths.secret.read_bytes() and host.run_signal == paths.run_signal
+
+
+def test_a_superlink_without_its_run_signal_is_one_clear_line(hostile_env: None, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from weckd.chain.errors import ConfigError
+    from weckd.chain.flower import RUN_SIGNAL_ENV
+    from weckd.server import flower_superlink
+
+    settings = FederationSettings(fleet_address="0.0.0.0:9092", control_port=9093)
+    fed = Federation(chain=None, settings=settings, sites={}, source="federation.yaml")  # type: ignore[arg-type]
+    paths = Paths.under(tmp_path)
+    write_superexec_secret(paths.secret.parent)
+    monkeypatch.delenv(RUN_SIGNAL_ENV, raising=False)
+    with pytest.raises(ConfigError, match=f"{RUN_SIGNAL_ENV} not set"):
+        flower_superlink._host(superlink_cmd(fed, paths)[3:])
 
 
 def test_supernode_binds_loopback_with_tls_auth_and_superexec_secret(hostile_env: None, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@ down the longer a site idles."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import flwr.supernode.start_client_internal as sci
 import pytest
@@ -165,36 +166,151 @@ def test_a_moved_flower_internal_is_the_supernodes_one_line_shown_by_weckd_clien
     assert err.value.exit_code == 2
 
 
-def test_the_coordinators_superexec_polls_only_after_the_run_signal(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its 1 s task poll becomes a wait for weckd-server's touch of the run signal (at most ``longest`` s)."""
+def _hosted(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[flower.ServerAppHost, Any, Any]:
+    """A ServerApp host with its names installed in Flower's runtime (all restored after the test)."""
+    import importlib
+
+    from flwr.supercore import heartbeat as hb
+
+    rsa = importlib.import_module("flwr.superlink.runtime.run_serverapp")
+    for name in ("register_signal_handlers", "flwr_exit", "HttpGrid"):
+        monkeypatch.setattr(rsa, name, getattr(rsa, name))
+    monkeypatch.setattr(hb, "signal", hb.signal)
+    host = flower.ServerAppHost("127.0.0.1:9093", str(tmp_path / "ca.crt"), b"secret", tmp_path / "run-signal",
+                                longest=0.4)
+    return host, rsa, hb
+
+
+def test_the_hosted_serverapp_keeps_flowers_exit_handlers_and_its_exit_leaves_the_process(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Flower's runtime sets signal handlers (only a main thread may) and ends with flwr_exit (which ends the
+    process): in the SuperLink's thread its exit handlers (the push of its output) run and the thread goes on."""
+    import signal
+    import threading
+
+    host, rsa, _ = _hosted(monkeypatch, tmp_path)
+    host._install()
+    before = signal.getsignal(signal.SIGINT)
+    pushed: list[str] = []
+    errors: list[BaseException] = []
+
+    def task() -> None:
+        try:
+            rsa.register_signal_handlers(event_type=None, exit_message="stopped",
+                                         exit_handlers=[lambda: pushed.append("output")])
+            rsa.flwr_exit(code=0, event_type=None, event_details={})
+            rsa.flwr_exit(code=0)  # the handlers ran once
+        except BaseException as err:  # noqa: BLE001 (the assertion below names it)
+            errors.append(err)
+
+    thread = threading.Thread(target=task)
+    thread.start()
+    thread.join(5)
+    assert errors == [] and pushed == ["output"] and host.exit_code == 0
+    assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_refused_heartbeat_closes_the_hosted_tasks_grid_not_the_superlink(monkeypatch: pytest.MonkeyPatch,
+                                                                           tmp_path: Path) -> None:
+    """Flower's heartbeat raises SIGINT at the process when the SuperLink refuses it (the run was stopped)."""
+    import signal
+    from types import SimpleNamespace
+
+    host, rsa, hb = _hosted(monkeypatch, tmp_path)
+    closed: list[str] = []
+
+    class Grid:
+        def __init__(self, **_: Any) -> None:
+            pass
+
+        def close(self) -> None:
+            closed.append("grid")
+
+    monkeypatch.setattr(rsa, "HttpGrid", Grid)
+    host._install()
+    grid = rsa.HttpGrid(runtime_api_address="127.0.0.1:9093", insecure=False, token="t")
+    interrupted: list[int] = []
+    monkeypatch.setattr(signal, "raise_signal", interrupted.append)  # the real one would end this test process
+    beat = hb.make_task_heartbeat_fn_http(SimpleNamespace(SendTaskHeartbeat=lambda req: SimpleNamespace(success=False)))
+    assert beat() is True
+    assert closed == ["grid"] and interrupted == [] and isinstance(grid, Grid)
+
+
+def test_a_request_refused_with_401_raises_in_the_hosted_task_instead_of_interrupting_the_superlink(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Flower's own HTTP retry invoker, given a 401 (a stopped run's token), kills its own process with SIGINT."""
+    import os
+    import signal
+
+    import httpx
+    from flwr.supercore.retry import http_retry, make_simple_http_retry_invoker
+
+    host, _, _ = _hosted(monkeypatch, tmp_path)
+    monkeypatch.setattr(http_retry, "os", http_retry.os)
+    host._install()
+    closed: list[str] = []
+    host._grid = type("Grid", (), {"close": lambda self: closed.append("grid")})()
+    killed: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))  # the real one would end pytest
+    request = httpx.Request("POST", "https://127.0.0.1:9093/v1/runtime/pull-messages")
+
+    def refused() -> None:
+        raise httpx.HTTPStatusError("401", request=request, response=httpx.Response(401, request=request))
+
+    with pytest.raises(flower.RunStopped, match="its run was stopped"):
+        make_simple_http_retry_invoker().invoke(refused)
+    assert closed == ["grid"] and killed == []
+    http_retry.os.kill(4242, signal.SIGTERM)  # any other kill is the real one
+    assert killed == [(4242, signal.SIGTERM)]
+
+
+def test_the_host_asks_for_a_run_once_signalled_and_writes_each_runs_end(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
     import threading
     import time
+    from types import SimpleNamespace
 
-    import flwr.supercore.superexec.run_superexec as rs
+    from flwr.supercore.task_identity import TaskIdentity
 
-    monkeypatch.setattr(rs, "time", rs.time)  # restored after the test
-    signal = tmp_path / "run-signal"
-    flower.superexec_waits_for(signal, longest=0.4)
-    start = time.monotonic()
-    rs.time.sleep(1.0)  # what Flower's loop calls: no touch, so it ends at ``longest``
-    assert 0.4 <= time.monotonic() - start < 1.0
-    toucher = threading.Timer(0.1, signal.touch)
-    toucher.start()
-    start = time.monotonic()
-    rs.time.sleep(1.0)
-    toucher.join()
-    assert time.monotonic() - start < 0.35  # woken by the touch
-    assert rs.time.monotonic() > 0  # the rest of the module is the real one
+    host, rsa, _ = _hosted(monkeypatch, tmp_path)
+    asked: list[float] = []
+    runs = iter([SimpleNamespace(HasField=lambda f: True, token="t0k3n")])
+    idle = SimpleNamespace(HasField=lambda f: False, token="")
+    client = SimpleNamespace(AcquireTask=lambda req: (asked.append(time.monotonic()), next(runs, idle))[1],
+                             close=lambda: None)
+    monkeypatch.setattr(flower, "runtime_client", lambda *a, **k: client)
+    (tmp_path / "ca.crt").write_bytes(b"CA")
+    tokens: list[str] = []
+
+    def run_serverapp(**kwargs: Any) -> None:
+        tokens.append(kwargs["token"])
+        assert kwargs["certificates"] == b"CA" and kwargs["parent_pid"] is None and not kwargs["insecure"]
+        TaskIdentity.run_id = 77
+
+    monkeypatch.setattr(rsa, "run_serverapp", run_serverapp)
+    monkeypatch.setattr(TaskIdentity, "_run_id", TaskIdentity._run_id)
+    serving = threading.Thread(target=host.serve, daemon=True)
+    serving.start()
+    time.sleep(0.2)
+    assert asked == []  # nothing asked before the signal (or ``longest``)
+    t0 = time.monotonic()
+    host.run_signal.touch()
+    deadline = time.monotonic() + 5
+    while not host.ended.is_file() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert tokens == ["t0k3n"] and host.ended.read_text() == "77\n"
+    assert asked and asked[0] - t0 < 0.3  # woken by the touch, not by ``longest``
+    time.sleep(0.1)
+    assert len(asked) == 2  # once more after the run, then it waits
+    host.closed.set()
+    serving.join(1.0)
+    assert not serving.is_alive()
 
 
-def test_a_moved_superexec_poll_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import flwr.supercore.superexec.run_superexec as rs
-
-    monkeypatch.setattr(flower.inspect, "getsource", lambda obj: "while True: time.sleep(5)")
-    with pytest.raises(flower.ConfigError, match=r"no longer polls with time.sleep\(task_poll_interval\)"):
-        flower.superexec_waits_for(tmp_path / "run-signal")
-    assert rs.time.sleep is not None
+def test_a_moved_serverapp_runtime_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(flower.inspect, "getsource", lambda obj: "def run_serverapp(): run()")
+    with pytest.raises(flower.ConfigError, match=r"update weckd.chain.flower \(ServerAppHost\)"):
+        flower.ServerAppHost("127.0.0.1:1", "ca.crt", b"s", tmp_path / "run-signal")._install()
 
 
 def test_the_superlinks_sqlite_connections_cache_2_mb_and_map_nothing(monkeypatch: pytest.MonkeyPatch,
@@ -255,33 +371,6 @@ def test_a_moved_run_status_sweep_is_one_clear_line(monkeypatch: pytest.MonkeyPa
         flower.throttle_status_cleanup()
     with pytest.raises(flower.ConfigError, match=r"throttle_status_cleanup"):
         flower.check_internals()
-
-
-def test_the_superexec_becomes_its_tasks_serverapp_watching_the_superlink(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Flower's own launch of a ServerApp task, with the exec in place of the child it would start."""
-    import os
-
-    import flwr.supercore.superexec.executor.subprocess_executor as se
-    from flwr.supercore.superexec.executor.types import ExecutionSpec
-
-    monkeypatch.setattr(se, "subprocess", se.subprocess)  # restored after the test
-    became: list[list[str]] = []
-    monkeypatch.setattr(os, "execvp", lambda file, argv: became.append([file, *argv]))
-    flower.superexec_becomes_task(parent_pid=4242)
-    spec = ExecutionSpec(task_type=next(iter(se.TASK_TYPE_TO_COMMAND)), runtime_api_address="127.0.0.1:9093",
-                         token="t0k3n", insecure=False, root_certificates_path="/ca.crt",
-                         runtime_dependency_install=False, parent_pid=os.getpid(), suppress_output=False, task_id=7)
-    se.SubprocessExecutor().launch(spec)
-    (file, *argv), = became
-    assert file == argv[0] == se.TASK_TYPE_TO_COMMAND[spec.task_type]
-    assert argv[argv.index("--token") + 1] == "t0k3n"
-    assert argv[argv.index("--parent-pid") + 1] == "4242"  # the SuperLink's pid, not this (exec'd) process's own
-
-
-def test_a_moved_task_launch_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(flower.inspect, "getsource", lambda obj: "def launch(self, spec): run(spec)")
-    with pytest.raises(flower.ConfigError, match=r"no longer starts tasks with subprocess.Popen"):
-        flower.superexec_becomes_task(parent_pid=1)
 
 
 def test_payload_bytes_come_out_of_their_array_intact() -> None:

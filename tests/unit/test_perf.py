@@ -59,16 +59,16 @@ def test_trainer_ratio_pairs_each_repetition() -> None:
     assert result.ratio == pytest.approx(1.0)  # median of 1.0, 0.833, 1.125; medians alone would give 1.125
 
 
-def _run(links: int, serverapp: int, superlink: int = 150_000, server: int = 480_000) -> dict[str, Any]:
+def _run(links: int, superlink: int, server: int = 48_000) -> dict[str, Any]:
     return {"links": links, "seconds": 1.0,
-            "peak_anon_kib": {"serverapp": serverapp, "superlink": superlink, "weckd-server": server},
-            "peak_hwm_kib": {"serverapp": serverapp * 2, "superlink": 1, "weckd-server": 1}}
+            "peak_anon_kib": {"superlink": superlink, "weckd-server": server},
+            "peak_hwm_kib": {"superlink": superlink * 2, "weckd-server": 1}}
 
 
 def test_memory_checks_use_the_largest_deviation_from_the_first_run() -> None:
     runs = [_run(3, 500_000), _run(10, 480_000), _run(30, 560_000)]
-    assert perf_memory._deviation(runs, "serverapp", "peak_anon_kib") == pytest.approx(12.0)
-    total = (560_000 + 150_000 + 480_000) / (500_000 + 150_000 + 480_000) - 1
+    assert perf_memory._deviation(runs, "superlink", "peak_anon_kib") == pytest.approx(12.0)
+    total = (560_000 + 48_000) / (500_000 + 48_000) - 1
     assert perf_memory._deviation(runs, "total", "peak_anon_kib") == pytest.approx(100 * total)
     text = perf_memory.report(runs)
     assert "| 30 | 546.9 (+12.0%) |" in text and "first run (3 links)" in text
@@ -79,8 +79,9 @@ def test_memory_part_flags_a_growth_over_ten_percent(tmp_path: Path, monkeypatch
     monkeypatch.setattr(perf_memory, "one_run", lambda n, root: _run(n, sizes[n]))
     checks = perf_memory.memory_part(PerfOptions(out=tmp_path, links=(3, 30)))
     by_what = {c.what.split(" peak")[0]: c for c in checks}
-    assert not by_what["ServerApp anon"].met and by_what["ServerApp anon"].measured == "12.0%"
-    assert by_what["weckd-server anon"].met and by_what["SuperLink anon"].met
+    superlink = by_what["SuperLink + ServerApp anon"]
+    assert not superlink.met and superlink.measured == "12.0%"
+    assert by_what["weckd-server anon"].met
     assert json.loads((tmp_path / "memory.json").read_text())["runs"][1]["links"] == 30
 
 

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "timm", "torchvision", "opacus", "matplotlib")
 # the modules each non-training process starts from (weckd-server, the ServerApp, the coordinator's SuperExec and
 # SuperLink, weckd-client's supervisor, its SuperNode)
-LIGHT_ENTRIES = ("weckd.server.cli", "weckd.server.app", "weckd.server.superexec", "weckd.server.flower_superlink",
+LIGHT_ENTRIES = ("weckd.server.cli", "weckd.server.app", "weckd.server.flower_superlink",
                  "weckd.client.cli", "weckd.client.supernode")
 
 
