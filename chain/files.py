@@ -143,7 +143,7 @@ SECRET_FILE = "superexec.secret"  # Flower's SuperExec HMAC secret, shared by a 
 def write_superexec_secret(folder: Path) -> Path:
     """A fresh random secret in ``folder/superexec.secret`` (0600, folder 0700) for a Flower component's
     ``--superexec-auth-secret-file`` and the process that takes its tasks (a site's SuperNode and executor, the
-    coordinator's SuperLink and SuperExec); a previous start's secret is replaced."""
+    coordinator's SuperLink, whose ServerApp host signs with it); a previous start's secret is replaced."""
     path = private_dir(folder) / SECRET_FILE
     atomic_write(path, secrets.token_bytes(32), 0o600)
     return path

@@ -71,7 +71,7 @@ ARRAY_CHUNK_BYTES = 1 << 20  # Flower's default is 5 MiB
 
 
 def process_settings() -> dict[str, str]:
-    """Environment settings for every Flower process weckd starts (SuperLink, SuperExec/ServerApp, SuperNode,
+    """Environment settings for every Flower process weckd starts (SuperLink with its ServerApp, SuperNode,
     the site's executor and the one-off ``flwr`` CLI): arrays cross a hop in chunks of
     :data:`ARRAY_CHUNK_BYTES`. A relayed payload is cut into these chunks, and the SuperLink holds every
     request body of the object pushes and pulls in flight twice (the body and its decoded message), so the
@@ -361,7 +361,7 @@ def _sqlite_mixin() -> Any:
 
 def superlink_files(database: Path) -> list[Path]:
     """The files Flower 1.39's SuperLink commits every message, object and heartbeat to: its SQLite database
-    and write-ahead log. The ServerApp runs on the SuperLink's host (weckd's SuperExec starts it there) and
+    and write-ahead log. The ServerApp runs in the SuperLink's process (:class:`ServerAppHost`) and
     pulls replies when they changed (``weckd.server.transport.ChangeWait``)."""
     return [database, database.with_name(database.name + "-wal")]
 

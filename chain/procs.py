@@ -139,9 +139,8 @@ class Group:
     log_dir: Path
     stop_timeout: float = 10.0
     procs: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
-    transient: set[int] = field(default_factory=set)  # pids whose exit is no failure (they end with their job)
 
-    def start(self, name: str, cmd: Sequence[str], env: dict[str, str], transient: bool = False) -> subprocess.Popen:
+    def start(self, name: str, cmd: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
         private_dir(self.log_dir)
         out = open_append(self.log_dir / f"{name}.log")
         try:
@@ -151,24 +150,14 @@ class Group:
             out.close()
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(cmd))
         self.procs.append((name, proc))
-        if transient:
-            self.transient.add(proc.pid)
         return proc
 
     def exited(self) -> tuple[str, int] | None:
-        """(name, exit code) of the first process that has exited, if any; a transient one that exited is
-        forgotten (reaped), not reported."""
-        for name, proc in list(self.procs):
+        """(name, exit code) of the first process that has exited, if any."""
+        for name, proc in self.procs:
             if proc.poll() is not None:
-                if proc.pid not in self.transient:
-                    return name, int(proc.returncode)
-                self.procs.remove((name, proc))
-                self.transient.discard(proc.pid)
+                return name, int(proc.returncode)
         return None
-
-    def running(self, name: str) -> list[subprocess.Popen]:
-        """The processes started as ``name`` that still run."""
-        return [proc for n, proc in self.procs if n == name and proc.poll() is None]
 
     def stop_all(self) -> None:
         """Stop every process: SIGTERM to all of them at once (newest first), then wait for them together
@@ -218,7 +207,7 @@ def _die_with_parent() -> None:
 def kill_leftovers(markers: Sequence[str], programs: Sequence[str] = ("flower", "flwr")) -> int:
     """SIGKILL this user's processes left by a previous, killed instance: those whose command line names
     one of ``programs`` and contains one of ``markers`` (e.g. our state dir or our loopback API address:
-    a SuperExec or ServerApp started by a SuperLink lives in a session of its own and outlives it).
+    Flower's own helper processes live in sessions of their own and can outlive it).
     Returns how many were killed."""
     killed = 0
     for proc in Path("/proc").glob("[0-9]*"):

@@ -27,7 +27,7 @@ from typing import Sequence
 from weckd.chain.cli import run_command, setup_logging
 from weckd.chain.errors import ConfigError, LinkError, WeckdError
 from weckd.chain.files import atomic_write_text, private_dir
-from weckd.chain.flower import SERVERAPP_ENDED, check_flower_version
+from weckd.chain.flower import check_flower_version
 from weckd.chain.peers import COORDINATOR, load_party
 from weckd.chain.procs import Group, raise_on_sigterm
 from weckd.chain.protocol import Event, Failure
@@ -323,7 +323,7 @@ def _follow(fed: Federation, paths: Paths, group: Group, run_id: int, progress: 
     deadline = time.monotonic() + s.discovery_timeout + s.link_timeout * (fed.chain.n_links + 2)
     seen, next_status, gone_since, ended_at = 0, time.monotonic() + STATUS_EVERY_S, None, None
     status, details = "pending", ""
-    watch = FileWatch([progress, paths.state / SERVERAPP_ENDED])
+    watch = FileWatch([progress, paths.ended])
     try:
         while time.monotonic() < deadline:
             seen = _show_progress(progress, seen, metrics)

@@ -52,10 +52,16 @@ class Paths:
     def run_signal(self) -> Path:
         return self.state / RUN_SIGNAL
 
+    @property
+    def ended(self) -> Path:
+        """Where the SuperLink's ServerApp host writes the id of each run whose ServerApp has ended (beside
+        :attr:`run_signal`, as ``ServerAppHost.ended``)."""
+        return self.state / SERVERAPP_ENDED
+
     def serverapp_ended(self, run_id: int) -> bool:
         """Whether the ServerApp of run ``run_id`` has ended (it pushed its output to the SuperLink)."""
         try:
-            return (self.state / SERVERAPP_ENDED).read_text().strip() == str(run_id)
+            return self.ended.read_text().strip() == str(run_id)
         except OSError:
             return False
 

@@ -159,6 +159,7 @@ def test_the_superlinks_serverapp_host_reaches_the_runtime_api_on_loopback_with_
     host = flower_superlink._host(superlink_cmd(fed, paths)[3:])
     assert host.address == "127.0.0.1:9093" and host.ca_file == "certs/ca.crt"
     assert host.secret == paths.secret.read_bytes() and host.run_signal == paths.run_signal
+    assert host.ended == paths.ended  # where weckd-server looks for each run's end
 
 
 def test_a_superlink_without_its_run_signal_is_one_clear_line(hostile_env: None, tmp_path: Path,
